@@ -1,0 +1,106 @@
+"""The `ossie` command line: `ossie synth`, `ossie bench` (more subcommands join as they are built)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import time
+
+MODEL_HELP = "a local checkpoint folder or a Hugging Face repo id such as openai/gpt-oss-20b"
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--layout", choices=["hf", "original"], help="which layout to load when the folder has both")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="non-expert weight dtype")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def _load(args: argparse.Namespace):
+    from .llm import LLM
+
+    return LLM(args.model, device=args.device, dtype=args.dtype, layout=args.layout, num_threads=args.threads)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .synth import write_checkpoint
+
+    t0 = time.perf_counter()
+    folder = write_checkpoint(args.dir, args.preset, args.layout, seed=args.seed)
+    print(f"wrote a random gpt-oss-{args.preset} checkpoint ({args.layout} layout, seed {args.seed}) to {folder} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    llm = _load(args)
+    print(f"model      {llm.path} ({llm.layout} layout, {llm.config.num_layers} layers, {llm.config.num_experts} "
+          f"experts, {args.dtype}, {torch.get_num_threads()} threads)")
+    print(f"load       {llm.load_seconds:.2f} s, peak RSS {peak_rss_gib():.2f} GiB")
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 199_998, (args.prompt_tokens,), generator=gen).tolist()
+    cache = llm.new_cache(args.prompt_tokens + args.gen_tokens)
+    t0 = time.perf_counter()
+    logits = llm.prefill(torch.tensor(prompt), cache)
+    t_prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(args.gen_tokens):
+        tok = int(logits.argmax())
+        logits = llm.model.forward(torch.tensor([tok]), cache, last_only=True)[-1]
+    t_decode = time.perf_counter() - t0
+    print(f"prefill    {args.prompt_tokens / t_prefill:.2f} tok/s ({args.prompt_tokens} tokens in {t_prefill:.2f} s)")
+    print(f"decode     {args.gen_tokens / t_decode:.2f} tok/s ({args.gen_tokens} tokens in {t_decode:.2f} s)")
+    print(f"peak RSS   {peak_rss_gib():.2f} GiB")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ossie", description="Run OpenAI's gpt-oss models, exactly and fast.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("synth", help="write a random checkpoint in the exact published format",
+                       description="Write a random gpt-oss checkpoint with the published format, shapes and "
+                                   "sharding (MXFP4 experts, bf16 elsewhere): for tests, benchmarks and trying ossie.")
+    p.add_argument("dir", metavar="DIR", help="folder to write")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "20b", "120b"], help="model shape (default tiny)")
+    p.add_argument("--layout", default="hf", choices=["hf", "original", "both"],
+                   help="hf: the repo root's files; original: the reference implementation's; both: like the repo")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed = same model in every layout)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("bench", help="measure load time, memory, prefill and decode speed",
+                       description="Load MODEL and time a prefill of random tokens and a greedy decode.")
+    _add_model_args(p)
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default 64)")
+    p.add_argument("--gen-tokens", type=int, default=32, help="tokens to decode (default 32)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    from .checkpoint import CheckpointError, ModelNotFoundError
+    from .config import ConfigError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, ConfigError, ModelNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

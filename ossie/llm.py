@@ -1,0 +1,109 @@
+"""`ossie.LLM`: load a checkpoint, run forward passes, generate tokens (vLLM's API shape)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from .checkpoint import detect_layout, load_config, load_weights, resolve_model
+from .kv_cache import KVCache
+from .model import Transformer
+from .sampling import SamplingParams, sample
+
+log = logging.getLogger("ossie")
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+PREFILL_CHUNK = 512  # prompt tokens per forward pass while prefilling: bounds activation memory
+
+
+class LLM:
+    """A gpt-oss model ready to run.
+
+    model: a local folder (Hugging Face layout, the original layout, or a repo folder holding both) or a
+    Hugging Face repo id such as "openai/gpt-oss-20b".
+    """
+
+    def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "bfloat16", layout: str | None = None,
+                 num_threads: int | None = None, progress: bool = True):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        t0 = time.perf_counter()
+        self.path = resolve_model(model, layout)
+        self.layout, folder = detect_layout(self.path, layout)
+        self.config = load_config(folder, self.layout)
+        self.dtype, self.device = DTYPES[dtype], torch.device(device)
+        weights = load_weights(folder, self.layout, self.config, self.dtype, self.device, progress=progress)
+        self.model = Transformer(self.config, weights, self.dtype)
+        self.load_seconds = time.perf_counter() - t0
+        log.info("loaded %s (%s layout, %d layers, %d experts) in %.1f s", folder, self.layout,
+                 self.config.num_layers, self.config.num_experts, self.load_seconds)
+
+    # ---- helpers --------------------------------------------------------------------------------------
+    def _tokens(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        if ids.numel() == 0:
+            raise ValueError("token_ids is empty: give at least one token")
+        bad = (ids < 0) | (ids >= self.config.vocab_size)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"token id {int(ids[i])} at position {i} is outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+        return ids.to(self.device)
+
+    def new_cache(self, capacity: int = 256) -> KVCache:
+        return KVCache(self.config, self.dtype, self.device, capacity)
+
+    def prefill(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed prompt tokens in chunks; returns the last position's logits [vocab]."""
+        for s in range(0, ids.numel(), PREFILL_CHUNK):
+            logits = self.model.forward(ids[s:s + PREFILL_CHUNK], cache, last_only=True)
+        return logits[-1]
+
+    # ---- public API -----------------------------------------------------------------------------------
+    def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """One full forward pass: float32 logits [len(token_ids), vocab]."""
+        ids = self._tokens(token_ids)
+        self._check_context(ids.numel())
+        return self.model.forward(ids, self.new_cache(ids.numel()))
+
+    def generate(self, token_ids: Sequence[int] | torch.Tensor, max_tokens: int = 64, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
+                 stop_token_ids: Sequence[int] | None = None,
+                 sampling_params: SamplingParams | None = None) -> Iterator[int]:
+        """Yield new token ids as they are produced; a stop token, if reached, is yielded last.
+
+        stop_token_ids=None stops at harmony's <|return|> and <|call|>. temperature=0 is greedy.
+        """
+        params = sampling_params or SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+            stop_token_ids=None if stop_token_ids is None else list(stop_token_ids))
+        params.validate()
+        ids = self._tokens(token_ids)
+        self._check_context(ids.numel() + params.max_tokens)
+        return self._generate(ids, params)
+
+    def _generate(self, ids: torch.Tensor, params: SamplingParams) -> Iterator[int]:
+        generator = torch.Generator(device="cpu")
+        if params.seed is not None:
+            generator.manual_seed(params.seed)
+        else:
+            generator.seed()
+        stop = params.stop_ids
+        cache = self.new_cache(ids.numel() + params.max_tokens)
+        logits = self.prefill(ids, cache)
+        for n in range(params.max_tokens):
+            tok = sample(logits.cpu(), params, generator)
+            yield tok
+            if tok in stop or n == params.max_tokens - 1:
+                return
+            logits = self.model.forward(torch.tensor([tok], device=self.device), cache, last_only=True)[-1]
+
+    def _check_context(self, n: int) -> None:
+        if n > self.config.max_context:
+            raise ValueError(f"{n} tokens exceed the model's context of {self.config.max_context}")

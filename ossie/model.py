@@ -1,0 +1,132 @@
+"""The gpt-oss transformer: the whole forward pass, following the published math.
+
+Per layer: x += Attn(RMSNorm(x)); x += MoE(RMSNorm(x)). Attention is grouped-query with a learned sink
+logit per head, sliding-window (128) on even layers, YaRN rotary embeddings. The MoE routes each token to
+its top-k experts, whose MXFP4 weights are decoded only when they are used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import LayerWeights, Weights
+from .config import ModelConfig
+from .kernels import mxfp4_dequantize
+from .kv_cache import KVCache
+
+
+def yarn_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """YaRN: blend interpolated and extrapolated frequencies with a linear ramp; returns (inv_freq, concentration)."""
+    d, base, factor = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor
+    freq = base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    extrapolation, interpolation = 1.0 / freq, 1.0 / (factor * freq)
+
+    def correction_dim(rotations: float) -> float:
+        return d / 2 * math.log(cfg.initial_context_length / (rotations * 2 * math.pi)) / math.log(base)
+
+    low, high = max(correction_dim(cfg.rope_ntk_beta), 0.0), min(correction_dim(cfg.rope_ntk_alpha), d - 1.0)
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq = interpolation * ramp + extrapolation * (1 - ramp)
+    return inv_freq, 0.1 * math.log(factor) + 1.0
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half convention: the head dim is two halves, not interleaved pairs. x: [T, heads, head_dim]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    t = x.float()
+    return (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * scale).to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_start: int,
+              k_start: int, window: int, block: int = 256) -> torch.Tensor:
+    """Causal GQA with per-head sinks. q [T, H, D] at positions q_start.., k/v [S, KV, D] at k_start...
+
+    window > 0: query i sees key j only if i - j < window. The sink is an extra logit in each head's
+    softmax whose probability is dropped, so rows sum to less than one. Queries go in blocks to bound memory.
+    """
+    t_all, h, d = q.shape
+    kv = k.shape[1]
+    g = h // kv
+    sink = sinks.view(kv, g, 1, 1).float()
+    out = q.new_empty(t_all, h * d)
+    for b0 in range(0, t_all, block):
+        b1 = min(t_all, b0 + block)
+        qp0, qp1 = q_start + b0, q_start + b1
+        lo = max(k_start, qp0 - window + 1) if window else k_start
+        kb = k[lo - k_start: qp1 - k_start].permute(1, 2, 0)  # [KV, D, S]
+        vb = v[lo - k_start: qp1 - k_start].permute(1, 0, 2)  # [KV, S, D]
+        qb = q[b0:b1].view(b1 - b0, kv, g, d).permute(1, 2, 0, 3)  # [KV, G, T, D]
+        scores = torch.matmul(qb, kb[:, None]).float() * d**-0.5  # [KV, G, T, S]
+        dist = torch.arange(qp0, qp1)[:, None] - torch.arange(lo, qp1)[None, :]
+        visible = (dist >= 0) & (dist < window) if window else dist >= 0
+        scores = scores.masked_fill(~visible.to(scores.device), float("-inf"))
+        m = torch.maximum(scores.amax(-1, keepdim=True), sink)
+        e = torch.exp(scores - m)
+        probs = e / (e.sum(-1, keepdim=True) + torch.exp(sink - m))
+        o = torch.matmul(probs.to(v.dtype), vb[:, None])  # [KV, G, T, D]
+        out[b0:b1] = o.permute(2, 0, 1, 3).reshape(b1 - b0, h * d)
+    return out
+
+
+def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """Clamped SwiGLU on interleaved gate/up columns: gate = h[..., 0::2], up = h[..., 1::2]."""
+    gate, up = h[..., 0::2].clamp(max=limit), h[..., 1::2].clamp(-limit, limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+def moe(x: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> torch.Tensor:
+    """Route each token to its top-k experts (softmax over the chosen logits); tokens sharing an expert go together."""
+    router = F.linear(x, lw.gate_w, lw.gate_b)
+    top, chosen = torch.topk(router, cfg.experts_per_token, dim=-1)
+    weight = torch.softmax(top.float(), dim=-1)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in chosen.unique().tolist():
+        tok, slot = (chosen == e).nonzero(as_tuple=True)
+        w1 = mxfp4_dequantize(lw.w1_blocks[e], lw.w1_scales[e], x.dtype)
+        a = swiglu(F.linear(x[tok], w1, lw.w1_bias[e]).float(), cfg.swiglu_alpha, cfg.swiglu_limit)
+        w2 = mxfp4_dequantize(lw.w2_blocks[e], lw.w2_scales[e], x.dtype)
+        y = F.linear(a.to(x.dtype), w2, lw.w2_bias[e])
+        out.index_add_(0, tok, y.float() * weight[tok, slot, None])
+    return out.to(x.dtype)
+
+
+class Transformer:
+    def __init__(self, cfg: ModelConfig, weights: Weights, dtype: torch.dtype):
+        self.cfg, self.w, self.dtype = cfg, weights, dtype
+        self.device = weights.embedding.device
+        inv_freq, self.concentration = yarn_inv_freq(cfg)
+        self.inv_freq = inv_freq.to(self.device)
+
+    def rope(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = torch.arange(start, start + n, device=self.device, dtype=torch.float32)[:, None] * self.inv_freq
+        return (freqs.cos() * self.concentration).to(self.dtype), (freqs.sin() * self.concentration).to(self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """Run `tokens` [T] at positions cache.length..; returns float32 logits [T, vocab] (or [1, vocab])."""
+        cfg, n_q, n_kv, d = self.cfg, self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
+        t, p0 = tokens.shape[0], cache.length
+        cos, sin = self.rope(p0, t)
+        x = F.embedding(tokens, self.w.embedding).to(self.dtype)
+        for i, lw in enumerate(self.w.layers):
+            qkv = F.linear(rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), lw.qkv_w, lw.qkv_b)
+            q, k, v = qkv.split([n_q * d, n_kv * d, n_kv * d], dim=-1)
+            q = apply_rope(q.view(t, n_q, d), cos, sin)
+            k = apply_rope(k.view(t, n_kv, d), cos, sin)
+            keys, values, k_start = cache.update(i, k, v.reshape(t, n_kv, d))
+            window = cfg.sliding_window if cfg.is_sliding(i) else 0
+            a = attention(q, keys, values, lw.sinks, p0, k_start, window)
+            x = x + F.linear(a, lw.out_w, lw.out_b)
+            x = x + moe(rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps), lw, cfg)
+        cache.advance(t)
+        if last_only:
+            x = x[-1:]
+        return F.linear(rms_norm(x, self.w.norm, cfg.rms_norm_eps), self.w.unembedding).float()

@@ -1,0 +1,56 @@
+"""Sampling parameters (vLLM's names) and the sampler: temperature, then top-k, top-p and min-p filters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Generation ends at <|return|> (final answer done) or <|call|> (tool call): harmony's stop tokens.
+HARMONY_STOP_TOKEN_IDS = (200002, 200012)
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    seed: int | None = None
+    stop_token_ids: list[int] | None = None  # None = the harmony stop tokens; [] = never stop early
+
+    def validate(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1, 0 (off) or positive, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return frozenset(HARMONY_STOP_TOKEN_IDS if self.stop_token_ids is None else self.stop_token_ids)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """Pick the next token from float logits [vocab]."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / params.temperature
+    if params.top_k > 0 and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    if params.top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # drop a token when the tokens ranked above it already cover top_p (the top token always stays)
+        drop = (torch.cumsum(sorted_probs, 0) - sorted_probs) >= params.top_p
+        probs = probs.scatter(0, order[drop], 0.0)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,20 @@
+import pytest
+
+from ossie.config import PRESETS
+from ossie.synth import write_checkpoint
+
+# tiny preset: 4 layers (2 sliding, 2 full), GQA 8 query / 2 KV heads, top-2 of 8 experts, real vocabulary.
+TINY = PRESETS["tiny"]
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory):
+    """A repo-like folder: HF layout at the root, original layout under original/, same weights."""
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"), TINY, "both", seed=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_repo):
+    import ossie
+
+    return ossie.LLM(tiny_repo, dtype="float32", progress=False)

@@ -1,0 +1,66 @@
+"""ossie's float32 logits against transformers' GptOssForCausalLM and an independent float64 reference."""
+
+import pytest
+import torch
+
+import ossie
+from tests.reference import reference_logits
+
+transformers = pytest.importorskip("transformers", reason="transformers is the test-only peer: pip install -e .[test]")
+
+# 200 tokens: longer than the 128-token sliding window, so the window mask matters.
+TOKENS = torch.randint(0, 201088, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_repo):
+    from transformers import GptOssForCausalLM
+
+    # On a CPU without triton kernels, transformers dequantizes the MXFP4 experts itself: that is the peer.
+    model = GptOssForCausalLM.from_pretrained(tiny_repo, dtype=torch.float32)
+    return model.eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture(scope="module")
+def hf_logits(hf_model):
+    with torch.no_grad():
+        return hf_model(torch.tensor([TOKENS])).logits[0].float()
+
+
+@pytest.mark.parametrize("layout", ["hf", "original"])
+def test_logits_match_transformers(tiny_repo, hf_logits, layout):
+    llm = ossie.LLM(tiny_repo, dtype="float32", layout=layout, progress=False)
+    assert llm.layout == layout
+    ours = llm.logits(TOKENS)
+    assert ours.shape == hf_logits.shape == (200, 201088)
+    err = rel_err(ours, hf_logits)
+    print(f"{layout}: relative error vs transformers {err:.2e}, max abs {(ours - hf_logits).abs().max():.2e}")
+    assert err < 1e-4
+    assert torch.allclose(ours, hf_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_logits_match_reference_math(tiny_repo, tiny_llm):
+    ref = reference_logits(tiny_repo / "original", TOKENS[:150])
+    ours = tiny_llm.logits(TOKENS[:150])
+    err = rel_err(ours, ref)
+    print(f"relative error vs float64 reference math {err:.2e}")
+    assert err < 1e-4
+
+
+def test_greedy_generation_matches_transformers(tiny_llm, hf_model):
+    prompt = TOKENS[:120]  # generation crosses the 128-token window boundary
+    ours = list(tiny_llm.generate(prompt, max_tokens=24, temperature=0.0, stop_token_ids=[]))
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert ours == theirs
+
+
+def test_bf16_is_close_to_float32(tiny_repo, tiny_llm):
+    bf16 = ossie.LLM(tiny_repo, dtype="bfloat16", progress=False)
+    assert bf16.model.w.embedding.dtype == torch.bfloat16
+    assert rel_err(bf16.logits(TOKENS[:64]), tiny_llm.logits(TOKENS[:64])) < 0.05
