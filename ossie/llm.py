@@ -6,9 +6,11 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from . import harmony
 from .checkpoint import detect_layout, load_config, load_weights, resolve_model
 from .kv_cache import KVCache
 from .model import Transformer
@@ -103,6 +105,50 @@ class LLM:
             if tok in stop or n == params.max_tokens - 1:
                 return
             logits = self.model.forward(torch.tensor([tok], device=self.device), cache, last_only=True)[-1]
+
+    # ---- harmony chat -----------------------------------------------------------------------------------
+    def render(self, messages: Sequence[dict], tools: Sequence[dict] | None = None,
+               reasoning_effort: str = "medium", **options: Any) -> list[int]:
+        """The exact harmony prompt token ids for OpenAI-style `messages` (ends with `<|start|>assistant`).
+
+        options: builtin_tools=["browser", "python"], conversation_start_date, model_identity, knowledge_cutoff.
+        """
+        return harmony.render(messages, tools, reasoning_effort, **options)
+
+    def chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None, reasoning_effort: str = "medium",
+             stream: bool = False, max_tokens: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
+             **options: Any) -> harmony.ChatResult | Iterator[harmony.ChatDelta]:
+        """Answer a conversation. Returns a ChatResult (.reasoning, .content, .tool_calls, .finish_reason), or
+        with stream=True an iterator of ChatDeltas (reasoning / content / tool_call pieces, then "finish").
+
+        max_tokens=None allows the rest of the context window.
+        """
+        prompt = self.render(messages, tools, reasoning_effort, **options)
+        if max_tokens is None:
+            max_tokens = self.config.max_context - len(prompt)
+        tokens = self.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                               min_p=min_p, seed=seed, stop_token_ids=harmony.STOP_TOKEN_IDS)
+        deltas = self._chat_deltas(tokens, len(prompt), max_tokens)
+        if stream:
+            return deltas
+        for delta in deltas:
+            if delta.kind == "finish":
+                return delta.result
+        raise AssertionError("the chat stream ended without a finish delta")
+
+    @staticmethod
+    def _chat_deltas(tokens: Iterator[int], n_prompt: int, max_tokens: int) -> Iterator[harmony.ChatDelta]:
+        parser = harmony.ChatParser(prompt_tokens=n_prompt)
+        n, tok = 0, None
+        try:
+            for tok in tokens:
+                n += 1
+                yield from parser.feed(tok)
+        finally:
+            if hasattr(tokens, "close"):
+                tokens.close()  # the consumer stopped early (Ctrl-C, disconnect): stop generating
+        yield from parser.finish(hit_length=n >= max_tokens and tok not in harmony.STOP_TOKEN_IDS)
 
     def _check_context(self, n: int) -> None:
         if n > self.config.max_context:

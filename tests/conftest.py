@@ -1,7 +1,15 @@
+import os
+import tempfile
+
 import pytest
 
 from ossie.config import PRESETS
 from ossie.synth import write_checkpoint
+
+# Tests never touch the network or the user's cache: the vocabulary is rebuilt offline into a temp dir.
+os.environ["OSSIE_OFFLINE"] = "1"
+os.environ.setdefault("OSSIE_CACHE_DIR", tempfile.mkdtemp(prefix="ossie-cache-"))
+os.environ.pop("TIKTOKEN_ENCODINGS_BASE", None)
 
 # tiny preset: 4 layers (2 sliding, 2 full), GQA 8 query / 2 KV heads, top-2 of 8 experts, real vocabulary.
 TINY = PRESETS["tiny"]

@@ -1,0 +1,314 @@
+"""Harmony chat: OpenAI-style messages -> harmony prompt tokens, and completion tokens -> reasoning, content
+and tool calls. Rendering and parsing are openai-harmony's; this module maps between the two worlds.
+
+One parser serves streaming and non-streaming alike (the non-streaming result is the sum of the streamed
+deltas), so the two can never disagree. Tool calls are held back until their message is complete and
+their arguments are checked: a call either arrives whole as a tool call or, malformed, as plain text with
+a warning. Harmony syntax never reaches `content`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from openai_harmony import (
+    Author,
+    Conversation,
+    DeveloperContent,
+    HarmonyError,
+    Message,
+    ReasoningEffort,
+    Role,
+    StreamableParser,
+    StreamState,
+    SystemContent,
+    ToolDescription,
+)
+
+from .tokenizer import harmony_encoding
+
+log = logging.getLogger("ossie")
+
+RETURN, CALL = 200002, 200012  # <|return|>: final answer done; <|call|>: a tool call
+STOP_TOKEN_IDS = (RETURN, CALL)
+REASONING_EFFORTS = ("low", "medium", "high")
+BUILTIN_TOOLS = ("browser", "python")
+
+
+class ChatFormatError(ValueError):
+    """The messages or tools cannot be expressed in harmony (unknown role, tool result without a call...)."""
+
+
+# ---- messages -> harmony ---------------------------------------------------------------------------------
+
+
+def _text(content: Any, where: str) -> str:
+    """OpenAI content: a string, None, or a list of parts of which only text parts are supported."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") in ("text", "input_text", "output_text"):
+                parts.append(str(part.get("text", "")))
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ChatFormatError(f"{where}: content part of type {kind!r} is not supported (text only)")
+        return "".join(parts)
+    raise ChatFormatError(f"{where}: content must be a string or a list of text parts")
+
+
+def _tool_descriptions(tools: Sequence[dict] | None) -> list[ToolDescription]:
+    out = []
+    for i, tool in enumerate(tools or []):
+        if not isinstance(tool, dict):
+            raise ChatFormatError(f"tools[{i}] must be an object")
+        fn = tool.get("function", tool) if tool.get("type", "function") == "function" else None
+        if fn is None:
+            raise ChatFormatError(f"tools[{i}]: type {tool.get('type')!r} is not supported (function tools only)")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise ChatFormatError(f"tools[{i}]: a function tool needs a name")
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise ChatFormatError(f"tools[{i}] ({name}): parameters must be a JSON Schema object")
+        out.append(ToolDescription.new(name, fn.get("description") or "", parameters=params))
+    return out
+
+
+def build_conversation(messages: Sequence[dict], tools: Sequence[dict] | None = None,
+                       reasoning_effort: str = "medium", builtin_tools: Iterable[str] = (),
+                       conversation_start_date: str | None = None, model_identity: str | None = None,
+                       knowledge_cutoff: str | None = None) -> Conversation:
+    """Map Chat Completions messages to a harmony conversation, as the gpt-oss model card and vLLM do."""
+    if reasoning_effort not in REASONING_EFFORTS:
+        raise ChatFormatError(f"reasoning_effort must be one of {REASONING_EFFORTS}, got {reasoning_effort!r}")
+    system = SystemContent.new().with_reasoning_effort(ReasoningEffort(reasoning_effort.capitalize()))
+    system = system.with_conversation_start_date(conversation_start_date or datetime.date.today().isoformat())
+    if model_identity:
+        system = system.with_model_identity(model_identity)
+    if knowledge_cutoff:
+        system = system.with_knowledge_cutoff(knowledge_cutoff)
+    for name in builtin_tools:
+        if name not in BUILTIN_TOOLS:
+            raise ChatFormatError(f"unknown built-in tool {name!r}; choose from {BUILTIN_TOOLS}")
+        system = system.with_browser_tool() if name == "browser" else system.with_python_tool()
+
+    instructions, rest = [], []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise ChatFormatError(f"messages[{i}] must be an object with a role")
+        if m["role"] in ("system", "developer"):
+            instructions.append(_text(m.get("content"), f"messages[{i}]"))
+        else:
+            rest.append((i, m))
+    out = [Message.from_role_and_content(Role.SYSTEM, system)]
+    functions = _tool_descriptions(tools)
+    if instructions or functions:
+        dev = DeveloperContent.new()
+        if instructions:
+            dev = dev.with_instructions("\n\n".join(instructions))
+        if functions:
+            dev = dev.with_function_tools(functions)
+        out.append(Message.from_role_and_content(Role.DEVELOPER, dev))
+
+    call_names: dict[str, str] = {}
+    for i, m in rest:
+        role, where = m["role"], f"messages[{i}]"
+        if role == "user":
+            out.append(Message.from_role_and_content(Role.USER, _text(m.get("content"), where)))
+        elif role == "assistant":
+            reasoning = m.get("reasoning_content") or m.get("reasoning")
+            if reasoning:
+                out.append(Message.from_role_and_content(Role.ASSISTANT, _text(reasoning, where))
+                           .with_channel("analysis"))
+            calls = m.get("tool_calls") or []
+            content = _text(m.get("content"), where)
+            if content:  # text beside a call is a preamble (commentary); alone it is the final answer
+                out.append(Message.from_role_and_content(Role.ASSISTANT, content)
+                           .with_channel("commentary" if calls else "final"))
+            for j, call in enumerate(calls):
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not fn.get("name"):
+                    raise ChatFormatError(f"{where}.tool_calls[{j}] needs function.name")
+                args = fn.get("arguments") or "{}"
+                if not isinstance(args, str):
+                    args = json.dumps(args)
+                call_names[str(call.get("id"))] = fn["name"]
+                out.append(Message.from_role_and_content(Role.ASSISTANT, args).with_channel("commentary")
+                           .with_recipient(f"functions.{fn['name']}").with_content_type("<|constrain|>json"))
+        elif role == "tool":
+            name = call_names.get(str(m.get("tool_call_id"))) or m.get("name")
+            if not name:
+                raise ChatFormatError(f"{where}: tool result with tool_call_id {m.get('tool_call_id')!r} "
+                                      "answers no earlier assistant tool call")
+            author = Author.new(Role.TOOL, f"functions.{name}")
+            out.append(Message.from_author_and_content(author, _text(m.get("content"), where))
+                       .with_recipient("assistant").with_channel("commentary"))
+        else:
+            raise ChatFormatError(f"{where}: unknown role {role!r}")
+    return Conversation.from_messages(out)
+
+
+def render(messages: Sequence[dict], tools: Sequence[dict] | None = None, reasoning_effort: str = "medium",
+           **options: Any) -> list[int]:
+    """Exact prompt token ids, ending with `<|start|>assistant`."""
+    conversation = build_conversation(messages, tools, reasoning_effort, **options)
+    return list(harmony_encoding().render_conversation_for_completion(conversation, Role.ASSISTANT))
+
+
+# ---- completion tokens -> reasoning / content / tool calls -----------------------------------------------
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text
+
+    def to_dict(self) -> dict[str, str]:
+        return {"id": self.id, "name": self.name, "arguments": self.arguments}
+
+
+@dataclass
+class ChatDelta:
+    """One streamed piece. kind "tool_call": `index`, then `id` and `name` on a call's first piece and
+    argument text in `text`. kind "finish" comes last and carries the whole `result`."""
+
+    kind: Literal["reasoning", "content", "tool_call", "finish"]
+    text: str = ""
+    index: int | None = None
+    id: str | None = None
+    name: str | None = None
+    result: ChatResult | None = None
+
+
+@dataclass
+class ChatResult:
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str = "stop"  # "stop" | "length" | "tool_calls"
+    warnings: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+def _new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+class ChatParser:
+    """Feed completion tokens one at a time; get ChatDeltas back; `finish()` closes the stream."""
+
+    def __init__(self, prompt_tokens: int = 0):
+        self.enc = harmony_encoding()
+        self.parser = StreamableParser(self.enc, role=Role.ASSISTANT)
+        self.result = ChatResult(prompt_tokens=prompt_tokens)
+        self.n_messages = 0
+        self.message_tokens: list[int] = []  # tokens of the message being parsed (for fallback text)
+        self.call_pieces: list[str] = []  # argument pieces of a call not yet complete
+        self.broken = False  # the parser gave up: the rest is kept as text
+        self.last_token: int | None = None
+
+    def _apply(self, delta: ChatDelta) -> ChatDelta:
+        r = self.result
+        if delta.kind == "reasoning":
+            r.reasoning += delta.text
+        elif delta.kind == "content":
+            r.content += delta.text
+        return delta
+
+    def _plain(self, tokens: list[int]) -> str:
+        return self.enc.decode([t for t in tokens if not self.enc.is_special_token(t)])
+
+    def _warn(self, text: str) -> None:
+        log.warning("model output: %s", text)
+        self.result.warnings.append(text)
+
+    def feed(self, token: int) -> list[ChatDelta]:
+        self.result.completion_tokens += 1
+        self.last_token = token
+        self.message_tokens.append(token)
+        if self.broken:
+            return []
+        channel_before = self.parser.current_channel
+        try:
+            self.parser.process(token)
+        except HarmonyError as e:
+            self.broken = True
+            self._warn(f"malformed harmony output ({e}); returned as text")
+            return []
+        if channel_before == "analysis" or self.parser.current_channel == "analysis":
+            self.result.reasoning_tokens += 1
+        out: list[ChatDelta] = []
+        delta = self.parser.last_content_delta
+        if delta and self.parser.state == StreamState.CONTENT:
+            recipient = self.parser.current_recipient
+            if recipient and recipient != "assistant":
+                self.call_pieces.append(delta)  # held back until the call is complete and checked
+            elif self.parser.current_channel == "analysis":
+                out.append(self._apply(ChatDelta("reasoning", delta)))
+            else:  # final answer, or a commentary preamble meant for the user
+                out.append(self._apply(ChatDelta("content", delta)))
+        messages = self.parser.messages
+        while self.n_messages < len(messages):
+            out += self._complete(messages[self.n_messages])
+            self.n_messages += 1
+            self.message_tokens = []
+        return out
+
+    def _complete(self, message: Message) -> list[ChatDelta]:
+        recipient = message.recipient
+        if not recipient or recipient == "assistant":
+            return []
+        pieces, self.call_pieces = self.call_pieces, []
+        arguments = "".join(pieces)
+        name = recipient.removeprefix("functions.")
+        try:
+            json.loads(arguments or "{}")
+        except json.JSONDecodeError:
+            self._warn(f"call to {recipient} has invalid JSON arguments; returned as text")
+            return [self._apply(ChatDelta("content", arguments))]
+        call = ToolCall(_new_call_id(), name, arguments or "{}")
+        index = len(self.result.tool_calls)
+        self.result.tool_calls.append(call)
+        out = [ChatDelta("tool_call", "", index=index, id=call.id, name=name)]
+        args = [ChatDelta("tool_call", p, index=index) for p in pieces if p]
+        return out + (args or [ChatDelta("tool_call", "{}", index=index)])
+
+    def finish(self, hit_length: bool = False) -> list[ChatDelta]:
+        """Close the stream (after a stop token, or after max_tokens when hit_length)."""
+        out: list[ChatDelta] = []
+        r = self.result
+        if self.broken:
+            text = self._plain(self.message_tokens)
+            if text:
+                out.append(self._apply(ChatDelta("content", text)))
+        elif self.parser.state == StreamState.HEADER and self.message_tokens:
+            if self.enc.encode("<|channel|>", allowed_special="all")[0] in self.message_tokens or hit_length:
+                self._warn("output ended inside a message header; the partial header was dropped")
+            else:  # no header at all: the model wrote plain text
+                self._warn("output had no harmony header; returned as text")
+                out.append(self._apply(ChatDelta("content", self._plain(self.message_tokens))))
+        elif self.call_pieces:
+            self._warn(f"output ended inside a call to {self.parser.current_recipient}; returned as text")
+            out.append(self._apply(ChatDelta("content", "".join(self.call_pieces))))
+            self.call_pieces = []
+        if hit_length:
+            r.finish_reason = "length"
+        elif self.last_token == CALL and r.tool_calls:
+            r.finish_reason = "tool_calls"
+        else:
+            r.finish_reason = "stop"
+        out.append(ChatDelta("finish", result=r))
+        return out
