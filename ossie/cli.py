@@ -1,12 +1,15 @@
-"""The `ossie` command line: `ossie synth`, `ossie bench` (more subcommands join as they are built)."""
+"""The `ossie` command line: synth, bench, generate, chat."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import resource
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 MODEL_HELP = "a local checkpoint folder or a Hugging Face repo id such as openai/gpt-oss-20b"
 
@@ -63,6 +66,62 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", default=None, help="instructions (the harmony developer message)")
+    p.add_argument("--reasoning-effort", default="medium", choices=["low", "medium", "high"])
+    p.add_argument("--tools", metavar="FILE.json", help="OpenAI function tool definitions (a JSON list)")
+    p.add_argument("--max-tokens", type=int, default=4096, help="tokens per answer (default 4096; 0 = to the "
+                                                                 "end of the context)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _read_tools(path: str | None) -> list[dict] | None:
+    if not path:
+        return None
+    try:
+        tools = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: --tools {path}: {e}") from None
+    if isinstance(tools, dict) and "tools" in tools:
+        tools = tools["tools"]
+    if not isinstance(tools, list):
+        raise SystemExit(f"error: --tools {path}: expected a JSON list of function tools")
+    return tools
+
+
+def _chat_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"reasoning_effort": args.reasoning_effort, "max_tokens": args.max_tokens or None,
+            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    llm = _load(args)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": prompt}]
+    r = llm.chat(messages, tools=_read_tools(args.tools), **_chat_kwargs(args))
+    if args.json:
+        print(json.dumps({"reasoning": r.reasoning, "content": r.content,
+                          "tool_calls": [c.to_dict() for c in r.tool_calls], "finish_reason": r.finish_reason,
+                          "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                                    "reasoning_tokens": r.reasoning_tokens}, "warnings": r.warnings}, indent=2))
+    else:
+        if args.show_reasoning and r.reasoning:
+            print(r.reasoning, file=sys.stderr)
+        for c in r.tool_calls:
+            print(f"[tool call] {c.name}({c.arguments})")
+        print(r.content)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat_cli import run_chat
+
+    return run_chat(_load(args), args, _read_tools(args.tools), _chat_kwargs(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ossie", description="Run OpenAI's gpt-oss models, exactly and fast.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -84,6 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default 64)")
     p.add_argument("--gen-tokens", type=int, default=32, help="tokens to decode (default 32)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("generate", help="answer one prompt and exit (script-friendly)",
+                       description="Answer one prompt with MODEL in the harmony chat format and print the answer.")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the user's message ('-' reads standard input)")
+    _add_chat_args(p)
+    p.add_argument("--json", action="store_true", help="print reasoning, content, tool calls and usage as JSON")
+    p.add_argument("--show-reasoning", action="store_true", help="print the reasoning to standard error")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal",
+                       description="Chat with MODEL. Commands: /effort low|medium|high, /system TEXT, /reset, "
+                                   "/save FILE, /help, /bye. Start and end multi-line input with \"\"\". "
+                                   "Ctrl-C stops an answer; Ctrl-D exits.")
+    _add_model_args(p)
+    _add_chat_args(p)
+    p.add_argument("--no-reasoning", action="store_true", help="hide the model's reasoning")
+    p.set_defaults(func=cmd_chat)
     return parser
 
 
@@ -92,10 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     from .checkpoint import CheckpointError, ModelNotFoundError
     from .config import ConfigError
+    from .harmony import ChatFormatError
+    from .tokenizer import VocabularyError
 
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, ModelNotFoundError) as e:
+    except (CheckpointError, ConfigError, ModelNotFoundError, ChatFormatError, VocabularyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

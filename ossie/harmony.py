@@ -295,11 +295,13 @@ class ChatParser:
             if text:
                 out.append(self._apply(ChatDelta("content", text)))
         elif self.parser.state == StreamState.HEADER and self.message_tokens:
-            if self.enc.encode("<|channel|>", allowed_special="all")[0] in self.message_tokens or hit_length:
+            channel_token = self.enc.encode("<|channel|>", allowed_special="all")[0]
+            plain = self._plain(self.message_tokens)
+            if channel_token in self.message_tokens or plain.lstrip().startswith("to="):
                 self._warn("output ended inside a message header; the partial header was dropped")
             else:  # no header at all: the model wrote plain text
                 self._warn("output had no harmony header; returned as text")
-                out.append(self._apply(ChatDelta("content", self._plain(self.message_tokens))))
+                out.append(self._apply(ChatDelta("content", plain)))
         elif self.call_pieces:
             self._warn(f"output ended inside a call to {self.parser.current_recipient}; returned as text")
             out.append(self._apply(ChatDelta("content", "".join(self.call_pieces))))

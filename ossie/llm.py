@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -43,6 +45,13 @@ class LLM:
         weights = load_weights(folder, self.layout, self.config, self.dtype, self.device, progress=progress)
         self.model = Transformer(self.config, weights, self.dtype)
         self.load_seconds = time.perf_counter() - t0
+        # Test-only hook: OSSIE_TEST_SCRIPT names a JSON list of completions (harmony text) that generate()
+        # replays in turn instead of sampling, so tests can drive tool calls through the CLI and the server.
+        self._script = json.loads(Path(os.environ["OSSIE_TEST_SCRIPT"]).read_text()) \
+            if os.environ.get("OSSIE_TEST_SCRIPT") else None
+        self._script_turn = 0
+        if self._script is not None:
+            log.warning("OSSIE_TEST_SCRIPT is set: replaying scripted completions instead of sampling")
         log.info("loaded %s (%s layout, %d layers, %d experts) in %.1f s", folder, self.layout,
                  self.config.num_layers, self.config.num_experts, self.load_seconds)
 
@@ -97,6 +106,9 @@ class LLM:
         else:
             generator.seed()
         stop = params.stop_ids
+        if self._script is not None:
+            yield from self._replay(params, stop)
+            return
         cache = self.new_cache(ids.numel() + params.max_tokens)
         logits = self.prefill(ids, cache)
         for n in range(params.max_tokens):
@@ -149,6 +161,15 @@ class LLM:
             if hasattr(tokens, "close"):
                 tokens.close()  # the consumer stopped early (Ctrl-C, disconnect): stop generating
         yield from parser.finish(hit_length=n >= max_tokens and tok not in harmony.STOP_TOKEN_IDS)
+
+    def _replay(self, params: SamplingParams, stop: frozenset[int]) -> Iterator[int]:
+        text = self._script[self._script_turn % len(self._script)]
+        self._script_turn += 1
+        tokens = harmony.harmony_encoding().encode(text, allowed_special="all")
+        for tok in tokens[: params.max_tokens]:
+            yield tok
+            if tok in stop:
+                return
 
     def _check_context(self, n: int) -> None:
         if n > self.config.max_context:
