@@ -42,3 +42,77 @@ def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
     """y = x @ W.T + b for an MXFP4 weight W [out, in] (blocks [out, in/32, 16]); decodes only this matrix."""
     w = mxfp4_dequantize(blocks, scales, x.dtype)
     return torch.nn.functional.linear(x, w, bias)
+
+
+# ---- fused C kernels (csrc/kernels.c), used on the CPU when built -------------------------------------------
+try:
+    from . import _kernels
+except ImportError:  # built without a C compiler: the torch path above serves
+    _kernels = None
+
+SMALL_BATCH = 8  # up to this many rows, the bf16 kernel beats torch's GEMM; above, torch's GEMM is compute-bound
+
+
+def fast_kernels() -> bool:
+    """Whether the C kernels are built and not disabled (OSSIE_KERNELS=torch disables them)."""
+    import os
+
+    return _kernels is not None and os.environ.get("OSSIE_KERNELS", "").lower() != "torch"
+
+
+def kernel_path() -> str:
+    return _kernels.path() if fast_kernels() else "torch"
+
+
+_threads = [torch.get_num_threads()]
+
+
+def set_num_threads(n: int) -> None:
+    _threads[0] = n
+    torch.set_num_threads(n)
+    if _kernels is not None:
+        _kernels.set_threads(n)
+
+
+def kernel_threads() -> int:
+    return _threads[0]
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def mxfp4_matmul(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                 bf16_activations: bool = False) -> torch.Tensor:
+    """float32 y [T, out] = x [T, in] @ W.T + bias for an MXFP4 W (blocks [out, in/32, 16], scales [out, in/32]),
+    reading the packed weight directly. bf16_activations: x holds bf16 values (the bf16 dot-product path is exact)."""
+    x = x.float().contiguous()
+    t, n_in = x.shape
+    out_features = blocks.shape[0]
+    if blocks.shape != (out_features, n_in // 32, 16) or scales.shape != blocks.shape[:2]:
+        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, blocks {tuple(blocks.shape)}, "
+                         f"scales {tuple(scales.shape)}")
+    if not fast_kernels() or x.device.type != "cpu":
+        return mxfp4_linear(x, blocks, scales, None if bias is None else bias.float())
+    y = torch.empty(t, out_features, dtype=torch.float32)
+    b = None if bias is None else bias.float().contiguous()
+    _kernels.matmul(0, _ptr(x), _ptr(blocks.contiguous()), _ptr(scales.contiguous()), _ptr(b), _ptr(y),
+                    t, out_features, n_in, bf16_activations)
+    return y
+
+
+def bf16_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 y [T, out] = x @ w.T + bias for a bf16 weight, x holding bf16 values."""
+    x = x.float().contiguous()
+    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    b = None if bias is None else bias.float().contiguous()
+    _kernels.matmul(1, _ptr(x), _ptr(w), 0, _ptr(b), _ptr(y), x.shape[0], w.shape[0], x.shape[1], True)
+    return y
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with the bf16 kernel for the small batches of decoding (memory-bound: read w once, fast)."""
+    if (w.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= SMALL_BATCH and x.device.type == "cpu"
+            and w.shape[1] % 32 == 0 and w.is_contiguous() and fast_kernels()):
+        return bf16_matmul(x, w, bias).to(x.dtype)
+    return torch.nn.functional.linear(x, w, bias)

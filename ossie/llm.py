@@ -14,6 +14,7 @@ import torch
 
 from . import harmony
 from .checkpoint import detect_layout, load_config, load_weights, resolve_model
+from .kernels import set_num_threads
 from .kv_cache import KVCache
 from .model import Transformer
 from .sampling import SamplingParams, sample
@@ -35,8 +36,7 @@ class LLM:
                  num_threads: int | None = None, progress: bool = True):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        if num_threads:
-            torch.set_num_threads(num_threads)
+        set_num_threads(num_threads or len(os.sched_getaffinity(0)))
         t0 = time.perf_counter()
         self.path = resolve_model(model, layout)
         self.layout, folder = detect_layout(self.path, layout)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .checkpoint import LayerWeights, Weights
 from .config import ModelConfig
-from .kernels import mxfp4_dequantize
+from .kernels import SMALL_BATCH, fast_kernels, kernel_threads, linear, mxfp4_dequantize, mxfp4_matmul
 from .kv_cache import KVCache
 
 
@@ -63,16 +63,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
         lo = max(k_start, qp0 - window + 1) if window else k_start
         kb = k[lo - k_start: qp1 - k_start].permute(1, 2, 0)  # [KV, D, S]
         vb = v[lo - k_start: qp1 - k_start].permute(1, 0, 2)  # [KV, S, D]
-        qb = q[b0:b1].view(b1 - b0, kv, g, d).permute(1, 2, 0, 3)  # [KV, G, T, D]
-        scores = torch.matmul(qb, kb[:, None]).float() * d**-0.5  # [KV, G, T, S]
+        n = b1 - b0
+        # [KV, G*T, D]: the G query heads of a KV head, all tokens, as one plain batched matmul
+        qb = q[b0:b1].view(n, kv, g, d).permute(1, 2, 0, 3).reshape(kv, g * n, d)
+        scores = torch.bmm(qb, kb).float().view(kv, g, n, -1) * d**-0.5  # [KV, G, T, S]
         dist = torch.arange(qp0, qp1)[:, None] - torch.arange(lo, qp1)[None, :]
         visible = (dist >= 0) & (dist < window) if window else dist >= 0
         scores = scores.masked_fill(~visible.to(scores.device), float("-inf"))
         m = torch.maximum(scores.amax(-1, keepdim=True), sink)
         e = torch.exp(scores - m)
         probs = e / (e.sum(-1, keepdim=True) + torch.exp(sink - m))
-        o = torch.matmul(probs.to(v.dtype), vb[:, None])  # [KV, G, T, D]
-        out[b0:b1] = o.permute(2, 0, 1, 3).reshape(b1 - b0, h * d)
+        o = torch.bmm(probs.to(v.dtype).view(kv, g * n, -1), vb).view(kv, g, n, d)
+        out[b0:b1] = o.permute(2, 0, 1, 3).reshape(n, h * d)
     return out
 
 
@@ -84,16 +86,23 @@ def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
 
 def moe(x: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> torch.Tensor:
     """Route each token to its top-k experts (softmax over the chosen logits); tokens sharing an expert go together."""
-    router = F.linear(x, lw.gate_w, lw.gate_b)
+    router = F.linear(x, lw.gate_w, lw.gate_b)  # tiny: [experts, hidden]
     top, chosen = torch.topk(router, cfg.experts_per_token, dim=-1)
     weight = torch.softmax(top.float(), dim=-1)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    fused = fast_kernels() and x.device.type == "cpu"
+    bf16 = x.dtype == torch.bfloat16
     for e in chosen.unique().tolist():
         tok, slot = (chosen == e).nonzero(as_tuple=True)
-        w1 = mxfp4_dequantize(lw.w1_blocks[e], lw.w1_scales[e], x.dtype)
-        a = swiglu(F.linear(x[tok], w1, lw.w1_bias[e]).float(), cfg.swiglu_alpha, cfg.swiglu_limit)
-        w2 = mxfp4_dequantize(lw.w2_blocks[e], lw.w2_scales[e], x.dtype)
-        y = F.linear(a.to(x.dtype), w2, lw.w2_bias[e])
+        if fused:  # read the packed weights directly
+            h = mxfp4_matmul(x[tok], lw.w1_blocks[e], lw.w1_scales[e], lw.w1_bias[e], bf16)
+            a = swiglu(h, cfg.swiglu_alpha, cfg.swiglu_limit)
+            y = mxfp4_matmul(a.to(x.dtype), lw.w2_blocks[e], lw.w2_scales[e], lw.w2_bias[e], bf16)
+        else:  # reference path: decode this expert's weights, then a dense product
+            w1 = mxfp4_dequantize(lw.w1_blocks[e], lw.w1_scales[e], x.dtype)
+            a = swiglu(F.linear(x[tok], w1, lw.w1_bias[e]).float(), cfg.swiglu_alpha, cfg.swiglu_limit)
+            w2 = mxfp4_dequantize(lw.w2_blocks[e], lw.w2_scales[e], x.dtype)
+            y = F.linear(a.to(x.dtype), w2, lw.w2_bias[e])
         out.index_add_(0, tok, y.float() * weight[tok, slot, None])
     return out.to(x.dtype)
 
@@ -114,19 +123,23 @@ class Transformer:
         """Run `tokens` [T] at positions cache.length..; returns float32 logits [T, vocab] (or [1, vocab])."""
         cfg, n_q, n_kv, d = self.cfg, self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
         t, p0 = tokens.shape[0], cache.length
+        # Small batches run on ossie's kernels, which use every core: torch's OpenMP workers would only spin
+        # against them. Large batches (prefill) are torch GEMMs: give torch the cores.
+        if self.device.type == "cpu" and fast_kernels():
+            torch.set_num_threads(1 if t <= SMALL_BATCH else kernel_threads())
         cos, sin = self.rope(p0, t)
         x = F.embedding(tokens, self.w.embedding).to(self.dtype)
         for i, lw in enumerate(self.w.layers):
-            qkv = F.linear(rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), lw.qkv_w, lw.qkv_b)
+            qkv = linear(rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), lw.qkv_w, lw.qkv_b)
             q, k, v = qkv.split([n_q * d, n_kv * d, n_kv * d], dim=-1)
             q = apply_rope(q.view(t, n_q, d), cos, sin)
             k = apply_rope(k.view(t, n_kv, d), cos, sin)
             keys, values, k_start = cache.update(i, k, v.reshape(t, n_kv, d))
             window = cfg.sliding_window if cfg.is_sliding(i) else 0
             a = attention(q, keys, values, lw.sinks, p0, k_start, window)
-            x = x + F.linear(a, lw.out_w, lw.out_b)
+            x = x + linear(a, lw.out_w, lw.out_b)
             x = x + moe(rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps), lw, cfg)
         cache.advance(t)
         if last_only:
             x = x[-1:]
-        return F.linear(rms_norm(x, self.w.norm, cfg.rms_norm_eps), self.w.unembedding).float()
+        return linear(rms_norm(x, self.w.norm, cfg.rms_norm_eps), self.w.unembedding).float()

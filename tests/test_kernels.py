@@ -1,0 +1,121 @@
+"""The C kernels against the torch reference path, on every code path this CPU has, for the shapes gpt-oss uses."""
+
+import pytest
+import torch
+
+from ossie import kernels
+
+pytestmark = pytest.mark.skipif(kernels._kernels is None, reason="C kernels not built (no compiler)")
+
+PATHS = ["scalar", "avx2", "avx512bf16"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request):
+    kernels._kernels.set_path(request.param)
+    if kernels._kernels.path() != request.param:
+        kernels._kernels.set_path("best")
+        pytest.skip(f"this CPU has no {request.param}")
+    yield request.param
+    kernels._kernels.set_path("best")
+
+
+def random_mxfp4(out: int, n_in: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = torch.randint(0, 256, (out, n_in // 32, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(118, 130, (out, n_in // 32), dtype=torch.uint8, generator=gen)
+    return blocks, scales
+
+
+def close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    # float32 sums in a different order: relative error at float32 rounding level times sqrt(in)
+    err = ((y - ref).norm() / ref.norm()).item()
+    assert err < 2e-6, err
+
+
+# (out, in): w1 (5760 x 2880), w2 (2880 x 2880), qkv (5120 x 2880), out (2880 x 4096), and odd group counts
+# (in/32 not a multiple of 4) that take the tail path.
+SHAPES = [(5760, 2880), (2880, 2880), (96, 4096), (40, 96), (33, 160), (17, 32)]
+
+
+@pytest.mark.parametrize("out,n_in", SHAPES)
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 20])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_mxfp4_matmul_matches_torch(path, out, n_in, tokens, bf16):
+    if out * n_in > 3_000_000 and tokens not in (1, 9):
+        pytest.skip("large shapes: one and nine tokens are enough")
+    gen = torch.Generator().manual_seed(out * 7 + n_in + tokens)
+    blocks, scales = random_mxfp4(out, n_in, gen)
+    bias = torch.randn(out, generator=gen)
+    x = torch.randn(tokens, n_in, generator=gen)
+    if bf16:  # activations of a bf16 model: bf16 values, which the bf16 dot-product path multiplies exactly
+        x = x.bfloat16().float()
+    for b in (bias, None):
+        y = kernels.mxfp4_matmul(x, blocks, scales, b, bf16_activations=bf16)
+        ref = kernels.mxfp4_linear(x.double(), blocks, scales, None if b is None else b.double())
+        close(y.double(), ref)
+
+
+def test_mxfp4_matmul_edge_scales(path):
+    """Scale bytes at the ends of the range (0 is 2**-127, far below any sum; 254 is 2**127) and every code."""
+    gen = torch.Generator().manual_seed(1)
+    blocks = torch.arange(256, dtype=torch.uint8).repeat(8).view(8, 16, 16)  # [8 rows, 16 groups, 16 bytes]
+    scales = torch.randint(100, 150, (8, 16), dtype=torch.uint8, generator=gen)
+    scales[0, 0], scales[1, 3], scales[2, 5] = 0, 1, 170
+    x = torch.randn(2, 512, generator=gen).bfloat16().float()
+    for bf16 in (False, True):
+        y = kernels.mxfp4_matmul(x, blocks, scales, None, bf16_activations=bf16)
+        ref = kernels.mxfp4_linear(x.double(), blocks, scales, None)
+        assert torch.allclose(y.double(), ref, rtol=2e-6, atol=1e-30 + 2e-6 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("out,n_in", [(5120, 2880), (2880, 4096), (1000, 2880), (7, 64), (13, 96)])
+@pytest.mark.parametrize("tokens", [1, 2, 5, 8])
+def test_bf16_matmul_matches_torch(path, out, n_in, tokens):
+    gen = torch.Generator().manual_seed(out + n_in + tokens)
+    w = torch.randn(out, n_in, generator=gen).bfloat16()
+    bias = torch.randn(out, generator=gen)
+    x = torch.randn(tokens, n_in, generator=gen).bfloat16().float()
+    y = kernels.bf16_matmul(x, w, bias)
+    ref = torch.nn.functional.linear(x.double(), w.double(), bias.double())
+    close(y.double(), ref)
+
+
+def test_threads_do_not_change_results():
+    gen = torch.Generator().manual_seed(3)
+    blocks, scales = random_mxfp4(777, 2880, gen)
+    x = torch.randn(3, 2880, generator=gen)
+    before = kernels.kernel_threads()
+    try:
+        kernels.set_num_threads(1)
+        one = kernels.mxfp4_matmul(x, blocks, scales)
+        kernels.set_num_threads(3)
+        three = kernels.mxfp4_matmul(x, blocks, scales)
+    finally:
+        kernels.set_num_threads(before)
+    assert torch.equal(one, three)  # rows are split over threads, each row's sum is the same
+
+
+def test_moe_fused_matches_reference(monkeypatch):
+    """The MoE layer on the fused kernels equals the decode-then-matmul reference, for tokens grouped on experts."""
+    from ossie import model
+    from ossie.checkpoint import LayerWeights
+    from ossie.config import ModelConfig
+
+    gen = torch.Generator().manual_seed(5)
+    cfg = ModelConfig(num_layers=1, num_experts=8, experts_per_token=3, hidden_size=96, intermediate_size=64,
+                      vocab_size=100, num_heads=2, num_kv_heads=1, head_dim=32)
+    e, h, i = 8, 96, 64
+    w1b, w1s = random_mxfp4(e * 2 * i, h, gen)
+    w2b, w2s = random_mxfp4(e * h, i, gen)
+    lw = LayerWeights(
+        attn_norm=torch.ones(h), qkv_w=torch.zeros(1), qkv_b=torch.zeros(1), sinks=torch.zeros(1),
+        out_w=torch.zeros(1), out_b=torch.zeros(1), mlp_norm=torch.ones(h),
+        gate_w=torch.randn(e, h, generator=gen), gate_b=torch.randn(e, generator=gen),
+        w1_blocks=w1b.view(e, 2 * i, h // 32, 16), w1_scales=w1s.view(e, 2 * i, h // 32),
+        w1_bias=torch.randn(e, 2 * i, generator=gen),
+        w2_blocks=w2b.view(e, h, i // 32, 16), w2_scales=w2s.view(e, h, i // 32), w2_bias=torch.randn(e, h, generator=gen))
+    x = torch.randn(11, h, generator=gen) * 0.1
+    fused = model.moe(x, lw, cfg)
+    monkeypatch.setenv("OSSIE_KERNELS", "torch")
+    reference = model.moe(x, lw, cfg)
+    close(fused.double(), reference.double())
