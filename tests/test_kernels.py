@@ -113,7 +113,8 @@ def test_moe_fused_matches_reference(monkeypatch):
         gate_w=torch.randn(e, h, generator=gen), gate_b=torch.randn(e, generator=gen),
         w1_blocks=w1b.view(e, 2 * i, h // 32, 16), w1_scales=w1s.view(e, 2 * i, h // 32),
         w1_bias=torch.randn(e, 2 * i, generator=gen),
-        w2_blocks=w2b.view(e, h, i // 32, 16), w2_scales=w2s.view(e, h, i // 32), w2_bias=torch.randn(e, h, generator=gen))
+        w2_blocks=w2b.view(e, h, i // 32, 16), w2_scales=w2s.view(e, h, i // 32),
+        w2_bias=torch.randn(e, h, generator=gen))
     x = torch.randn(11, h, generator=gen) * 0.1
     fused = model.moe(x, lw, cfg)
     monkeypatch.setenv("OSSIE_KERNELS", "torch")
