@@ -22,7 +22,7 @@ class OptionalBuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("ossie._kernels", ["csrc/kernels.c"], extra_compile_args=["-O3", "-std=c11"],
+    ext_modules=[Extension("ossie._kernels", ["csrc/kernels.c"], extra_compile_args=["-O3", "-std=gnu11"],
                            extra_link_args=["-lpthread"])],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -11,6 +11,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <pthread.h>
+#include <sched.h>
+#include <time.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,14 +32,18 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
     return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
-/* ---- thread pool: the caller runs chunk 0, workers the rest ------------------------------------------ */
+/* ---- thread pool: the caller runs chunk 0, workers the rest ------------------------------------------
+ * Decoding calls the pool a few hundred times per token, so waking workers through the kernel would cost more
+ * than some of the products: a worker spins on the job counter for a while after each job (SPIN_NS) and only
+ * then sleeps on the condition variable. The caller spins for the workers to finish: they are running. */
 typedef void (*task_fn)(const void *ctx, int64_t begin, int64_t end);
 #define MAX_THREADS 256
+#define SPIN_NS 300000
 static struct {
-    pthread_mutex_t mu; pthread_cond_t work, done;
-    int nthreads, started, pending; int64_t generation;
+    pthread_mutex_t mu; pthread_cond_t work;
+    int nthreads, started; int pending; int64_t generation;  /* pending, generation: atomics */
     task_fn fn; const void *ctx; int64_t n, grain; int parts;  /* the current job, split in `parts` */
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 1, 1, 0, 0, 0, 0, 0, 1, 1};
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 1, 1, 0, 0, 0, 0, 0, 1, 1};
 
 static void chunk(int i, int parts, int64_t n, int64_t grain, int64_t *b, int64_t *e) {
     int64_t units = (n + grain - 1) / grain;
@@ -46,40 +52,60 @@ static void chunk(int i, int parts, int64_t n, int64_t grain, int64_t *b, int64_
     if (*b > n) *b = n;
 }
 
+static inline void cpu_relax(void) {
+#ifdef OSSIE_X86
+    _mm_pause();
+#endif
+}
+
+static int64_t now_ns(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000LL + t.tv_nsec; }
+
 static void *worker(void *arg) {
     int id = (int)(intptr_t)arg; int64_t seen = 0;
     for (;;) {
-        pthread_mutex_lock(&pool.mu);
-        while (pool.generation == seen) pthread_cond_wait(&pool.work, &pool.mu);
-        seen = pool.generation;
+        int64_t start = now_ns();
+        for (int spins = 0; __atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE) == seen; spins++) {
+            cpu_relax();
+            if ((spins & 255) == 255 && now_ns() - start > SPIN_NS) {  /* idle: sleep until the next job */
+                pthread_mutex_lock(&pool.mu);
+                while (__atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE) == seen) pthread_cond_wait(&pool.work, &pool.mu);
+                pthread_mutex_unlock(&pool.mu);
+            }
+        }
+        seen = __atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE);
         task_fn fn = pool.fn; const void *ctx = pool.ctx; int64_t n = pool.n, grain = pool.grain; int parts = pool.parts;
-        pthread_mutex_unlock(&pool.mu);
         if (id >= parts) continue;  /* the pool was shrunk: this worker sits out (and is not counted) */
         int64_t b, e; chunk(id, parts, n, grain, &b, &e);
         if (b < e) fn(ctx, b, e);
-        pthread_mutex_lock(&pool.mu);
-        if (--pool.pending == 0) pthread_cond_signal(&pool.done);
-        pthread_mutex_unlock(&pool.mu);
+        __atomic_fetch_sub(&pool.pending, 1, __ATOMIC_RELEASE);
     }
     return NULL;
 }
 
+/* Callers hold call_mu: one job at a time. */
+static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER;
+
 static void parallel_for(task_fn fn, const void *ctx, int64_t n, int64_t grain) {
-    pthread_mutex_lock(&pool.mu);
     int parts = pool.nthreads;
-    if (parts <= 1 || n <= grain) { pthread_mutex_unlock(&pool.mu); fn(ctx, 0, n); return; }
+    if (parts <= 1 || n <= grain) { fn(ctx, 0, n); return; }
     while (pool.started < parts) {  /* start workers lazily */
-        pthread_t t; pthread_create(&t, NULL, worker, (void *)(intptr_t)pool.started); pthread_detach(t);
+        pthread_t t;
+        if (pthread_create(&t, NULL, worker, (void *)(intptr_t)pool.started)) { parts = pool.started; break; }
+        pthread_detach(t);
         pool.started++;
     }
-    pool.fn = fn; pool.ctx = ctx; pool.n = n; pool.grain = grain; pool.parts = parts; pool.pending = parts - 1; pool.generation++;
+    pool.fn = fn; pool.ctx = ctx; pool.n = n; pool.grain = grain; pool.parts = parts;
+    __atomic_store_n(&pool.pending, parts - 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&pool.generation, 1, __ATOMIC_RELEASE);  /* publishes the job */
+    pthread_mutex_lock(&pool.mu);  /* wake the workers that went to sleep (under the lock: no lost wake-up) */
     pthread_cond_broadcast(&pool.work);
     pthread_mutex_unlock(&pool.mu);
     int64_t b, e; chunk(0, parts, n, grain, &b, &e);
     if (b < e) fn(ctx, b, e);
-    pthread_mutex_lock(&pool.mu);
-    while (pool.pending > 0) pthread_cond_wait(&pool.done, &pool.mu);
-    pthread_mutex_unlock(&pool.mu);
+    for (int spins = 0; __atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE) > 0; spins++) {
+        cpu_relax();
+        if ((spins & 1023) == 1023) sched_yield();  /* a worker may have been descheduled */
+    }
 }
 
 /* ---- the product ------------------------------------------------------------------------------------- */
@@ -91,7 +117,7 @@ typedef struct {
     int64_t T, out, in;
 } job_t;
 
-#define TT 8  /* tokens per tile: their accumulators stay in registers */
+#define TT 4  /* tokens per tile: their accumulators stay in registers, their x rows in L1 */
 
 static void mxfp4_scalar(const void *p, int64_t r0, int64_t r1) {
     const job_t *j = p; int64_t G = j->in / 32;
@@ -176,31 +202,28 @@ __attribute__((target("avx2,fma"))) static void bf16_avx2(const void *p, int64_t
 }
 
 #define AVX512BF16 "avx512f,avx512bw,avx512vl,avx512bf16"
-/* MXFP4 on AVX-512-BF16, four groups (64 bytes) at a time. Nibbles are split bytewise and mapped to the
- * high and low bytes of their bf16 values with two vpshufb tables; unpacking those bytes into words keeps each
- * 128-bit lane within one group, so one scale per lane. The words come out in a fixed order (low nibbles of
- * bytes 0-7, 8-15, then high nibbles of bytes 0-7, 8-15, per lane), and x is permuted once per call to match:
- * a dot product does not care about order. */
-#define BF16_HI 0x00, 0x3f, 0x3f, 0x3f, 0x40, 0x40, 0x40, 0x40, 0x80, 0xbf, 0xbf, 0xbf, 0xc0, 0xc0, 0xc0, 0xc0
-#define BF16_LO 0x00, 0x00, 0x80, 0xc0, 0x00, 0x40, 0x80, 0xc0, 0x00, 0x00, 0x80, 0xc0, 0x00, 0x40, 0x80, 0xc0
+/* MXFP4 on AVX-512-BF16, four groups (64 bytes) at a time. Each 16-bit word of the packed bytes holds four
+ * codes (elements 4k..4k+3 of the 128). vpermw looks a word's low 5 bits up in a 32-entry table: the 16 fp4
+ * values as bf16, twice, so the 5th bit (the next code's) does not matter. Shifting the words by 0, 4, 8 and 12
+ * gives four vectors A, B, C, D whose word k holds element 4k, 4k+1, 4k+2, 4k+3; word k belongs to group k/8,
+ * so each 128-bit lane is one group (one scale per lane). x is permuted once per call to match: a dot
+ * product does not care about order. */
+#define FP4_BF16 0x0000, 0x3f00, 0x3f80, 0x3fc0, 0x4000, 0x4040, 0x4080, 0x40c0, \
+                 0x8000, 0xbf00, 0xbf80, 0xbfc0, 0xc000, 0xc040, 0xc080, 0xc0c0
+
+static const uint16_t FP4_BF16_TABLE[32] = {FP4_BF16, FP4_BF16};
 
 /* element of a 4-group block held by word w (0..127) of the decoded vectors A, B, C, D */
-static inline int64_t permuted_index(int64_t w) {
-    int v = (int)(w / 32), lane = (int)(w % 32) / 8, k = (int)(w % 8);
-    int byte = k + (v == 1 || v == 3 ? 8 : 0), odd = v >= 2;
-    return lane * 32 + 2 * byte + odd;
-}
+static inline int64_t permuted_index(int64_t w) { return 4 * (w % 32) + w / 32; }
 
 __attribute__((target(AVX512BF16))) static inline void decode4(const uint8_t *blk, __m512i *a, __m512i *b,
                                                                  __m512i *c, __m512i *d) {
-    const __m512i hi_lut = _mm512_broadcast_i32x4(_mm_setr_epi8(BF16_HI)), lo_lut = _mm512_broadcast_i32x4(_mm_setr_epi8(BF16_LO));
-    const __m512i low4 = _mm512_set1_epi8(0x0f);
-    __m512i bytes = _mm512_loadu_si512(blk);
-    __m512i lo = _mm512_and_si512(bytes, low4), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
-    __m512i lo_h = _mm512_shuffle_epi8(hi_lut, lo), lo_l = _mm512_shuffle_epi8(lo_lut, lo);
-    __m512i hi_h = _mm512_shuffle_epi8(hi_lut, hi), hi_l = _mm512_shuffle_epi8(lo_lut, hi);
-    *a = _mm512_unpacklo_epi8(lo_l, lo_h); *b = _mm512_unpackhi_epi8(lo_l, lo_h);
-    *c = _mm512_unpacklo_epi8(hi_l, hi_h); *d = _mm512_unpackhi_epi8(hi_l, hi_h);
+    const __m512i lut = _mm512_loadu_si512(FP4_BF16_TABLE);
+    __m512i w = _mm512_loadu_si512(blk);
+    *a = _mm512_permutexvar_epi16(w, lut);
+    *b = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), lut);
+    *c = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 8), lut);
+    *d = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 12), lut);
 }
 
 /* 2^(s-127) for the 4 scale bytes at sc, each broadcast over its group's 128-bit lane: the byte shifted into a
@@ -222,36 +245,49 @@ __attribute__((target(AVX512BF16))) static inline __m512 dot1(const uint8_t *blk
                             (__m512bh)_mm512_loadu_si512(x));
 }
 
-/* xb: x in bf16, each token's 4-group blocks permuted (see permuted_index), tail groups in natural order */
-__attribute__((target(AVX512BF16))) static void mxfp4_avx512bf16(const void *p, int64_t r0, int64_t r1) {
-    const job_t *j = p; int64_t G = j->in / 32, G4 = G / 4 * 4;
-    for (int64_t o = r0; o < r1; o++) {
-        const uint8_t *blk = j->blocks + o * G * 16, *sc = j->scales + o * G;
-        for (int64_t t0 = 0; t0 < j->T; t0 += TT) {
-            int nt = (int)(j->T - t0 < TT ? j->T - t0 : TT);
-            __m512 acc[TT];
-            for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
-            for (int64_t g = 0; g < G4; g += 4) {
-                __m512i a, b, c, d;
-                decode4(blk + g * 16, &a, &b, &c, &d);
-                __m512 s = scales4(sc + g);
-                for (int t = 0; t < nt; t++) {
-                    const uint16_t *x = j->xb + (t0 + t) * j->in + g * 32;
-                    __m512 part = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)a, (__m512bh)_mm512_loadu_si512(x));
-                    part = _mm512_dpbf16_ps(part, (__m512bh)b, (__m512bh)_mm512_loadu_si512(x + 32));
-                    part = _mm512_dpbf16_ps(part, (__m512bh)c, (__m512bh)_mm512_loadu_si512(x + 64));
-                    part = _mm512_dpbf16_ps(part, (__m512bh)d, (__m512bh)_mm512_loadu_si512(x + 96));
-                    acc[t] = _mm512_fmadd_ps(part, s, acc[t]);
-                }
-            }
-            for (int64_t g = G4; g < G; g++)
-                for (int t = 0; t < nt; t++)
-                    acc[t] = _mm512_fmadd_ps(dot1(blk + g * 16, j->xb + (t0 + t) * j->in + g * 32),
-                                             _mm512_set1_ps(SCALE[sc[g]]), acc[t]);
-            for (int t = 0; t < nt; t++)
-                j->y[(t0 + t) * j->out + o] = _mm512_reduce_add_ps(acc[t]) + (j->bias ? j->bias[o] : 0.f);
+/* One row o against NT tokens from t0. NT is a compile-time constant at each call (see the switch below), so the
+ * accumulators live in registers: indexing them with a run-time count would put them on the stack. */
+__attribute__((target(AVX512BF16), always_inline)) static inline void mxfp4_tile(const job_t *j, int64_t o,
+                                                                                   int64_t t0, const int NT) {
+    int64_t G = j->in / 32, G4 = G / 4 * 4;
+    const uint8_t *blk = j->blocks + o * G * 16, *sc = j->scales + o * G;
+    const uint16_t *xt = j->xb + t0 * j->in;
+    __m512 acc[TT];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G4; g += 4) {
+        __m512i a, b, c, d;
+        decode4(blk + g * 16, &a, &b, &c, &d);
+        __m512 s = scales4(sc + g);
+        for (int t = 0; t < NT; t++) {
+            const uint16_t *x = xt + t * j->in + g * 32;
+            __m512 p0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)a, (__m512bh)_mm512_loadu_si512(x));
+            __m512 p1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)b, (__m512bh)_mm512_loadu_si512(x + 32));
+            p0 = _mm512_dpbf16_ps(p0, (__m512bh)c, (__m512bh)_mm512_loadu_si512(x + 64));
+            p1 = _mm512_dpbf16_ps(p1, (__m512bh)d, (__m512bh)_mm512_loadu_si512(x + 96));
+            acc[t] = _mm512_fmadd_ps(_mm512_add_ps(p0, p1), s, acc[t]);
         }
     }
+    for (int64_t g = G4; g < G; g++)
+        for (int t = 0; t < NT; t++)
+            acc[t] = _mm512_fmadd_ps(dot1(blk + g * 16, xt + t * j->in + g * 32), _mm512_set1_ps(SCALE[sc[g]]), acc[t]);
+    for (int t = 0; t < NT; t++)
+        j->y[(t0 + t) * j->out + o] = _mm512_reduce_add_ps(acc[t]) + (j->bias ? j->bias[o] : 0.f);
+}
+
+/* xb: x in bf16, each token's 4-group blocks permuted (see permuted_index), tail groups in natural order */
+__attribute__((target(AVX512BF16))) static void mxfp4_avx512bf16(const void *p, int64_t r0, int64_t r1) {
+    const job_t *j = p;
+    /* blocks of rows (in L2) against tiles of tokens (their x in L1) */
+    for (int64_t ob = r0; ob < r1; ob += 64)
+        for (int64_t t0 = 0; t0 < j->T; t0 += TT)
+            for (int64_t o = ob; o < r1 && o < ob + 64; o++) {
+                switch (j->T - t0 < TT ? j->T - t0 : TT) {
+                case 1: mxfp4_tile(j, o, t0, 1); break;
+                case 2: mxfp4_tile(j, o, t0, 2); break;
+                case 3: mxfp4_tile(j, o, t0, 3); break;
+                default: mxfp4_tile(j, o, t0, 4); break;
+                }
+            }
 }
 
 __attribute__((target(AVX512BF16))) static void bf16_avx512bf16(const void *p, int64_t r0, int64_t r1) {
@@ -305,31 +341,26 @@ static void detect(void) {
 #endif
 }
 
-static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER;
 static const char *PATH_NAMES[] = {"scalar", "avx2", "avx512bf16"};
 
-/* matmul(kind, x, w_a, w_b, bias, y, T, out, in, bf16_ok): kind 0 = MXFP4 (w_a blocks, w_b scales), 1 = bf16 (w_a).
- * bf16_ok: x holds bf16 values (rounding it to bf16 is exact), so the bf16 dot-product path may be used. */
-static PyObject *py_matmul(PyObject *self __attribute__((unused)), PyObject *args) {
-    int kind, bf16_ok; unsigned long long x, wa, wb, bias, y; long long T, out, in;
-    if (!PyArg_ParseTuple(args, "iKKKKKLLLp", &kind, &x, &wa, &wb, &bias, &y, &T, &out, &in, &bf16_ok)) return NULL;
-    if (in % 32 || T < 1 || out < 1) { PyErr_SetString(PyExc_ValueError, "in must be a multiple of 32; T, out >= 1"); return NULL; }
+/* y = x @ W.T + bias. kind 0 = MXFP4 (wa blocks, wb scales), 1 = bf16 (wa). bf16_ok: x holds bf16 values (rounding
+ * it to bf16 is exact), so the bf16 dot-product path may be used. Called without the GIL, holding call_mu. */
+static int product(int kind, const float *x, const void *wa, const void *wb, const float *bias, float *y, int64_t T,
+                   int64_t out, int64_t in, int bf16_ok) {
     int path = forced_path >= 0 && forced_path < best_path ? forced_path : best_path;
     if (path == PATH_AVX512BF16 && !bf16_ok) path = PATH_AVX2;
-    job_t j = {(const float *)x, NULL, (const uint8_t *)wa, (const uint8_t *)wb, (const uint16_t *)wa,
-               (const float *)bias, (float *)y, T, out, in};
+    job_t j = {x, NULL, (const uint8_t *)wa, (const uint8_t *)wb, (const uint16_t *)wa, bias, y, T, out, in};
     uint16_t *xb = NULL;
-    Py_BEGIN_ALLOW_THREADS
     task_fn fn = kind == 0 ? mxfp4_scalar : bf16_scalar;
 #ifdef OSSIE_X86
     if (path == PATH_AVX512BF16) {
-        xb = malloc(sizeof(uint16_t) * T * in);
+        if (!(xb = malloc(sizeof(uint16_t) * T * in))) return -1;
         int64_t G4 = in / 32 / 4 * 4;
         for (int64_t t = 0; t < T; t++)
             for (int64_t i = 0; i < in; i++) {
                 int64_t src = i;
                 if (kind == 0 && i < G4 * 32) src = i / 128 * 128 + permuted_index(i % 128);
-                xb[t * in + i] = f32_to_bf16(j.x[t * in + src]);
+                xb[t * in + i] = f32_to_bf16(x[t * in + src]);
             }
         j.xb = xb;
         if (kind == 0) fn = mxfp4_avx512bf16;
@@ -338,21 +369,111 @@ static PyObject *py_matmul(PyObject *self __attribute__((unused)), PyObject *arg
         fn = kind == 0 ? mxfp4_avx2 : bf16_avx2;
     }
 #endif
-    pthread_mutex_lock(&call_mu);  /* one product at a time owns the pool (callers on other Python threads wait) */
     parallel_for(fn, &j, out, 16);
-    pthread_mutex_unlock(&call_mu);
     free(xb);
+    return 0;
+}
+
+static PyObject *py_matmul(PyObject *self __attribute__((unused)), PyObject *args) {
+    int kind, bf16_ok, rc; unsigned long long x, wa, wb, bias, y; long long T, out, in;
+    if (!PyArg_ParseTuple(args, "iKKKKKLLLp", &kind, &x, &wa, &wb, &bias, &y, &T, &out, &in, &bf16_ok)) return NULL;
+    if (in % 32 || T < 1 || out < 1) { PyErr_SetString(PyExc_ValueError, "in must be a multiple of 32; T, out >= 1"); return NULL; }
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&call_mu);  /* one product at a time owns the pool (callers on other Python threads wait) */
+    rc = product(kind, (const float *)x, (const void *)wa, (const void *)wb, (const float *)bias, (float *)y, T, out,
+                 in, bf16_ok);
+    pthread_mutex_unlock(&call_mu);
     Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+/* The MoE block of one token (decode) in one call, so no Python runs between its 2k products:
+ * y = sum over the chosen experts e (ascending, as the reference path adds them) of
+ *     weight_e * (W2_e @ swiglu(W1_e @ x + b1_e) + b2_e).
+ * x float32 [H]; W1 MXFP4 [E, 2I, H/32, 16] with scales; b1 float32 [E, 2I]; W2 MXFP4 [E, H, I/32, 16]; b2 [E, H].
+ * round_bf16: the model runs in bf16, so the activation is rounded to bf16 before W2, as the reference does. */
+static PyObject *py_moe(PyObject *self __attribute__((unused)), PyObject *args) {
+    unsigned long long x, w1b, w1s, b1, w2b, w2s, b2, experts, weights, y; long long k, H, I; int bf16; float alpha, limit;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKKLLLpff", &x, &w1b, &w1s, &b1, &w2b, &w2s, &b2, &experts, &weights, &y, &k,
+                          &H, &I, &bf16, &alpha, &limit)) return NULL;
+    if (H % 32 || I % 32) { PyErr_SetString(PyExc_ValueError, "hidden and intermediate sizes must be multiples of 32"); return NULL; }
+    const int64_t *ex = (const int64_t *)experts; const float *wt = (const float *)weights; float *out = (float *)y;
+    float *h = malloc(sizeof(float) * 2 * I), *act = malloc(sizeof(float) * I), *part = malloc(sizeof(float) * H);
+    int rc = !h || !act || !part;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&call_mu);
+    for (int64_t i = 0; i < H; i++) out[i] = 0.f;
+    for (int64_t n = 0; n < k && !rc; n++) {
+        int64_t e = ex[n];
+        rc |= product(0, (const float *)x, (const uint8_t *)w1b + e * 2 * I * (H / 32) * 16,
+                      (const uint8_t *)w1s + e * 2 * I * (H / 32), (const float *)b1 + e * 2 * I, h, 1, 2 * I, H, bf16);
+        for (int64_t i = 0; i < I; i++) {  /* clamped SwiGLU on interleaved (gate, up) */
+            float gate = h[2 * i], up = h[2 * i + 1];
+            gate = gate > limit ? limit : gate;
+            up = up > limit ? limit : (up < -limit ? -limit : up);
+            float a = gate * (1.f / (1.f + expf(-(alpha * gate)))) * (up + 1.f);
+            act[i] = bf16 ? bf16_to_f32(f32_to_bf16(a)) : a;
+        }
+        rc |= product(0, act, (const uint8_t *)w2b + e * H * (I / 32) * 16, (const uint8_t *)w2s + e * H * (I / 32),
+                      (const float *)b2 + e * H, part, 1, H, I, bf16);
+        for (int64_t i = 0; i < H; i++) out[i] += part[i] * wt[n];
+    }
+    pthread_mutex_unlock(&call_mu);
+    Py_END_ALLOW_THREADS
+    free(h); free(act); free(part);
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* Memory read bandwidth, for the roofline: every thread sums its share of a buffer (larger than the caches). */
+typedef struct { const uint64_t *p; uint64_t total; } read_job_t;
+
+#ifdef OSSIE_X86
+__attribute__((target("avx2"))) static void read_part_avx2(const void *ctx, int64_t b, int64_t e) {
+    read_job_t *r = (read_job_t *)ctx; __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t i = b * 512; i < e * 512; i += 16) {
+        s0 = _mm256_add_epi64(s0, _mm256_loadu_si256((const __m256i *)(r->p + i)));
+        s1 = _mm256_add_epi64(s1, _mm256_loadu_si256((const __m256i *)(r->p + i + 4)));
+        s2 = _mm256_add_epi64(s2, _mm256_loadu_si256((const __m256i *)(r->p + i + 8)));
+        s3 = _mm256_add_epi64(s3, _mm256_loadu_si256((const __m256i *)(r->p + i + 12)));
+    }
+    uint64_t out[4]; _mm256_storeu_si256((__m256i *)out, _mm256_add_epi64(_mm256_add_epi64(s0, s1), _mm256_add_epi64(s2, s3)));
+    __atomic_fetch_add(&r->total, out[0] + out[1] + out[2] + out[3], __ATOMIC_RELAXED);
+}
+#endif
+
+static void read_part(const void *ctx, int64_t b, int64_t e) {
+    read_job_t *r = (read_job_t *)ctx; uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int64_t i = b * 512; i < e * 512; i += 4) { s0 += r->p[i]; s1 += r->p[i + 1]; s2 += r->p[i + 2]; s3 += r->p[i + 3]; }
+    __atomic_fetch_add(&r->total, s0 + s1 + s2 + s3, __ATOMIC_RELAXED);
+}
+
+static PyObject *py_read(PyObject *self __attribute__((unused)), PyObject *args) {
+    unsigned long long ptr; long long nbytes;
+    if (!PyArg_ParseTuple(args, "KL", &ptr, &nbytes)) return NULL;
+    read_job_t r = {(const uint64_t *)ptr, 0};
+    task_fn fn = read_part;
+#ifdef OSSIE_X86
+    if (best_path >= PATH_AVX2) fn = read_part_avx2;
+#endif
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&call_mu);
+    parallel_for(fn, &r, nbytes / 4096, 1);  /* whole 4 KiB pages */
+    pthread_mutex_unlock(&call_mu);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromUnsignedLongLong(r.total);
 }
 
 static PyObject *py_set_threads(PyObject *self __attribute__((unused)), PyObject *args) {
     int n; if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
-    pthread_mutex_lock(&pool.mu);
     if (n < 1) n = 1;
     if (n > MAX_THREADS) n = MAX_THREADS;
-    pool.nthreads = n;  /* workers beyond n stay parked; missing ones start on the next parallel_for */
-    pthread_mutex_unlock(&pool.mu);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&call_mu);  /* not in the middle of a job */
+    pool.nthreads = n;  /* workers beyond n sit jobs out; missing ones start on the next parallel_for */
+    pthread_mutex_unlock(&call_mu);
+    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
@@ -373,6 +494,8 @@ static PyObject *py_path(PyObject *self __attribute__((unused)), PyObject *args 
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "y = x @ W.T + bias for an MXFP4 (kind 0) or bf16 (kind 1) weight"},
+    {"moe", py_moe, METH_VARARGS, "the MoE block of one token: experts' products, SwiGLU and weighted sum"},
+    {"read", py_read, METH_VARARGS, "read(ptr, nbytes): sum a buffer's words on all threads (bandwidth probe)"},
     {"set_threads", py_set_threads, METH_VARARGS, "number of threads for the kernels"},
     {"get_threads", py_get_threads, METH_NOARGS, "number of threads for the kernels"},
     {"set_path", py_set_path, METH_VARARGS, "force a code path (best, scalar, avx2, avx512bf16) for tests"},

@@ -64,7 +64,8 @@ class Weights:
 
 
 # ---- expected tensors ---------------------------------------------------------------------------------
-# kind: "matrix" -> model dtype, "vector" -> model dtype (biases), "f32" -> float32 (norms, sinks), "u8" -> packed
+# kind: "matrix" -> model dtype, "f32" -> float32 (norms, sinks, biases: the kernels add them in float32),
+# "u8" -> packed
 
 
 def _layer_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -72,19 +73,19 @@ def _layer_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     return {
         "attn_norm": ((h,), "f32"),
         "qkv_w": ((cfg.qkv_dim, h), "matrix"),
-        "qkv_b": ((cfg.qkv_dim,), "vector"),
+        "qkv_b": ((cfg.qkv_dim,), "f32"),
         "sinks": ((cfg.num_heads,), "f32"),
         "out_w": ((h, cfg.num_heads * cfg.head_dim), "matrix"),
-        "out_b": ((h,), "vector"),
+        "out_b": ((h,), "f32"),
         "mlp_norm": ((h,), "f32"),
         "gate_w": ((e, h), "matrix"),
-        "gate_b": ((e,), "vector"),
+        "gate_b": ((e,), "f32"),
         "w1_blocks": ((e, i2, h // 32, 16), "u8"),
         "w1_scales": ((e, i2, h // 32), "u8"),
-        "w1_bias": ((e, i2), "vector"),
+        "w1_bias": ((e, i2), "f32"),
         "w2_blocks": ((e, h, cfg.intermediate_size // 32, 16), "u8"),
         "w2_scales": ((e, h, cfg.intermediate_size // 32), "u8"),
-        "w2_bias": ((e, h), "vector"),
+        "w2_bias": ((e, h), "f32"),
     }
 
 

@@ -5,17 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 MODEL_HELP = "a local checkpoint folder or a Hugging Face repo id such as openai/gpt-oss-20b"
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -43,26 +38,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import torch
+    from .bench import run_bench
 
     llm = _load(args)
-    print(f"model      {llm.path} ({llm.layout} layout, {llm.config.num_layers} layers, {llm.config.num_experts} "
-          f"experts, {args.dtype}, {torch.get_num_threads()} threads)")
-    print(f"load       {llm.load_seconds:.2f} s, peak RSS {peak_rss_gib():.2f} GiB")
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, 199_998, (args.prompt_tokens,), generator=gen).tolist()
-    cache = llm.new_cache(args.prompt_tokens + args.gen_tokens)
-    t0 = time.perf_counter()
-    logits = llm.prefill(torch.tensor(prompt), cache)
-    t_prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(args.gen_tokens):
-        tok = int(logits.argmax())
-        logits = llm.model.forward(torch.tensor([tok]), cache, last_only=True)[-1]
-    t_decode = time.perf_counter() - t0
-    print(f"prefill    {args.prompt_tokens / t_prefill:.2f} tok/s ({args.prompt_tokens} tokens in {t_prefill:.2f} s)")
-    print(f"decode     {args.gen_tokens / t_decode:.2f} tok/s ({args.gen_tokens} tokens in {t_decode:.2f} s)")
-    print(f"peak RSS   {peak_rss_gib():.2f} GiB")
+    res = run_bench(llm, args.prompt_tokens, args.gen_tokens, args.runs)
+    print(res.report(llm, args.prompt_tokens, args.gen_tokens))
     return 0
 
 
@@ -138,10 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("bench", help="measure load time, memory, prefill and decode speed",
-                       description="Load MODEL and time a prefill of random tokens and a greedy decode.")
+                       description="Load MODEL, time prefills of a random prompt and greedy decodes, and measure "
+                                   "the machine's memory bandwidth and bf16 matmul rate to report the speeds "
+                                   "against.")
     _add_model_args(p)
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default 64)")
-    p.add_argument("--gen-tokens", type=int, default=32, help="tokens to decode (default 32)")
+    p.add_argument("--gen-tokens", type=int, default=32, help="tokens to decode per run (default 32)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up; medians are reported (default 5)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate", help="answer one prompt and exit (script-friendly)",

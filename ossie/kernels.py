@@ -110,9 +110,37 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
+def moe_one_token(x: torch.Tensor, w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
+                  w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor, experts: list[int],
+                  weights: list[float], alpha: float, limit: float, bf16: bool) -> torch.Tensor:
+    """The MoE block for one token in one C call: sum over `experts` of weight * expert(x); float32 [hidden].
+
+    Stacked expert weights as loaded (w1 [E, 2I, H/32, 16], biases float32); experts in ascending order."""
+    h, i = w2_blocks.shape[1], w2_blocks.shape[2] * 32
+    x = x.float().contiguous().view(-1)
+    y = torch.empty(h, dtype=torch.float32)
+    ex = torch.tensor(experts, dtype=torch.int64)
+    wt = torch.tensor(weights, dtype=torch.float32)
+    for t in (w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias):
+        if not t.is_contiguous():
+            raise ValueError("expert weights must be contiguous")
+    _kernels.moe(_ptr(x), _ptr(w1_blocks), _ptr(w1_scales), _ptr(w1_bias), _ptr(w2_blocks), _ptr(w2_scales),
+                 _ptr(w2_bias), _ptr(ex), _ptr(wt), _ptr(y), len(experts), h, i, bf16, alpha, limit)
+    return y
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with the bf16 kernel for the small batches of decoding (memory-bound: read w once, fast)."""
     if (w.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= SMALL_BATCH and x.device.type == "cpu"
             and w.shape[1] % 32 == 0 and w.is_contiguous() and fast_kernels()):
         return bf16_matmul(x, w, bias).to(x.dtype)
-    return torch.nn.functional.linear(x, w, bias)
+    bias = None if bias is None else bias.to(x.dtype)
+    if x.device.type != "cpu" or not fast_kernels():
+        return torch.nn.functional.linear(x, w, bias)
+    # a large GEMM (prefill): torch gets every core for it, and gives them back for the kernels that follow
+    threads = torch.get_num_threads()
+    torch.set_num_threads(kernel_threads())
+    try:
+        return torch.nn.functional.linear(x, w, bias)
+    finally:
+        torch.set_num_threads(threads)

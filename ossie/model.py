@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .checkpoint import LayerWeights, Weights
 from .config import ModelConfig
-from .kernels import SMALL_BATCH, fast_kernels, kernel_threads, linear, mxfp4_dequantize, mxfp4_matmul
+from .kernels import fast_kernels, linear, moe_one_token, mxfp4_dequantize, mxfp4_matmul
 from .kv_cache import KVCache
 
 
@@ -41,8 +41,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    t = x.float()
-    return (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * scale).to(x.dtype)
+    """x / sqrt(mean(x^2) + eps) * scale, in float32."""
+    return F.rms_norm(x.float(), scale.shape, scale, eps).to(x.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_start: int,
@@ -57,6 +57,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
     g = h // kv
     sink = sinks.view(kv, g, 1, 1).float()
     out = q.new_empty(t_all, h * d)
+    if q.device.type == "cpu":  # CPU GEMMs on these thin bf16 shapes are several times slower than in float32
+        q, k, v = q.float(), k.float(), v.float()
     for b0 in range(0, t_all, block):
         b1 = min(t_all, b0 + block)
         qp0, qp1 = q_start + b0, q_start + b1
@@ -67,9 +69,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
         # [KV, G*T, D]: the G query heads of a KV head, all tokens, as one plain batched matmul
         qb = q[b0:b1].view(n, kv, g, d).permute(1, 2, 0, 3).reshape(kv, g * n, d)
         scores = torch.bmm(qb, kb).float().view(kv, g, n, -1) * d**-0.5  # [KV, G, T, S]
-        dist = torch.arange(qp0, qp1)[:, None] - torch.arange(lo, qp1)[None, :]
-        visible = (dist >= 0) & (dist < window) if window else dist >= 0
-        scores = scores.masked_fill(~visible.to(scores.device), float("-inf"))
+        if n > 1:  # a single query (decoding) sees every key from lo on: no mask to build
+            dist = torch.arange(qp0, qp1)[:, None] - torch.arange(lo, qp1)[None, :]
+            visible = (dist >= 0) & (dist < window) if window else dist >= 0
+            scores = scores.masked_fill(~visible.to(scores.device), float("-inf"))
         m = torch.maximum(scores.amax(-1, keepdim=True), sink)
         e = torch.exp(scores - m)
         probs = e / (e.sum(-1, keepdim=True) + torch.exp(sink - m))
@@ -86,12 +89,18 @@ def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
 
 def moe(x: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> torch.Tensor:
     """Route each token to its top-k experts (softmax over the chosen logits); tokens sharing an expert go together."""
-    router = F.linear(x, lw.gate_w, lw.gate_b)  # tiny: [experts, hidden]
+    router = linear(x, lw.gate_w, lw.gate_b)
     top, chosen = torch.topk(router, cfg.experts_per_token, dim=-1)
     weight = torch.softmax(top.float(), dim=-1)
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     fused = fast_kernels() and x.device.type == "cpu"
     bf16 = x.dtype == torch.bfloat16
+    if fused and x.shape[0] == 1:  # decoding: the whole block in one C call
+        order = chosen[0].argsort()
+        y = moe_one_token(x, lw.w1_blocks, lw.w1_scales, lw.w1_bias, lw.w2_blocks, lw.w2_scales, lw.w2_bias,
+                          chosen[0, order].tolist(), weight[0, order].tolist(), cfg.swiglu_alpha, cfg.swiglu_limit,
+                          bf16)
+        return y.view(1, -1).to(x.dtype)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in chosen.unique().tolist():
         tok, slot = (chosen == e).nonzero(as_tuple=True)
         if fused:  # read the packed weights directly
@@ -100,9 +109,9 @@ def moe(x: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> torch.Tensor:
             y = mxfp4_matmul(a.to(x.dtype), lw.w2_blocks[e], lw.w2_scales[e], lw.w2_bias[e], bf16)
         else:  # reference path: decode this expert's weights, then a dense product
             w1 = mxfp4_dequantize(lw.w1_blocks[e], lw.w1_scales[e], x.dtype)
-            a = swiglu(F.linear(x[tok], w1, lw.w1_bias[e]).float(), cfg.swiglu_alpha, cfg.swiglu_limit)
+            a = swiglu(F.linear(x[tok], w1, lw.w1_bias[e].to(x.dtype)).float(), cfg.swiglu_alpha, cfg.swiglu_limit)
             w2 = mxfp4_dequantize(lw.w2_blocks[e], lw.w2_scales[e], x.dtype)
-            y = F.linear(a.to(x.dtype), w2, lw.w2_bias[e])
+            y = F.linear(a.to(x.dtype), w2, lw.w2_bias[e].to(x.dtype))
         out.index_add_(0, tok, y.float() * weight[tok, slot, None])
     return out.to(x.dtype)
 
@@ -121,12 +130,19 @@ class Transformer:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """Run `tokens` [T] at positions cache.length..; returns float32 logits [T, vocab] (or [1, vocab])."""
+        # ossie's kernels use every core; torch's OpenMP workers, which spin-wait after each parallel op, would
+        # take cores from them. So torch runs on one thread here, except in the large GEMMs (see kernels.linear).
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu" and fast_kernels():
+            torch.set_num_threads(1)
+        try:
+            return self._forward(tokens, cache, last_only)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
         cfg, n_q, n_kv, d = self.cfg, self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
         t, p0 = tokens.shape[0], cache.length
-        # Small batches run on ossie's kernels, which use every core: torch's OpenMP workers would only spin
-        # against them. Large batches (prefill) are torch GEMMs: give torch the cores.
-        if self.device.type == "cpu" and fast_kernels():
-            torch.set_num_threads(1 if t <= SMALL_BATCH else kernel_threads())
         cos, sin = self.rope(p0, t)
         x = F.embedding(tokens, self.w.embedding).to(self.dtype)
         for i, lw in enumerate(self.w.layers):

@@ -23,8 +23,8 @@ def test_synth_then_bench(tmp_path):
     out = run("synth", str(tmp_path / "m"), "--preset", "tiny", "--layout", "original", "--seed", "3").stdout
     assert "original layout" in out
     assert (tmp_path / "m" / "model.safetensors").is_file()
-    bench = run("bench", str(tmp_path / "m"), "--prompt-tokens", "8", "--gen-tokens", "4").stdout
-    for word in ("load", "prefill", "decode", "peak RSS", "original layout"):
+    bench = run("bench", str(tmp_path / "m"), "--prompt-tokens", "8", "--gen-tokens", "4", "--runs", "2").stdout
+    for word in ("load", "prefill", "decode", "peak RSS", "original layout", "roofline", "GB/s", "GFLOP/s"):
         assert word in bench
 
 

@@ -1,9 +1,13 @@
 """ossie's float32 logits against transformers' GptOssForCausalLM and an independent float64 reference."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import ossie
+from ossie.synth import write_checkpoint
+from tests.conftest import TINY
 from tests.reference import reference_logits
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test-only peer: pip install -e .[test]")
@@ -60,7 +64,13 @@ def test_greedy_generation_matches_transformers(tiny_llm, hf_model):
     assert ours == theirs
 
 
-def test_bf16_is_close_to_float32(tiny_repo, tiny_llm):
-    bf16 = ossie.LLM(tiny_repo, dtype="bfloat16", progress=False)
+def test_bf16_is_close_to_float32(tmp_path):
+    # bf16 rounding flips the router's choice wherever two experts' logits nearly tie, and a flipped expert changes
+    # that position (and, through attention, later ones) wholesale: with top-2 of 8, that is luck, not precision.
+    # With every expert chosen there is no choice to flip, and bf16 must then agree with float32 to its precision.
+    dense = dataclasses.replace(TINY, experts_per_token=TINY.num_experts)
+    folder = write_checkpoint(tmp_path, dense, "hf", seed=1, progress=False)
+    bf16 = ossie.LLM(folder, dtype="bfloat16", progress=False)
+    fp32 = ossie.LLM(folder, dtype="float32", progress=False)
     assert bf16.model.w.embedding.dtype == torch.bfloat16
-    assert rel_err(bf16.logits(TOKENS[:64]), tiny_llm.logits(TOKENS[:64])) < 0.05
+    assert rel_err(bf16.logits(TOKENS[:64]), fp32.logits(TOKENS[:64])) < 0.05
