@@ -38,7 +38,9 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
  * then sleeps on the condition variable. The caller spins for the workers to finish: they are running. */
 typedef void (*task_fn)(const void *ctx, int64_t begin, int64_t end);
 #define MAX_THREADS 256
+#ifndef SPIN_NS
 #define SPIN_NS 300000
+#endif
 static struct {
     pthread_mutex_t mu; pthread_cond_t work;
     int nthreads, started; int pending; int64_t generation;  /* pending, generation: atomics */
@@ -117,6 +119,15 @@ typedef struct {
     int64_t T, out, in;
 } job_t;
 
+/* Weights stream through once per token: fetch them ahead, non-temporally, so they do not evict what the rest
+ * of the step (the interpreter, activations, the KV cache) keeps in the caches. */
+#ifndef PF_DIST
+#define PF_DIST 2048
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_NTA
+#endif
+#define PREFETCH_W(p) _mm_prefetch((const char *)(p), PF_HINT)
 #define TT 4  /* tokens per tile: their accumulators stay in registers, their x rows in L1 */
 
 static void mxfp4_scalar(const void *p, int64_t r0, int64_t r1) {
@@ -256,6 +267,7 @@ __attribute__((target(AVX512BF16), always_inline)) static inline void mxfp4_tile
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G4; g += 4) {
         __m512i a, b, c, d;
+        PREFETCH_W(blk + g * 16 + PF_DIST);
         decode4(blk + g * 16, &a, &b, &c, &d);
         __m512 s = scales4(sc + g);
         for (int t = 0; t < NT; t++) {
@@ -316,9 +328,11 @@ __attribute__((target(AVX512BF16))) static void bf16_avx512bf16_t1(const void *p
         __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         int64_t i = 0;
         for (; i + 128 <= j->in; i += 128)
-            for (int u = 0; u < 4; u++)
+            for (int u = 0; u < 4; u++) {
+                PREFETCH_W(w + i + 32 * u + PF_DIST / 2);
                 acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_loadu_si512(w + i + 32 * u),
                                           (__m512bh)_mm512_loadu_si512(j->xb + i + 32 * u));
+            }
         for (; i < j->in; i += 32)
             acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(j->xb + i));
         __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
@@ -426,6 +440,81 @@ static PyObject *py_moe(PyObject *self __attribute__((unused)), PyObject *args) 
     Py_RETURN_NONE;
 }
 
+/* ---- attention of one query (decoding) over the KV cache ---------------------------------------------------
+ * out[h] = sum_s p[h, s] v[s, h / G] with p = softmax over (q[h] . k[s, h / G] * scale, sink[h]) and the sink's share
+ * dropped. Keys can be in any order (a ring buffer as it lies): a single query sees them all, and a softmax does
+ * not care about order. k, v: [S, KV, D], bf16 or float32. */
+typedef struct {
+    const float *q; const void *k, *v; const float *sinks; float *out; int64_t S, H, KV, D; float scale; int bf16;
+    int failed;  /* set by a worker that could not allocate */
+} attn_job_t;
+
+static inline float kv_at(const attn_job_t *a, const void *base, int64_t i) {
+    return a->bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+static float dot_scalar(const attn_job_t *a, const float *q, int64_t off) {
+    float acc = 0.f;
+    for (int64_t d = 0; d < a->D; d++) acc += q[d] * kv_at(a, a->k, off + d);
+    return acc;
+}
+
+#ifdef OSSIE_X86
+__attribute__((target("avx2,fma"))) static float dot_avx2(const attn_job_t *a, const float *q, int64_t off) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < a->D; d += 8) {
+        __m256 kv = a->bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                                  _mm_loadu_si128((const __m128i *)((const uint16_t *)a->k + off + d))), 16))
+                            : _mm256_loadu_ps((const float *)a->k + off + d);
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), kv, acc);
+    }
+    return hsum256(acc);
+}
+#endif
+
+static void attn_heads(const void *p, int64_t h0, int64_t h1) {
+    const attn_job_t *a = p; int64_t G = a->H / a->KV, S = a->S, D = a->D;
+    float *w = malloc(sizeof(float) * S);
+    if (!w) { __atomic_store_n(&((attn_job_t *)p)->failed, 1, __ATOMIC_RELAXED); return; }
+    float (*dot)(const attn_job_t *, const float *, int64_t) = dot_scalar;
+#ifdef OSSIE_X86
+    if (best_path >= PATH_AVX2 && forced_path != PATH_SCALAR && D % 8 == 0) dot = dot_avx2;
+#endif
+    for (int64_t h = h0; h < h1; h++) {
+        const float *q = a->q + h * D; int64_t kvh = h / G; float m = a->sinks[h], total;
+        for (int64_t s = 0; s < S; s++) {
+            w[s] = dot(a, q, (s * a->KV + kvh) * D) * a->scale;
+            if (w[s] > m) m = w[s];
+        }
+        total = expf(a->sinks[h] - m);
+        for (int64_t s = 0; s < S; s++) { w[s] = expf(w[s] - m); total += w[s]; }
+        float *o = a->out + h * D;
+        for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+        for (int64_t s = 0; s < S; s++) {
+            float pr = w[s] / total; int64_t off = (s * a->KV + kvh) * D;
+            if (a->bf16) { const uint16_t *v = (const uint16_t *)a->v + off; for (int64_t d = 0; d < D; d++) o[d] += pr * bf16_to_f32(v[d]); }
+            else { const float *v = (const float *)a->v + off; for (int64_t d = 0; d < D; d++) o[d] += pr * v[d]; }
+        }
+    }
+    free(w);
+}
+
+/* attention(q, k, v, sinks, out, S, H, KV, D, scale, bf16): q float32 [H, D], out float32 [H, D] */
+static PyObject *py_attention(PyObject *self __attribute__((unused)), PyObject *args) {
+    unsigned long long q, k, v, sinks, out; long long S, H, KV, D; float scale; int bf16;
+    if (!PyArg_ParseTuple(args, "KKKKKLLLLfp", &q, &k, &v, &sinks, &out, &S, &H, &KV, &D, &scale, &bf16)) return NULL;
+    if (S < 1 || KV < 1 || H % KV) { PyErr_SetString(PyExc_ValueError, "attention: S >= 1 and H a multiple of KV"); return NULL; }
+    attn_job_t a = {(const float *)q, (const void *)k, (const void *)v, (const float *)sinks, (float *)out, S, H, KV, D,
+                    scale, bf16, 0};
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&call_mu);
+    parallel_for(attn_heads, &a, H, 4);
+    pthread_mutex_unlock(&call_mu);
+    Py_END_ALLOW_THREADS
+    if (a.failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 /* Memory read bandwidth, for the roofline: every thread sums its share of a buffer (larger than the caches). */
 typedef struct { const uint64_t *p; uint64_t total; } read_job_t;
 
@@ -495,6 +584,7 @@ static PyObject *py_path(PyObject *self __attribute__((unused)), PyObject *args 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "y = x @ W.T + bias for an MXFP4 (kind 0) or bf16 (kind 1) weight"},
     {"moe", py_moe, METH_VARARGS, "the MoE block of one token: experts' products, SwiGLU and weighted sum"},
+    {"attention", py_attention, METH_VARARGS, "attention of one query over the KV cache, with sinks"},
     {"read", py_read, METH_VARARGS, "read(ptr, nbytes): sum a buffer's words on all threads (bandwidth probe)"},
     {"set_threads", py_set_threads, METH_VARARGS, "number of threads for the kernels"},
     {"get_threads", py_get_threads, METH_NOARGS, "number of threads for the kernels"},

@@ -129,6 +129,17 @@ def moe_one_token(x: torch.Tensor, w1_blocks: torch.Tensor, w1_scales: torch.Ten
     return y
 
 
+def attention_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Attention of one query q [H, D] over keys/values [S, KV, D] (any order) with per-head sinks; float32 [H*D]."""
+    h, d = q.shape
+    s, kv, _ = k.shape
+    q = q.float().contiguous()
+    out = torch.empty(h * d, dtype=torch.float32)
+    _kernels.attention(_ptr(q), _ptr(k.contiguous()), _ptr(v.contiguous()), _ptr(sinks.float().contiguous()),
+                       _ptr(out), s, h, kv, d, d**-0.5, k.dtype == torch.bfloat16)
+    return out
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with the bf16 kernel for the small batches of decoding (memory-bound: read w once, fast)."""
     if (w.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= SMALL_BATCH and x.device.type == "cpu"

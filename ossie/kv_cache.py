@@ -29,7 +29,8 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Store the new keys/values [T, kv_heads, head_dim] at positions length..length+T-1.
 
-        Returns (keys, values, first_position): every key the new queries may attend to, in position order.
+        Returns (keys, values, first_position): every key the new queries may attend to, in position order
+        (for a single new token on a sliding layer: in ring order, which a single query does not mind).
         """
         t, p0 = k.shape[0], self.length
         if not self.sliding[layer]:
@@ -39,6 +40,11 @@ class KVCache:
             self.v[layer][p0:p0 + t] = v
             return self.k[layer][:p0 + t], self.v[layer][:p0 + t], 0
         w = self.window
+        if t == 1:  # decoding: write the slot, hand back the ring as it lies (one query attends in any order)
+            self.k[layer][p0 % w] = k[0]
+            self.v[layer][p0 % w] = v[0]
+            n = min(p0 + 1, w)
+            return self.k[layer][:n], self.v[layer][:n], p0 + 1 - n
         first = max(0, p0 - (w - 1))  # the oldest cached position the first new query can still see
         if first < p0:
             slots = torch.arange(first, p0, device=k.device) % w

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .checkpoint import LayerWeights, Weights
 from .config import ModelConfig
-from .kernels import fast_kernels, linear, moe_one_token, mxfp4_dequantize, mxfp4_matmul
+from .kernels import attention_one_query, fast_kernels, linear, moe_one_token, mxfp4_dequantize, mxfp4_matmul
 from .kv_cache import KVCache
 
 
@@ -53,6 +53,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
     softmax whose probability is dropped, so rows sum to less than one. Queries go in blocks to bound memory.
     """
     t_all, h, d = q.shape
+    if t_all == 1 and q.device.type == "cpu" and fast_kernels() and k.dtype in (torch.bfloat16, torch.float32):
+        # decoding: one C call; every key from `lo` on is visible to a single query, in any order
+        lo = max(k_start, q_start - window + 1) if window else k_start
+        return attention_one_query(q[0], k[lo - k_start:], v[lo - k_start:], sinks).view(1, -1).to(q.dtype)
     kv = k.shape[1]
     g = h // kv
     sink = sinks.view(kv, g, 1, 1).float()
@@ -147,10 +151,9 @@ class Transformer:
         x = F.embedding(tokens, self.w.embedding).to(self.dtype)
         for i, lw in enumerate(self.w.layers):
             qkv = linear(rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), lw.qkv_w, lw.qkv_b)
-            q, k, v = qkv.split([n_q * d, n_kv * d, n_kv * d], dim=-1)
-            q = apply_rope(q.view(t, n_q, d), cos, sin)
-            k = apply_rope(k.view(t, n_kv, d), cos, sin)
-            keys, values, k_start = cache.update(i, k, v.reshape(t, n_kv, d))
+            qk = apply_rope(qkv[:, :(n_q + n_kv) * d].view(t, n_q + n_kv, d), cos, sin)  # q and k heads at once
+            q, k = qk[:, :n_q], qk[:, n_q:]
+            keys, values, k_start = cache.update(i, k, qkv[:, (n_q + n_kv) * d:].view(t, n_kv, d))
             window = cfg.sliding_window if cfg.is_sliding(i) else 0
             a = attention(q, keys, values, lw.sinks, p0, k_start, window)
             x = x + linear(a, lw.out_w, lw.out_b)

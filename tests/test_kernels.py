@@ -131,3 +131,35 @@ def test_moe_fused_matches_reference(monkeypatch):
     monkeypatch.setenv("OSSIE_KERNELS", "torch")
     reference = model.moe(x, lw, cfg).double()
     assert ((fused - reference).norm() / reference.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("keys", [1, 7, 128, 300])
+def test_attention_one_query_matches_torch(path, dtype, keys):
+    """Decoding's attention (C) against the blocked torch attention, over keys in shuffled (ring) order."""
+    from ossie.model import attention
+
+    gen = torch.Generator().manual_seed(keys)
+    h, kv, d = 8, 2, 64
+    q = torch.randn(1, h, d, generator=gen).to(dtype)
+    k = torch.randn(keys, kv, d, generator=gen).to(dtype)
+    v = torch.randn(keys, kv, d, generator=gen).to(dtype)
+    sinks = torch.randn(h, generator=gen)
+    ref = kernels_off(lambda: attention(q.float(), k.float(), v.float(), sinks, keys - 1, 0, 0))
+    perm = torch.randperm(keys, generator=gen)
+    out = kernels.attention_one_query(q[0], k[perm], v[perm], sinks)
+    close(out.double().view(1, -1), ref.double())
+
+
+def kernels_off(fn):
+    import os
+
+    old = os.environ.get("OSSIE_KERNELS")
+    os.environ["OSSIE_KERNELS"] = "torch"
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ["OSSIE_KERNELS"]
+        else:
+            os.environ["OSSIE_KERNELS"] = old
