@@ -1,4 +1,4 @@
-"""The `ossie` command line: synth, bench, generate, chat."""
+"""The `ossie` command line: synth, bench, generate, chat, serve."""
 
 from __future__ import annotations
 
@@ -102,6 +102,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(_load(args), args, _read_tools(args.tools), _chat_kwargs(args))
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from .bench import peak_rss_gib
+    from .server import create_app
+
+    llm = _load(args)
+    names = args.served_model_name or [args.model]
+    app = create_app(llm, names, api_key=args.api_key or os.environ.get("OSSIE_API_KEY"),
+                     max_running=args.max_running)
+    log = logging.getLogger("ossie")
+    log.info("model %s (%s layout, %d layers, %d experts, %s), served as %s", llm.path, llm.layout,
+             llm.config.num_layers, llm.config.num_experts, args.dtype, ", ".join(names))
+    log.info("memory: %.2f GiB of weights, peak RSS %.2f GiB", llm.model.w.nbytes() / 2**30, peak_rss_gib())
+    log.info("serving the OpenAI API at http://%s:%d/v1 (chat/completions, responses, completions, models)",
+             args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if not args.verbose else "info",
+                timeout_graceful_shutdown=5)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ossie", description="Run OpenAI's gpt-oss models, exactly and fast.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -144,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat_args(p)
     p.add_argument("--no-reasoning", action="store_true", help="hide the model's reasoning")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat completions, responses, completions)",
+                       description="Serve MODEL over HTTP with OpenAI's API: /v1/chat/completions, /v1/responses, "
+                                   "/v1/completions, /v1/models, plus /health and /metrics.")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="the model name(s) clients must ask for (default: MODEL as given)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (also: $OSSIE_API_KEY)")
+    p.add_argument("--max-running", type=int, default=16,
+                   help="requests generating at once; more wait in a queue (default 16)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -14,15 +14,16 @@ import torch
 
 from . import harmony
 from .checkpoint import detect_layout, load_config, load_weights, resolve_model
+from .constraints import Steering
+from .engine import PREFILL_CHUNK, Generation
 from .kernels import set_num_threads
 from .kv_cache import KVCache
 from .model import Transformer
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 
 log = logging.getLogger("ossie")
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
-PREFILL_CHUNK = 512  # prompt tokens per forward pass while prefilling: bounds activation memory
 
 
 class LLM:
@@ -45,8 +46,8 @@ class LLM:
         weights = load_weights(folder, self.layout, self.config, self.dtype, self.device, progress=progress)
         self.model = Transformer(self.config, weights, self.dtype)
         self.load_seconds = time.perf_counter() - t0
-        # Test-only hook: OSSIE_TEST_SCRIPT names a JSON list of completions (harmony text) that generate()
-        # replays in turn instead of sampling, so tests can drive tool calls through the CLI and the server.
+        # Test-only hook: OSSIE_TEST_SCRIPT names a JSON list of completions (harmony text) that generation
+        # replays instead of sampling (see _next_script), so tests can drive tool calls through the CLI and server.
         self._script = json.loads(Path(os.environ["OSSIE_TEST_SCRIPT"]).read_text()) \
             if os.environ.get("OSSIE_TEST_SCRIPT") else None
         self._script_turn = 0
@@ -99,24 +100,15 @@ class LLM:
         self._check_context(ids.numel() + params.max_tokens)
         return self._generate(ids, params)
 
-    def _generate(self, ids: torch.Tensor, params: SamplingParams) -> Iterator[int]:
-        generator = torch.Generator(device="cpu")
-        if params.seed is not None:
-            generator.manual_seed(params.seed)
-        else:
-            generator.seed()
-        stop = params.stop_ids
-        if self._script is not None:
-            yield from self._replay(params, stop)
-            return
-        cache = self.new_cache(ids.numel() + params.max_tokens)
-        logits = self.prefill(ids, cache)
-        for n in range(params.max_tokens):
-            tok = sample(logits.cpu(), params, generator)
-            yield tok
-            if tok in stop or n == params.max_tokens - 1:
-                return
-            logits = self.model.forward(torch.tensor([tok], device=self.device), cache, last_only=True)[-1]
+    def _generate(self, ids: torch.Tensor, params: SamplingParams, steering: Steering | None = None) -> Iterator[int]:
+        seq = Generation(self, ids, params, steering)
+        try:
+            while not seq.finished:
+                tok = seq.step()
+                if tok is not None:
+                    yield tok
+        finally:
+            seq.free()  # also when the consumer stops early
 
     # ---- harmony chat -----------------------------------------------------------------------------------
     def render(self, messages: Sequence[dict], tools: Sequence[dict] | None = None,
@@ -162,14 +154,21 @@ class LLM:
                 tokens.close()  # the consumer stopped early (Ctrl-C, disconnect): stop generating
         yield from parser.finish(hit_length=n >= max_tokens and tok not in harmony.STOP_TOKEN_IDS)
 
-    def _replay(self, params: SamplingParams, stop: frozenset[int]) -> Iterator[int]:
-        text = self._script[self._script_turn % len(self._script)]
-        self._script_turn += 1
-        tokens = harmony.harmony_encoding().encode(text, allowed_special="all")
-        for tok in tokens[: params.max_tokens]:
-            yield tok
-            if tok in stop:
-                return
+    def _next_script(self, prompt: torch.Tensor) -> list[int]:
+        """Test hook (OSSIE_TEST_SCRIPT): the token ids of the scripted completion for this prompt. Entries are
+        harmony texts, used in turn, or {"match": TEXT, "completion": TEXT}, used when TEXT is in the prompt."""
+        enc = harmony.harmony_encoding()
+        text = None
+        prompt_text = enc.decode(prompt.tolist())
+        found = [(prompt_text.rfind(e["match"]), e["completion"]) for e in self._script
+                 if isinstance(e, dict) and e.get("match", "\0") in prompt_text]
+        if found:  # the marker latest in the prompt (the newest message) decides
+            text = max(found)[1]
+        if text is None:
+            turns = [e for e in self._script if isinstance(e, str)] or ["<|channel|>final<|message|><|return|>"]
+            text = turns[self._script_turn % len(turns)]
+            self._script_turn += 1
+        return list(enc.encode(text, allowed_special="all"))
 
     def _check_context(self, n: int) -> None:
         if n > self.config.max_context:

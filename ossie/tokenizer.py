@@ -129,3 +129,17 @@ def harmony_encoding():
     from openai_harmony import HarmonyEncodingName, load_harmony_encoding
 
     return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
+
+
+@functools.lru_cache(maxsize=1)
+def token_bytes() -> list[bytes]:
+    """The bytes of every ordinary token (ids below 199998), from the verified vocabulary: what constrained
+    decoding checks candidate tokens against. Special tokens are not in the list."""
+    import base64
+
+    table: dict[int, bytes] = {}
+    for line in (resolve_vocab() / VOCAB_NAME).read_bytes().splitlines():
+        if line:
+            b64, rank = line.split()
+            table[int(rank)] = base64.b64decode(b64)
+    return [table[i] for i in range(len(table))]

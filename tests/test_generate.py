@@ -48,7 +48,7 @@ def test_generate_default_stops_at_harmony_tokens(tiny_llm, monkeypatch):
     def fake_sample(logits, params, generator=None):
         return 200012  # <|call|>
 
-    monkeypatch.setattr(ossie.llm, "sample", fake_sample)
+    monkeypatch.setattr(ossie.engine, "sample", fake_sample)
     assert list(tiny_llm.generate(PROMPT[:5], max_tokens=10)) == [200012]
 
 
