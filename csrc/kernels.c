@@ -258,28 +258,44 @@ __attribute__((target(AVX512BF16))) static inline __m512 dot1(const uint8_t *blk
 
 /* One row o against NT tokens from t0. NT is a compile-time constant at each call (see the switch below), so the
  * accumulators live in registers: indexing them with a run-time count would put them on the stack. */
+/* Four groups (64 bytes of blocks) against NT tokens; s: the groups' scales, one per 128-bit lane. */
+__attribute__((target(AVX512BF16), always_inline)) static inline void chunk4(const uint8_t *blk, __m512 s,
+                                                                               const uint16_t *x, int64_t in,
+                                                                               const int NT, __m512 *acc) {
+    __m512i a, b, c, d;
+    PREFETCH_W(blk + PF_DIST);
+    decode4(blk, &a, &b, &c, &d);
+    for (int t = 0; t < NT; t++) {
+        const uint16_t *xt = x + t * in;
+        __m512 p0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)a, (__m512bh)_mm512_loadu_si512(xt));
+        __m512 p1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)b, (__m512bh)_mm512_loadu_si512(xt + 32));
+        p0 = _mm512_dpbf16_ps(p0, (__m512bh)c, (__m512bh)_mm512_loadu_si512(xt + 64));
+        p1 = _mm512_dpbf16_ps(p1, (__m512bh)d, (__m512bh)_mm512_loadu_si512(xt + 96));
+        acc[t] = _mm512_fmadd_ps(_mm512_add_ps(p0, p1), s, acc[t]);
+    }
+}
+
+/* One row o against NT tokens from t0. NT is a compile-time constant at each call (see the switch below), so the
+ * accumulators live in registers: indexing them with a run-time count would put them on the stack. Scales are
+ * read 16 at a time (one vector of 16 floats) and spread over the lanes of each 4-group chunk by a permute. */
 __attribute__((target(AVX512BF16), always_inline)) static inline void mxfp4_tile(const job_t *j, int64_t o,
                                                                                    int64_t t0, const int NT) {
-    int64_t G = j->in / 32, G4 = G / 4 * 4;
+    int64_t G = j->in / 32, G4 = G / 4 * 4, G16 = G / 16 * 16, g = 0;
     const uint8_t *blk = j->blocks + o * G * 16, *sc = j->scales + o * G;
     const uint16_t *xt = j->xb + t0 * j->in;
     __m512 acc[TT];
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < G4; g += 4) {
-        __m512i a, b, c, d;
-        PREFETCH_W(blk + g * 16 + PF_DIST);
-        decode4(blk + g * 16, &a, &b, &c, &d);
-        __m512 s = scales4(sc + g);
-        for (int t = 0; t < NT; t++) {
-            const uint16_t *x = xt + t * j->in + g * 32;
-            __m512 p0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)a, (__m512bh)_mm512_loadu_si512(x));
-            __m512 p1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)b, (__m512bh)_mm512_loadu_si512(x + 32));
-            p0 = _mm512_dpbf16_ps(p0, (__m512bh)c, (__m512bh)_mm512_loadu_si512(x + 64));
-            p1 = _mm512_dpbf16_ps(p1, (__m512bh)d, (__m512bh)_mm512_loadu_si512(x + 96));
-            acc[t] = _mm512_fmadd_ps(_mm512_add_ps(p0, p1), s, acc[t]);
-        }
+    const __m512i spread0 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i four = _mm512_set1_epi32(4);
+    for (; g < G16; g += 16) {
+        __m512 s16 = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sc + g))), 23));
+        __m512i idx = spread0;
+        for (int k = 0; k < 4; k++, idx = _mm512_add_epi32(idx, four))
+            chunk4(blk + (g + 4 * k) * 16, _mm512_permutexvar_ps(idx, s16), xt + (g + 4 * k) * 32, j->in, NT, acc);
     }
-    for (int64_t g = G4; g < G; g++)
+    for (; g < G4; g += 4) chunk4(blk + g * 16, scales4(sc + g), xt + g * 32, j->in, NT, acc);
+    for (; g < G; g++)
         for (int t = 0; t < NT; t++)
             acc[t] = _mm512_fmadd_ps(dot1(blk + g * 16, xt + t * j->in + g * 32), _mm512_set1_ps(SCALE[sc[g]]), acc[t]);
     for (int t = 0; t < NT; t++)

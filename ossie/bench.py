@@ -85,7 +85,8 @@ class BenchResult:
     load_s: float
     prefill_tok_s: list[float] = field(default_factory=list)
     decode_tok_s: list[float] = field(default_factory=list)
-    bandwidth_gb_s: float = 0.0
+    bandwidth_gb_s: float = 0.0  # median of bandwidth_runs
+    bandwidth_runs: list[float] = field(default_factory=list)
     bytes_per_token: int = 0
     matmul_flop_s: float = 0.0
     flops_per_token: int = 0
@@ -112,7 +113,8 @@ class BenchResult:
             f"decode       {decode:.2f} tok/s ({gen_tokens} tokens, median of {runs}; runs: "
             + ", ".join(f"{x:.2f}" for x in self.decode_tok_s) + ")",
             f"roofline     {self.roofline_tok_s:.2f} tok/s = {self.bandwidth_gb_s:.1f} GB/s measured read bandwidth "
-            f"/ {self.bytes_per_token / 1e9:.2f} GB read per token",
+            f"/ {self.bytes_per_token / 1e9:.2f} GB read per token (bandwidth beside each run: "
+            + ", ".join(f"{b:.1f}" for b in self.bandwidth_runs) + " GB/s)",
             f"decode share {decode / self.roofline_tok_s:.0%} of the roofline "
             f"({decode * self.bytes_per_token / 1e9:.1f} GB/s effective)",
         ]
@@ -140,11 +142,14 @@ def run_bench(llm: LLM, prompt_tokens: int = 64, gen_tokens: int = 32, runs: int
         if run > 0:
             res.prefill_tok_s.append(prompt_tokens / t_prefill)
             res.decode_tok_s.append(gen_tokens / t_decode)
+            # the machine's bandwidth drifts (shared hosts): measure it beside every run. The unembedding
+            # (1.2 GB at 20b) is resident and larger than any cache.
+            res.bandwidth_runs.append(measure_bandwidth(llm.model.w.unembedding, repeats=3))
             bar.update(prompt_tokens + gen_tokens)
     bar.close()
     res.peak_rss_gib = peak_rss_gib()
-    # the unembedding (1.2 GB at 20b) is resident and larger than any cache: read it to measure bandwidth
-    res.bandwidth_gb_s = measure_bandwidth(llm.model.w.unembedding)
+    res.bandwidth_gb_s = statistics.median(res.bandwidth_runs) if res.bandwidth_runs else \
+        measure_bandwidth(llm.model.w.unembedding)
     res.bytes_per_token = bytes_per_token(llm, prompt_tokens + gen_tokens // 2)
     res.matmul_flop_s = measure_matmul_flops(llm.dtype)
     res.flops_per_token = matmul_flops_per_token(llm.config)

@@ -10,6 +10,7 @@ harmony tool calls become `tool_calls` with finish_reason "tool_calls". Every re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -229,7 +230,12 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None, api_ke
     engine = Engine(llm, max_running=max_running)
     stored: OrderedDict[str, dict] = OrderedDict()  # response id -> {"response": ..., "messages": ...}
     created = int(time.time())
-    app = FastAPI(title="ossie", description="OpenAI-compatible server for gpt-oss")
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="ossie", description="OpenAI-compatible server for gpt-oss", lifespan=lifespan)
     app.state.engine, app.state.llm = engine, llm
 
     # -- errors
@@ -648,10 +654,6 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None, api_ke
             yield event(kind, **fields)
         body = finish(items.output, result)
         yield event("response.incomplete" if body["status"] == "incomplete" else "response.completed", response=body)
-
-    @app.on_event("shutdown")
-    async def _shutdown() -> None:
-        engine.shutdown()
 
     return app
 

@@ -445,3 +445,32 @@ def test_disconnect_frees_the_request(server, path, body, lines):
     assert h["cancelled"] == before["cancelled"] + 1 and h["running"] == 0, h
     assert h["generated_tokens"] - before["generated_tokens"] < 5000
     assert client(server).chat.completions.create(**GOOD).choices  # still serving
+
+
+def test_internal_failure_fails_one_request(tiny_llm):
+    """A request whose generation raises gets a 500 with an OpenAI-style body; the next one is served."""
+    from fastapi.testclient import TestClient
+
+    from ossie.server import create_app
+
+    app = create_app(tiny_llm, [MODEL])
+    forward = tiny_llm.model.forward
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated kernel failure")
+        return forward(*args, **kwargs)
+
+    tiny_llm.model.forward = flaky
+    try:
+        with TestClient(app) as http:
+            r = http.post("/v1/chat/completions", json=GOOD)
+            assert r.status_code == 500 and "simulated kernel failure" in r.json()["error"]["message"]
+            assert r.json()["error"]["type"] == "server_error"
+            r = http.post("/v1/chat/completions", json={**GOOD, "stream": True})
+            assert r.status_code == 200 and "[DONE]" in r.text
+            assert http.get("/health").json()["failed"] == 1
+    finally:
+        tiny_llm.model.forward = forward
