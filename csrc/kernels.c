@@ -428,7 +428,13 @@ static PyObject *py_moe(PyObject *self __attribute__((unused)), PyObject *args) 
     if (!PyArg_ParseTuple(args, "KKKKKKKKKKLLLpff", &x, &w1b, &w1s, &b1, &w2b, &w2s, &b2, &experts, &weights, &y, &k,
                           &H, &I, &bf16, &alpha, &limit)) return NULL;
     if (H % 32 || I % 32) { PyErr_SetString(PyExc_ValueError, "hidden and intermediate sizes must be multiples of 32"); return NULL; }
-    const int64_t *ex = (const int64_t *)experts; const float *wt = (const float *)weights; float *out = (float *)y;
+    if (k < 1 || k > 64) { PyErr_SetString(PyExc_ValueError, "1 to 64 experts per token"); return NULL; }
+    int64_t ex[64]; float wt[64]; float *out = (float *)y;
+    for (int64_t n = 0; n < k; n++) {  /* in ascending expert order, as the reference path adds them */
+        int64_t e = ((const int64_t *)experts)[n]; float w = ((const float *)weights)[n]; int64_t m = n;
+        for (; m > 0 && ex[m - 1] > e; m--) { ex[m] = ex[m - 1]; wt[m] = wt[m - 1]; }
+        ex[m] = e; wt[m] = w;
+    }
     float *h = malloc(sizeof(float) * 2 * I), *act = malloc(sizeof(float) * I), *part = malloc(sizeof(float) * H);
     int rc = !h || !act || !part;
     Py_BEGIN_ALLOW_THREADS

@@ -111,21 +111,17 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def moe_one_token(x: torch.Tensor, w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
-                  w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor, experts: list[int],
-                  weights: list[float], alpha: float, limit: float, bf16: bool) -> torch.Tensor:
-    """The MoE block for one token in one C call: sum over `experts` of weight * expert(x); float32 [hidden].
-
-    Stacked expert weights as loaded (w1 [E, 2I, H/32, 16], biases float32); experts in ascending order."""
+                  w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor, experts: torch.Tensor,
+                  weights: torch.Tensor, alpha: float, limit: float, bf16: bool) -> torch.Tensor:
+    """The MoE block for one token in one C call: sum over `experts` (int64 [k]) of weights (float32 [k]) *
+    expert(x); float32 [hidden]. Stacked expert weights as loaded (contiguous: w1 [E, 2I, H/32, 16], biases
+    float32); the experts are added in ascending order, as the reference path adds them."""
     h, i = w2_blocks.shape[1], w2_blocks.shape[2] * 32
-    x = x.float().contiguous().view(-1)
+    x = x.float().contiguous()
     y = torch.empty(h, dtype=torch.float32)
-    ex = torch.tensor(experts, dtype=torch.int64)
-    wt = torch.tensor(weights, dtype=torch.float32)
-    for t in (w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias):
-        if not t.is_contiguous():
-            raise ValueError("expert weights must be contiguous")
+    experts, weights = experts.contiguous(), weights.float().contiguous()
     _kernels.moe(_ptr(x), _ptr(w1_blocks), _ptr(w1_scales), _ptr(w1_bias), _ptr(w2_blocks), _ptr(w2_scales),
-                 _ptr(w2_bias), _ptr(ex), _ptr(wt), _ptr(y), len(experts), h, i, bf16, alpha, limit)
+                 _ptr(w2_bias), _ptr(experts), _ptr(weights), _ptr(y), experts.numel(), h, i, bf16, alpha, limit)
     return y
 
 

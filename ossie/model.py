@@ -99,10 +99,8 @@ def moe(x: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> torch.Tensor:
     fused = fast_kernels() and x.device.type == "cpu"
     bf16 = x.dtype == torch.bfloat16
     if fused and x.shape[0] == 1:  # decoding: the whole block in one C call
-        order = chosen[0].argsort()
         y = moe_one_token(x, lw.w1_blocks, lw.w1_scales, lw.w1_bias, lw.w2_blocks, lw.w2_scales, lw.w2_bias,
-                          chosen[0, order].tolist(), weight[0, order].tolist(), cfg.swiglu_alpha, cfg.swiglu_limit,
-                          bf16)
+                          chosen[0], weight[0], cfg.swiglu_alpha, cfg.swiglu_limit, bf16)
         return y.view(1, -1).to(x.dtype)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in chosen.unique().tolist():
@@ -124,6 +122,10 @@ class Transformer:
     def __init__(self, cfg: ModelConfig, weights: Weights, dtype: torch.dtype):
         self.cfg, self.w, self.dtype = cfg, weights, dtype
         self.device = weights.embedding.device
+        for lw in weights.layers:  # the kernels read weights by pointer: they must be dense (they are, as loaded)
+            for name, t in vars(lw).items():
+                if not t.is_contiguous():
+                    setattr(lw, name, t.contiguous())
         inv_freq, self.concentration = yarn_inv_freq(cfg)
         self.inv_freq = inv_freq.to(self.device)
 
