@@ -45,7 +45,9 @@ class Generation:
         self.tokens: list[int] = []
         self.finish_reason: str | None = None  # "stop" | "length" once finished
         self.script = llm._next_script(prompt) if llm._script is not None else None
-        self.cache = None if self.script is not None else llm.new_cache(prompt.numel() + params.max_tokens)
+        # the cache grows by doubling as tokens come: start from the prompt and a little room, not from max_tokens
+        # (which defaults to the rest of a 131k context, gigabytes of KV cache nobody may use)
+        self.cache = None if self.script is not None else llm.new_cache(prompt.numel() + min(params.max_tokens, 256))
         self.prefilled = 0
         self.logits: torch.Tensor | None = None
 

@@ -77,3 +77,18 @@ def test_sampling_filters():
     assert {sample(logits, SamplingParams(temperature=100.0), g) for _ in range(400)} == {0, 1, 2, 3}
     with pytest.raises(ValueError):
         SamplingParams(top_p=0).validate()
+
+
+def test_kv_cache_grows_instead_of_reserving_max_tokens(tiny_llm):
+    """max_tokens defaults to the rest of a 131k context in chat and the server: the cache must not reserve it."""
+    from ossie.engine import Generation
+    from ossie.sampling import SamplingParams
+
+    prompt = torch.tensor(PROMPT[:10])
+    gen = Generation(tiny_llm, prompt, SamplingParams(max_tokens=130_000, temperature=0, stop_token_ids=[]))
+    full = [i for i, sliding in enumerate(gen.cache.sliding) if not sliding]
+    assert all(gen.cache.k[i].shape[0] <= 10 + 256 for i in full)
+    for _ in range(300):  # past the initial room: the cache grows, and decoding stays exact
+        gen.step()
+    assert all(gen.cache.k[i].shape[0] >= 300 for i in full)
+    assert gen.tokens == list(tiny_llm.generate(PROMPT[:10], max_tokens=300, temperature=0, stop_token_ids=[]))
