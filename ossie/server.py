@@ -125,7 +125,7 @@ class ResponsesRequest(_Body):
 
 
 class Run:
-    """One request in the engine, seen from the event loop: `async for tok in run.tokens()`; leaving the loop
+    """One request in the engine, seen from the event loop: `async for tok in run.tokens()`; closing that iterator
     early (a disconnect, a stop string) cancels the generation, which frees its KV cache."""
 
     def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams,
@@ -414,16 +414,17 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None, api_ke
         """The parser's deltas, with the answer cut at a stop string (which ends the generation)."""
         parser = harmony.ChatParser(prompt_tokens=run.prompt_tokens)
         sent = ""
-        async for tok in run.tokens():
-            for d in parser.feed(tok):
-                if d.kind == "content":
-                    d.text = stops.push(d.text)
-                    sent += d.text
-                    if not d.text:
-                        continue
-                yield d
-            if stops.hit:
-                break  # leaving run.tokens() cancels the generation
+        async with contextlib.aclosing(run.tokens()) as tokens:  # leaving early cancels the generation at once
+            async for tok in tokens:
+                for d in parser.feed(tok):
+                    if d.kind == "content":
+                        d.text = stops.push(d.text)
+                        sent += d.text
+                        if not d.text:
+                            continue
+                    yield d
+                if stops.hit:
+                    break
         tail = stops.flush()
         if tail:
             sent += tail
@@ -503,12 +504,13 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None, api_ke
             decoder, stops = TextDecoder(), StopStrings(req.stop)
             if echo:
                 yield echo
-            async for tok in run.tokens():
-                text = stops.push(decoder.push(tok))
-                if text:
-                    yield text
-                if stops.hit:
-                    break
+            async with contextlib.aclosing(run.tokens()) as tokens:
+                async for tok in tokens:
+                    text = stops.push(decoder.push(tok))
+                    if text:
+                        yield text
+                    if stops.hit:
+                        break
             tail = stops.push(decoder.flush()) + stops.flush()
             if tail:
                 yield tail
