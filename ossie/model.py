@@ -33,11 +33,11 @@ def yarn_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     return inv_freq, 0.1 * math.log(factor) + 1.0
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half convention: the head dim is two halves, not interleaved pairs. x: [T, heads, head_dim]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+def apply_rope(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+    """Rotate-half convention: the head dim is two halves (x1, x2), not interleaved pairs, and the result is
+    (x1 cos - x2 sin, x2 cos + x1 sin). With cos2 = (cos, cos) and sin2 = (-sin, sin) [T, head_dim] that is
+    x * cos2 + swap_halves(x) * sin2, the same roundings in fewer ops. x: [T, heads, head_dim]."""
+    return x * cos2[:, None] + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin2[:, None]
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
@@ -130,8 +130,10 @@ class Transformer:
         self.inv_freq = inv_freq.to(self.device)
 
     def rope(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, cos) and (-sin, sin) for positions start.., scaled by YaRN's concentration; see apply_rope."""
         freqs = torch.arange(start, start + n, device=self.device, dtype=torch.float32)[:, None] * self.inv_freq
-        return (freqs.cos() * self.concentration).to(self.dtype), (freqs.sin() * self.concentration).to(self.dtype)
+        cos, sin = (freqs.cos() * self.concentration).to(self.dtype), (freqs.sin() * self.concentration).to(self.dtype)
+        return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
