@@ -537,6 +537,65 @@ static PyObject *py_attention(PyObject *self __attribute__((unused)), PyObject *
     Py_RETURN_NONE;
 }
 
+/* The attention block of one token (decoding) in one call, for a bf16 model: RMSNorm, the qkv product, RoPE on
+ * q and k, the KV cache write, attention over the cache, the out product and the residual add. Every value is
+ * rounded to bf16 where the torch path rounds it (each op on bf16 tensors rounds its result), so the two paths
+ * agree up to the order of float32 sums. x, y: float32 [hidden] holding bf16 values; cos2, sin2: float32 [D] as
+ * in model.apply_rope; caches bf16 [rows, KV, D]; the new key and value go to row `slot`, and attention reads
+ * rows 0..n_keys-1 (a ring buffer as it lies). */
+static inline float rbf(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+static PyObject *py_attention_block(PyObject *self __attribute__((unused)), PyObject *args) {
+    unsigned long long x, nw, qw, qb, c2, s2, kc, vc, sk, ow, ob, y; long long slot, nkeys, H, KV, D, hid; float eps;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKKKKLLLLLLf", &x, &nw, &qw, &qb, &c2, &s2, &kc, &vc, &sk, &ow, &ob, &y,
+                          &slot, &nkeys, &H, &KV, &D, &hid, &eps)) return NULL;
+    if (hid % 32 || (H * D) % 32 || D % 2 || D > 1024 || KV < 1 || H % KV || nkeys < 1) {
+        PyErr_SetString(PyExc_ValueError, "attention_block: unsupported shapes"); return NULL;
+    }
+    const float *xf = (const float *)x, *norm = (const float *)nw, *cos2 = (const float *)c2, *sin2 = (const float *)s2;
+    int64_t nq = (H + 2 * KV) * D;
+    float *h = malloc(sizeof(float) * hid), *qkv = malloc(sizeof(float) * nq), *a = malloc(sizeof(float) * H * D),
+          *o = malloc(sizeof(float) * hid);
+    int rc = !h || !qkv || !a || !o;
+    attn_job_t job = {qkv, (const void *)kc, (const void *)vc, (const float *)sk, a, nkeys, H, KV, D,
+                      1.f / sqrtf((float)D), 1, 0};
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&call_mu);
+    if (!rc) {
+        float ss = 0.f;
+        for (int64_t i = 0; i < hid; i++) ss += xf[i] * xf[i];
+        float inv = 1.f / sqrtf(ss / (float)hid + eps);
+        for (int64_t i = 0; i < hid; i++) h[i] = rbf(xf[i] * inv * norm[i]);
+        rc |= product(1, h, (const void *)qw, NULL, (const float *)qb, qkv, 1, nq, hid, 1);
+    }
+    if (!rc) {
+        for (int64_t i = 0; i < nq; i++) qkv[i] = rbf(qkv[i]);
+        float tmp[1024];
+        for (int64_t head = 0; head < H + KV; head++) {  /* RoPE: x * cos2 + swap_halves(x) * sin2 */
+            float *v = qkv + head * D;
+            for (int64_t j = 0; j < D; j++) tmp[j] = rbf(rbf(v[j] * cos2[j]) + rbf(v[(j + D / 2) % D] * sin2[j]));
+            memcpy(v, tmp, sizeof(float) * D);
+        }
+        uint16_t *kcache = (uint16_t *)kc + slot * KV * D, *vcache = (uint16_t *)vc + slot * KV * D;
+        for (int64_t i = 0; i < KV * D; i++) {
+            kcache[i] = f32_to_bf16(qkv[H * D + i]);
+            vcache[i] = f32_to_bf16(qkv[(H + KV) * D + i]);
+        }
+        parallel_for(attn_heads, &job, H, 4);
+        rc |= job.failed;
+    }
+    if (!rc) {
+        for (int64_t i = 0; i < H * D; i++) a[i] = rbf(a[i]);
+        rc |= product(1, a, (const void *)ow, NULL, (const float *)ob, o, 1, hid, H * D, 1);
+        for (int64_t i = 0; i < hid; i++) ((float *)y)[i] = rbf(xf[i] + rbf(o[i]));
+    }
+    pthread_mutex_unlock(&call_mu);
+    Py_END_ALLOW_THREADS
+    free(h); free(qkv); free(a); free(o);
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 /* Memory read bandwidth, for the roofline: every thread sums its share of a buffer (larger than the caches). */
 typedef struct { const uint64_t *p; uint64_t total; } read_job_t;
 
@@ -606,6 +665,7 @@ static PyObject *py_path(PyObject *self __attribute__((unused)), PyObject *args 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "y = x @ W.T + bias for an MXFP4 (kind 0) or bf16 (kind 1) weight"},
     {"moe", py_moe, METH_VARARGS, "the MoE block of one token: experts' products, SwiGLU and weighted sum"},
+    {"attention_block", py_attention_block, METH_VARARGS, "the attention block of one token of a bf16 model"},
     {"attention", py_attention, METH_VARARGS, "attention of one query over the KV cache, with sinks"},
     {"read", py_read, METH_VARARGS, "read(ptr, nbytes): sum a buffer's words on all threads (bandwidth probe)"},
     {"set_threads", py_set_threads, METH_VARARGS, "number of threads for the kernels"},

@@ -136,6 +136,19 @@ def attention_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks
     return out
 
 
+def attention_block_one_token(x: torch.Tensor, lw, cos2: torch.Tensor, sin2: torch.Tensor, k_cache: torch.Tensor,
+                              v_cache: torch.Tensor, slot: int, n_keys: int, heads: int, kv_heads: int,
+                              head_dim: int, eps: float) -> torch.Tensor:
+    """x + Attention(RMSNorm(x)) for one token of a bf16 model in one C call, the new key and value written to
+    row `slot` of the caches; attention reads rows 0..n_keys-1. x: bf16 [1, hidden]; returns bf16 [1, hidden]."""
+    xf = x.float().contiguous()
+    y = torch.empty_like(xf)
+    _kernels.attention_block(_ptr(xf), _ptr(lw.attn_norm), _ptr(lw.qkv_w), _ptr(lw.qkv_b), _ptr(cos2), _ptr(sin2),
+                             _ptr(k_cache), _ptr(v_cache), _ptr(lw.sinks), _ptr(lw.out_w), _ptr(lw.out_b), _ptr(y),
+                             slot, n_keys, heads, kv_heads, head_dim, xf.shape[-1], eps)
+    return y.to(torch.bfloat16)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with the bf16 kernel for the small batches of decoding (memory-bound: read w once, fast)."""
     if (w.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= SMALL_BATCH and x.device.type == "cpu"

@@ -57,6 +57,16 @@ class KVCache:
         self.v[layer][slots] = v[t - n:]
         return keys, values, first
 
+    def decode_slot(self, layer: int) -> tuple[int, int]:
+        """For one new token (written by the caller): (the row to write it to, how many rows to attend to then).
+        Rows are in ring order on sliding layers, which a single query does not mind."""
+        p0 = self.length
+        if not self.sliding[layer]:
+            if p0 + 1 > self.k[layer].shape[0]:
+                self._grow(layer, p0 + 1)
+            return p0, p0 + 1
+        return p0 % self.window, min(p0 + 1, self.window)
+
     def _grow(self, layer: int, needed: int) -> None:
         size = max(needed, 2 * self.k[layer].shape[0])
         for buf in (self.k, self.v):

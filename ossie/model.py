@@ -14,8 +14,18 @@ import torch.nn.functional as F
 
 from .checkpoint import LayerWeights, Weights
 from .config import ModelConfig
-from .kernels import attention_one_query, fast_kernels, linear, moe_one_token, mxfp4_dequantize, mxfp4_matmul
+from .kernels import (
+    attention_block_one_token,
+    attention_one_query,
+    fast_kernels,
+    linear,
+    moe_one_token,
+    mxfp4_dequantize,
+    mxfp4_matmul,
+)
 from .kv_cache import KVCache
+
+FUSED_DECODE = True  # tests switch it off to compare the fused decode step with the op-by-op one
 
 
 def yarn_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -153,14 +163,23 @@ class Transformer:
         t, p0 = tokens.shape[0], cache.length
         cos, sin = self.rope(p0, t)
         x = F.embedding(tokens, self.w.embedding).to(self.dtype)
+        # decoding one token of a bf16 model on the CPU: the attention block below runs as one C call
+        fused = (FUSED_DECODE and t == 1 and self.device.type == "cpu" and self.dtype == torch.bfloat16
+                 and fast_kernels())
+        cos32, sin32 = (cos[0].float(), sin[0].float()) if fused else (None, None)
         for i, lw in enumerate(self.w.layers):
-            qkv = linear(rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), lw.qkv_w, lw.qkv_b)
-            qk = apply_rope(qkv[:, :(n_q + n_kv) * d].view(t, n_q + n_kv, d), cos, sin)  # q and k heads at once
-            q, k = qk[:, :n_q], qk[:, n_q:]
-            keys, values, k_start = cache.update(i, k, qkv[:, (n_q + n_kv) * d:].view(t, n_kv, d))
-            window = cfg.sliding_window if cfg.is_sliding(i) else 0
-            a = attention(q, keys, values, lw.sinks, p0, k_start, window)
-            x = x + linear(a, lw.out_w, lw.out_b)
+            if fused:
+                slot, n_keys = cache.decode_slot(i)
+                x = attention_block_one_token(x, lw, cos32, sin32, cache.k[i], cache.v[i], slot, n_keys, n_q, n_kv, d,
+                                              cfg.rms_norm_eps)
+            else:
+                qkv = linear(rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), lw.qkv_w, lw.qkv_b)
+                qk = apply_rope(qkv[:, :(n_q + n_kv) * d].view(t, n_q + n_kv, d), cos, sin)  # q and k heads at once
+                q, k = qk[:, :n_q], qk[:, n_q:]
+                keys, values, k_start = cache.update(i, k, qkv[:, (n_q + n_kv) * d:].view(t, n_kv, d))
+                window = cfg.sliding_window if cfg.is_sliding(i) else 0
+                a = attention(q, keys, values, lw.sinks, p0, k_start, window)
+                x = x + linear(a, lw.out_w, lw.out_b)
             x = x + moe(rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps), lw, cfg)
         cache.advance(t)
         if last_only:

@@ -92,3 +92,32 @@ def test_kv_cache_grows_instead_of_reserving_max_tokens(tiny_llm):
         gen.step()
     assert all(gen.cache.k[i].shape[0] >= 300 for i in full)
     assert gen.tokens == list(tiny_llm.generate(PROMPT[:10], max_tokens=300, temperature=0, stop_token_ids=[]))
+
+
+def test_fused_decode_step_equals_op_by_op(tiny_repo, monkeypatch):
+    """bf16 decoding on the CPU runs each attention block as one C call; it must give the op-by-op path's logits,
+    across the sliding window's ring buffer (100-token prompt + 40 steps > 128)."""
+    from ossie import kernels, model
+
+    if not kernels.fast_kernels():
+        pytest.skip("C kernels not built")
+    llm = ossie.LLM(tiny_repo, dtype="bfloat16", progress=False)
+    prompt = torch.tensor(PROMPT)
+
+    def run(fused: bool) -> tuple[list[int], torch.Tensor]:
+        monkeypatch.setattr(model, "FUSED_DECODE", fused)
+        cache = llm.new_cache(200)
+        logits = llm.model.forward(prompt, cache, last_only=True)[-1]
+        tokens, steps = [], []
+        for _ in range(40):
+            tokens.append(int(logits.argmax()))
+            logits = llm.model.forward(torch.tensor(tokens[-1:]), cache, last_only=True)[-1]
+            steps.append(logits)
+        return tokens, torch.stack(steps)
+
+    fused_tokens, fused_logits = run(True)
+    plain_tokens, plain_logits = run(False)
+    assert fused_tokens == plain_tokens
+    # the same bf16 roundings in the same places; only float32 sums may differ in order
+    err = (fused_logits - plain_logits).norm(dim=-1) / plain_logits.norm(dim=-1)
+    assert err.max() < 1e-3, err
