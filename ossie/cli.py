@@ -174,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--served-model-name", nargs="+", metavar="NAME",
-                   help="the model name(s) clients must ask for (default: MODEL as given)")
+    p.add_argument("--served-model-name", action="append", metavar="NAME",
+                   help="the model name clients must ask for (default: MODEL as given); repeat for aliases")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (also: $OSSIE_API_KEY)")
     p.add_argument("--max-running", type=int, default=16,
                    help="requests generating at once; more wait in a queue (default 16)")
