@@ -176,7 +176,7 @@ class Steering:
         self.after_analysis = after_analysis  # sequences allowed after the analysis message ends
         self.after_analysis_phase = after_analysis_phase
         self.end_token = end_token  # what ends the answer: <|call|> or <|return|>
-        self._set_trie([(seq, then) for seq, then in starts])
+        self._set_trie(list(starts))
         self.json: JsonPrefix | None = None
         self.finished = False
 

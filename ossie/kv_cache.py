@@ -33,6 +33,11 @@ class KVCache:
         (for a single new token on a sliding layer: in ring order, which a single query does not mind).
         """
         t, p0 = k.shape[0], self.length
+        if t == 1:  # decoding: write the slot, hand back the rows as they lie (one query attends in any order)
+            slot, n = self.decode_slot(layer)
+            self.k[layer][slot] = k[0]
+            self.v[layer][slot] = v[0]
+            return self.k[layer][:n], self.v[layer][:n], p0 + 1 - n
         if not self.sliding[layer]:
             if p0 + t > self.k[layer].shape[0]:
                 self._grow(layer, p0 + t)
@@ -40,11 +45,6 @@ class KVCache:
             self.v[layer][p0:p0 + t] = v
             return self.k[layer][:p0 + t], self.v[layer][:p0 + t], 0
         w = self.window
-        if t == 1:  # decoding: write the slot, hand back the ring as it lies (one query attends in any order)
-            self.k[layer][p0 % w] = k[0]
-            self.v[layer][p0 % w] = v[0]
-            n = min(p0 + 1, w)
-            return self.k[layer][:n], self.v[layer][:n], p0 + 1 - n
         first = max(0, p0 - (w - 1))  # the oldest cached position the first new query can still see
         if first < p0:
             slots = torch.arange(first, p0, device=k.device) % w

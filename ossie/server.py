@@ -65,56 +65,49 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Body):
+class _Sampling(_Body):
+    """What every generating request has."""
     model: str
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    seed: int | None = None
+    stream: bool = False
+
+
+class _Completions(_Sampling):
+    """What chat completions and completions share."""
+    stop: str | list[str] | None = None
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1)
+
+
+class ChatCompletionRequest(_Completions):
     messages: list[dict[str, Any]] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     response_format: dict[str, Any] | None = None
-    n: int = Field(default=1, ge=1)
     logprobs: bool | None = None
 
 
-class CompletionRequest(_Body):
-    model: str
+class CompletionRequest(_Completions):
     prompt: str | list[str] | list[int]
     max_tokens: int = Field(default=16, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     echo: bool = False
-    n: int = Field(default=1, ge=1)
     logprobs: int | None = None
 
 
-class ResponsesRequest(_Body):
-    model: str
+class ResponsesRequest(_Sampling):
     input: str | list[dict[str, Any]]
     instructions: str | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     reasoning: dict[str, Any] | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
-    stream: bool = False
     previous_response_id: str | None = None
     store: bool = True
     text: dict[str, Any] | None = None
@@ -289,10 +282,10 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None, api_ke
                                 f"context of {llm.config.max_context} tokens", param, "context_length_exceeded")
         return requested
 
-    def params(req: Any, max_tokens: int, stop_ids: list[int] | None) -> SamplingParams:
+    def params(req: _Sampling, max_tokens: int, stop_ids: list[int] | None) -> SamplingParams:
         p = SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
                            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop_token_ids=stop_ids,
-                           top_k=getattr(req, "top_k", None) or 0, min_p=getattr(req, "min_p", None) or 0.0)
+                           top_k=req.top_k or 0, min_p=req.min_p or 0.0)
         try:
             p.validate()
         except ValueError as e:
