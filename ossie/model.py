@@ -106,16 +106,16 @@ def moe(x: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> torch.Tensor:
     router = linear(x, lw.gate_w, lw.gate_b)
     top, chosen = torch.topk(router, cfg.experts_per_token, dim=-1)
     weight = torch.softmax(top.float(), dim=-1)
-    fused = fast_kernels() and x.device.type == "cpu"
+    use_kernels = fast_kernels() and x.device.type == "cpu"
     bf16 = x.dtype == torch.bfloat16
-    if fused and x.shape[0] == 1:  # decoding: the whole block in one C call
+    if use_kernels and x.shape[0] == 1:  # decoding: the whole block in one C call
         y = moe_one_token(x, lw.w1_blocks, lw.w1_scales, lw.w1_bias, lw.w2_blocks, lw.w2_scales, lw.w2_bias,
                           chosen[0], weight[0], cfg.swiglu_alpha, cfg.swiglu_limit, bf16)
         return y.view(1, -1).to(x.dtype)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in chosen.unique().tolist():
         tok, slot = (chosen == e).nonzero(as_tuple=True)
-        if fused:  # read the packed weights directly
+        if use_kernels:  # read the packed weights directly
             h = mxfp4_matmul(x[tok], lw.w1_blocks[e], lw.w1_scales[e], lw.w1_bias[e], bf16)
             a = swiglu(h, cfg.swiglu_alpha, cfg.swiglu_limit)
             y = mxfp4_matmul(a.to(x.dtype), lw.w2_blocks[e], lw.w2_scales[e], lw.w2_bias[e], bf16)

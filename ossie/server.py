@@ -223,6 +223,7 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None, api_ke
     engine = Engine(llm, max_running=max_running)
     stored: OrderedDict[str, dict] = OrderedDict()  # response id -> {"response": ..., "messages": ...}
     created = int(time.time())
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
