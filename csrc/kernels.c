@@ -32,6 +32,8 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
     return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
+static inline float rbf(float v) { return bf16_to_f32(f32_to_bf16(v)); }  /* round to bf16 */
+
 /* ---- thread pool: the caller runs chunk 0, workers the rest ------------------------------------------
  * Decoding calls the pool a few hundred times per token, so waking workers through the kernel would cost more
  * than some of the products: a worker spins on the job counter for a while after each job (SPIN_NS) and only
@@ -224,9 +226,6 @@ __attribute__((target("avx2,fma"))) static void bf16_avx2(const void *p, int64_t
 
 static const uint16_t FP4_BF16_TABLE[32] = {FP4_BF16, FP4_BF16};
 
-/* element of a 4-group block held by word w (0..127) of the decoded vectors A, B, C, D */
-static inline int64_t permuted_index(int64_t w) { return 4 * (w % 32) + w / 32; }
-
 __attribute__((target(AVX512BF16))) static inline void decode4(const uint8_t *blk, __m512i *a, __m512i *b,
                                                                  __m512i *c, __m512i *d) {
     const __m512i lut = _mm512_loadu_si512(FP4_BF16_TABLE);
@@ -302,7 +301,7 @@ __attribute__((target(AVX512BF16), always_inline)) static inline void mxfp4_tile
         j->y[(t0 + t) * j->out + o] = _mm512_reduce_add_ps(acc[t]) + (j->bias ? j->bias[o] : 0.f);
 }
 
-/* xb: x in bf16, each token's 4-group blocks permuted (see permuted_index), tail groups in natural order */
+/* xb: x in bf16, each token's 4-group blocks permuted (see permuted_pos), tail groups in natural order */
 __attribute__((target(AVX512BF16))) static void mxfp4_avx512bf16(const void *p, int64_t r0, int64_t r1) {
     const job_t *j = p;
     /* blocks of rows (in L2) against tiles of tokens (their x in L1) */
@@ -373,32 +372,44 @@ static void detect(void) {
 
 static const char *PATH_NAMES[] = {"scalar", "avx2", "avx512bf16"};
 
-/* y = x @ W.T + bias. kind 0 = MXFP4 (wa blocks, wb scales), 1 = bf16 (wa). bf16_ok: x holds bf16 values (rounding
- * it to bf16 is exact), so the bf16 dot-product path may be used. Called without the GIL, holding call_mu. */
-static int product(int kind, const float *x, const void *wa, const void *wb, const float *bias, float *y, int64_t T,
-                   int64_t out, int64_t in, int bf16_ok) {
+/* The code path for a product, and its row-range function. kind 0 = MXFP4, 1 = bf16. bf16_ok: x holds bf16 values
+ * (rounding it to bf16 is exact), so the bf16 dot-product path may be used; that path reads x as bf16 (xb), the
+ * MXFP4 one in the permuted order of permuted_pos. */
+static int choose_path(int kind, int bf16_ok, int64_t T, task_fn *fn) {
     int path = forced_path >= 0 && forced_path < best_path ? forced_path : best_path;
     if (path == PATH_AVX512BF16 && !bf16_ok) path = PATH_AVX2;
-    job_t j = {x, NULL, (const uint8_t *)wa, (const uint8_t *)wb, (const uint16_t *)wa, bias, y, T, out, in};
-    uint16_t *xb = NULL;
-    task_fn fn = kind == 0 ? mxfp4_scalar : bf16_scalar;
+    *fn = kind == 0 ? mxfp4_scalar : bf16_scalar;
 #ifdef OSSIE_X86
-    if (path == PATH_AVX512BF16) {
-        if (!(xb = malloc(sizeof(uint16_t) * T * in))) return -1;
-        int64_t G4 = in / 32 / 4 * 4;
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t i = 0; i < in; i++) {
-                int64_t src = i;
-                if (kind == 0 && i < G4 * 32) src = i / 128 * 128 + permuted_index(i % 128);
-                xb[t * in + i] = f32_to_bf16(x[t * in + src]);
-            }
-        j.xb = xb;
-        if (kind == 0) fn = mxfp4_avx512bf16;
-        else fn = T == 1 ? bf16_avx512bf16_t1 : bf16_avx512bf16;
-    } else if (path == PATH_AVX2) {
-        fn = kind == 0 ? mxfp4_avx2 : bf16_avx2;
-    }
+    if (path == PATH_AVX512BF16) *fn = kind == 0 ? mxfp4_avx512bf16 : (T == 1 ? bf16_avx512bf16_t1 : bf16_avx512bf16);
+    else if (path == PATH_AVX2) *fn = kind == 0 ? mxfp4_avx2 : bf16_avx2;
+#else
+    (void)T;
 #endif
+    return path;
+}
+
+/* Where element i of an MXFP4 product's input goes in the avx512bf16 path's order: word w (0..127) of a 4-group
+ * block's decoded vectors A, B, C, D holds element 4 (w % 32) + w / 32 (see decode4), so element m goes to
+ * word (m % 4) 32 + m / 4. */
+static inline int64_t permuted_pos(int64_t i, int64_t in) {
+    if (i >= in / 128 * 128) return i;  /* tail groups: natural order */
+    int64_t m = i % 128;
+    return i - m + (m % 4) * 32 + m / 4;
+}
+
+/* y = x @ W.T + bias. kind 0 = MXFP4 (wa blocks, wb scales), 1 = bf16 (wa); see choose_path for bf16_ok. Called
+ * without the GIL, holding call_mu. */
+static int product(int kind, const float *x, const void *wa, const void *wb, const float *bias, float *y, int64_t T,
+                   int64_t out, int64_t in, int bf16_ok) {
+    job_t j = {x, NULL, (const uint8_t *)wa, (const uint8_t *)wb, (const uint16_t *)wa, bias, y, T, out, in};
+    task_fn fn;
+    uint16_t *xb = NULL;
+    if (choose_path(kind, bf16_ok, T, &fn) == PATH_AVX512BF16) {
+        if (!(xb = malloc(sizeof(uint16_t) * T * in))) return -1;
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t i = 0; i < in; i++) xb[t * in + (kind == 0 ? permuted_pos(i, in) : i)] = f32_to_bf16(x[t * in + i]);
+        j.xb = xb;
+    }
     parallel_for(fn, &j, out, 16);
     free(xb);
     return 0;
@@ -418,46 +429,95 @@ static PyObject *py_matmul(PyObject *self __attribute__((unused)), PyObject *arg
     Py_RETURN_NONE;
 }
 
-/* The MoE block of one token (decode) in one call, so no Python runs between its 2k products:
+/* The MoE block of one token (decode) in one call, so no Python runs between its products:
  * y = sum over the chosen experts e (ascending, as the reference path adds them) of
- *     weight_e * (W2_e @ swiglu(W1_e @ x + b1_e) + b2_e).
+ *     weight_e * (W2_e @ swiglu(W1_e @ x + b1_e) + b2_e)   (+ the residual, if given).
  * x float32 [H]; W1 MXFP4 [E, 2I, H/32, 16] with scales; b1 float32 [E, 2I]; W2 MXFP4 [E, H, I/32, 16]; b2 [E, H].
- * round_bf16: the model runs in bf16, so the activation is rounded to bf16 before W2, as the reference does. */
+ * round_bf16: the model runs in bf16, so the activation is rounded to bf16 before W2, as the reference does, and
+ * y = bf16(residual + bf16(moe)), as its residual add rounds.
+ * Two passes over the threads, none in between: every expert's W1 rows (each thread applies SwiGLU to its own
+ * gate/up row pairs and writes the activation where W2's product reads it), then every expert's W2 rows (each
+ * thread adds the experts up for its own rows). */
+typedef struct {
+    job_t up[64], down[64];  /* per chosen expert, ascending: its W1 product (into h) and W2 product (into part) */
+    task_fn up_fn, down_fn;
+    int64_t k, H, I; int bf16, permute; float alpha, limit;
+    const float *wt, *residual;
+    float *act; uint16_t *actb;  /* [k, I] activations: float32, or bf16 in the avx512bf16 path's order */
+    float *y;
+} moe_job_t;
+
+static void moe_up(const void *p, int64_t b, int64_t e) {
+    const moe_job_t *m = p; int64_t rows = 2 * m->I;
+    for (int64_t n = b / rows; n < m->k && n * rows < e; n++) {
+        int64_t r0 = b > n * rows ? b - n * rows : 0, r1 = e < (n + 1) * rows ? e - n * rows : rows;
+        m->up_fn(&m->up[n], r0, r1);  /* chunks start at multiples of an even grain: whole (gate, up) pairs */
+        const float *h = m->up[n].y;
+        for (int64_t i = r0 / 2; i < r1 / 2; i++) {  /* clamped SwiGLU on interleaved (gate, up) */
+            float gate = h[2 * i], up = h[2 * i + 1];
+            gate = gate > m->limit ? m->limit : gate;
+            up = up > m->limit ? m->limit : (up < -m->limit ? -m->limit : up);
+            float a = gate * (1.f / (1.f + expf(-(m->alpha * gate)))) * (up + 1.f);
+            if (m->permute) m->actb[n * m->I + permuted_pos(i, m->I)] = f32_to_bf16(a);
+            else m->act[n * m->I + i] = m->bf16 ? rbf(a) : a;
+        }
+    }
+}
+
+static void moe_down(const void *p, int64_t b, int64_t e) {
+    const moe_job_t *m = p;
+    for (int64_t n = 0; n < m->k; n++) m->down_fn(&m->down[n], b, e);
+    for (int64_t r = b; r < e; r++) {
+        float acc = 0.f;
+        for (int64_t n = 0; n < m->k; n++) acc += m->down[n].y[r] * m->wt[n];
+        if (m->residual) acc = m->bf16 ? rbf(m->residual[r] + rbf(acc)) : m->residual[r] + acc;
+        m->y[r] = acc;
+    }
+}
+
 static PyObject *py_moe(PyObject *self __attribute__((unused)), PyObject *args) {
-    unsigned long long x, w1b, w1s, b1, w2b, w2s, b2, experts, weights, y; long long k, H, I; int bf16; float alpha, limit;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKKKLLLpff", &x, &w1b, &w1s, &b1, &w2b, &w2s, &b2, &experts, &weights, &y, &k,
-                          &H, &I, &bf16, &alpha, &limit)) return NULL;
+    unsigned long long x, w1b, w1s, b1, w2b, w2s, b2, experts, weights, y, res; long long k, H, I; int bf16;
+    float alpha, limit;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKKLLLpffK", &x, &w1b, &w1s, &b1, &w2b, &w2s, &b2, &experts, &weights, &y, &k,
+                          &H, &I, &bf16, &alpha, &limit, &res)) return NULL;
     if (H % 32 || I % 32) { PyErr_SetString(PyExc_ValueError, "hidden and intermediate sizes must be multiples of 32"); return NULL; }
     if (k < 1 || k > 64) { PyErr_SetString(PyExc_ValueError, "1 to 64 experts per token"); return NULL; }
-    int64_t ex[64]; float wt[64]; float *out = (float *)y;
-    for (int64_t n = 0; n < k; n++) {  /* in ascending expert order, as the reference path adds them */
-        int64_t e = ((const int64_t *)experts)[n]; float w = ((const float *)weights)[n]; int64_t m = n;
-        for (; m > 0 && ex[m - 1] > e; m--) { ex[m] = ex[m - 1]; wt[m] = wt[m - 1]; }
-        ex[m] = e; wt[m] = w;
-    }
-    float *h = malloc(sizeof(float) * 2 * I), *act = malloc(sizeof(float) * I), *part = malloc(sizeof(float) * H);
-    int rc = !h || !act || !part;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&call_mu);
-    for (int64_t i = 0; i < H; i++) out[i] = 0.f;
-    for (int64_t n = 0; n < k && !rc; n++) {
-        int64_t e = ex[n];
-        rc |= product(0, (const float *)x, (const uint8_t *)w1b + e * 2 * I * (H / 32) * 16,
-                      (const uint8_t *)w1s + e * 2 * I * (H / 32), (const float *)b1 + e * 2 * I, h, 1, 2 * I, H, bf16);
-        for (int64_t i = 0; i < I; i++) {  /* clamped SwiGLU on interleaved (gate, up) */
-            float gate = h[2 * i], up = h[2 * i + 1];
-            gate = gate > limit ? limit : gate;
-            up = up > limit ? limit : (up < -limit ? -limit : up);
-            float a = gate * (1.f / (1.f + expf(-(alpha * gate)))) * (up + 1.f);
-            act[i] = bf16 ? bf16_to_f32(f32_to_bf16(a)) : a;
+    moe_job_t *m = calloc(1, sizeof(moe_job_t));
+    float *h = malloc(sizeof(float) * k * 2 * I), *act = malloc(sizeof(float) * k * I),
+          *part = malloc(sizeof(float) * k * H);
+    uint16_t *xb = malloc(sizeof(uint16_t) * (H + k * I));
+    int rc = !m || !h || !act || !part || !xb;
+    if (!rc) {
+        int64_t ex[64]; float wt[64];
+        for (int64_t n = 0; n < k; n++) {  /* in ascending expert order, as the reference path adds them */
+            int64_t e = ((const int64_t *)experts)[n]; float w = ((const float *)weights)[n]; int64_t j = n;
+            for (; j > 0 && ex[j - 1] > e; j--) { ex[j] = ex[j - 1]; wt[j] = wt[j - 1]; }
+            ex[j] = e; wt[j] = w;
         }
-        rc |= product(0, act, (const uint8_t *)w2b + e * H * (I / 32) * 16, (const uint8_t *)w2s + e * H * (I / 32),
-                      (const float *)b2 + e * H, part, 1, H, I, bf16);
-        for (int64_t i = 0; i < H; i++) out[i] += part[i] * wt[n];
+        m->permute = choose_path(0, bf16, 1, &m->up_fn) == PATH_AVX512BF16;
+        m->down_fn = m->up_fn;
+        m->k = k; m->H = H; m->I = I; m->bf16 = bf16; m->alpha = alpha; m->limit = limit;
+        m->wt = wt; m->residual = (const float *)res; m->act = act; m->actb = xb + H; m->y = (float *)y;
+        const float *xf = (const float *)x;
+        if (m->permute)
+            for (int64_t i = 0; i < H; i++) xb[permuted_pos(i, H)] = f32_to_bf16(xf[i]);
+        for (int64_t n = 0; n < k; n++) {
+            int64_t e = ex[n];
+            m->up[n] = (job_t){xf, xb, (const uint8_t *)w1b + e * 2 * I * (H / 32) * 16,
+                               (const uint8_t *)w1s + e * 2 * I * (H / 32), NULL, (const float *)b1 + e * 2 * I,
+                               h + n * 2 * I, 1, 2 * I, H};
+            m->down[n] = (job_t){act + n * I, xb + H + n * I, (const uint8_t *)w2b + e * H * (I / 32) * 16,
+                                 (const uint8_t *)w2s + e * H * (I / 32), NULL, (const float *)b2 + e * H,
+                                 part + n * H, 1, H, I};
+        }
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&call_mu);
+        parallel_for(moe_up, m, k * 2 * I, 16);
+        parallel_for(moe_down, m, H, 16);
+        pthread_mutex_unlock(&call_mu);
+        Py_END_ALLOW_THREADS
     }
-    pthread_mutex_unlock(&call_mu);
-    Py_END_ALLOW_THREADS
-    free(h); free(act); free(part);
+    free(m); free(h); free(act); free(part); free(xb);
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -494,13 +554,32 @@ __attribute__((target("avx2,fma"))) static float dot_avx2(const attn_job_t *a, c
 }
 #endif
 
+/* o += p * v[off..off+D) */
+static void axpy_scalar(const attn_job_t *a, float *o, float p, int64_t off) {
+    if (a->bf16) { const uint16_t *v = (const uint16_t *)a->v + off; for (int64_t d = 0; d < a->D; d++) o[d] += p * bf16_to_f32(v[d]); }
+    else { const float *v = (const float *)a->v + off; for (int64_t d = 0; d < a->D; d++) o[d] += p * v[d]; }
+}
+
+#ifdef OSSIE_X86
+__attribute__((target("avx2,fma"))) static void axpy_avx2(const attn_job_t *a, float *o, float p, int64_t off) {
+    __m256 pv = _mm256_set1_ps(p);
+    for (int64_t d = 0; d < a->D; d += 8) {
+        __m256 v = a->bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                                 _mm_loadu_si128((const __m128i *)((const uint16_t *)a->v + off + d))), 16))
+                           : _mm256_loadu_ps((const float *)a->v + off + d);
+        _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, v, _mm256_loadu_ps(o + d)));
+    }
+}
+#endif
+
 static void attn_heads(const void *p, int64_t h0, int64_t h1) {
     const attn_job_t *a = p; int64_t G = a->H / a->KV, S = a->S, D = a->D;
     float *w = malloc(sizeof(float) * S);
     if (!w) { __atomic_store_n(&((attn_job_t *)p)->failed, 1, __ATOMIC_RELAXED); return; }
     float (*dot)(const attn_job_t *, const float *, int64_t) = dot_scalar;
+    void (*axpy)(const attn_job_t *, float *, float, int64_t) = axpy_scalar;
 #ifdef OSSIE_X86
-    if (best_path >= PATH_AVX2 && forced_path != PATH_SCALAR && D % 8 == 0) dot = dot_avx2;
+    if (best_path >= PATH_AVX2 && forced_path != PATH_SCALAR && D % 8 == 0) { dot = dot_avx2; axpy = axpy_avx2; }
 #endif
     for (int64_t h = h0; h < h1; h++) {
         const float *q = a->q + h * D; int64_t kvh = h / G; float m = a->sinks[h], total;
@@ -512,11 +591,7 @@ static void attn_heads(const void *p, int64_t h0, int64_t h1) {
         for (int64_t s = 0; s < S; s++) { w[s] = expf(w[s] - m); total += w[s]; }
         float *o = a->out + h * D;
         for (int64_t d = 0; d < D; d++) o[d] = 0.f;
-        for (int64_t s = 0; s < S; s++) {
-            float pr = w[s] / total; int64_t off = (s * a->KV + kvh) * D;
-            if (a->bf16) { const uint16_t *v = (const uint16_t *)a->v + off; for (int64_t d = 0; d < D; d++) o[d] += pr * bf16_to_f32(v[d]); }
-            else { const float *v = (const float *)a->v + off; for (int64_t d = 0; d < D; d++) o[d] += pr * v[d]; }
-        }
+        for (int64_t s = 0; s < S; s++) axpy(a, o, w[s] / total, (s * a->KV + kvh) * D);
     }
     free(w);
 }
@@ -537,19 +612,28 @@ static PyObject *py_attention(PyObject *self __attribute__((unused)), PyObject *
     Py_RETURN_NONE;
 }
 
+/* out = bf16(x / sqrt(mean(x^2) + eps) * w), as the torch path's rms_norm (float32, then rounded) */
+static void rms_norm_bf16(const float *x, const float *w, float *out, int64_t n, float eps) {
+    float ss = 0.f;
+    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+    float inv = 1.f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = rbf(x[i] * inv * w[i]);
+}
+
 /* The attention block of one token (decoding) in one call, for a bf16 model: RMSNorm, the qkv product, RoPE on
  * q and k, the KV cache write, attention over the cache, the out product and the residual add. Every value is
  * rounded to bf16 where the torch path rounds it (each op on bf16 tensors rounds its result), so the two paths
  * agree up to the order of float32 sums. x, y: float32 [hidden] holding bf16 values; cos2, sin2: float32 [D] as
  * in model.apply_rope; caches bf16 [rows, KV, D]; the new key and value go to row `slot`, and attention reads
- * rows 0..n_keys-1 (a ring buffer as it lies). */
-static inline float rbf(float v) { return bf16_to_f32(f32_to_bf16(v)); }
-
+ * rows 0..n_keys-1 (a ring buffer as it lies). With a router (gate_w not 0), it also gives the MoE block's input
+ * RMSNorm(y) (float32 [hidden] holding bf16 values) and the router's logits (bf16 [E]), so the decoding loop runs
+ * no torch op between the blocks but the top-k. */
 static PyObject *py_attention_block(PyObject *self __attribute__((unused)), PyObject *args) {
-    unsigned long long x, nw, qw, qb, c2, s2, kc, vc, sk, ow, ob, y; long long slot, nkeys, H, KV, D, hid; float eps;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKKKKKLLLLLLf", &x, &nw, &qw, &qb, &c2, &s2, &kc, &vc, &sk, &ow, &ob, &y,
-                          &slot, &nkeys, &H, &KV, &D, &hid, &eps)) return NULL;
-    if (hid % 32 || (H * D) % 32 || D % 2 || D > 1024 || KV < 1 || H % KV || nkeys < 1) {
+    unsigned long long x, nw, qw, qb, c2, s2, kc, vc, sk, ow, ob, y, mnw, gw, gb, hout, lout;
+    long long slot, nkeys, H, KV, D, hid, E; float eps;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKKKKLLLLLLfKKKLKK", &x, &nw, &qw, &qb, &c2, &s2, &kc, &vc, &sk, &ow, &ob, &y,
+                          &slot, &nkeys, &H, &KV, &D, &hid, &eps, &mnw, &gw, &gb, &E, &hout, &lout)) return NULL;
+    if (hid % 32 || (H * D) % 32 || D % 2 || KV < 1 || H % KV || nkeys < 1 || E > 256) {
         PyErr_SetString(PyExc_ValueError, "attention_block: unsupported shapes"); return NULL;
     }
     const float *xf = (const float *)x, *norm = (const float *)nw, *cos2 = (const float *)c2, *sin2 = (const float *)s2;
@@ -562,19 +646,19 @@ static PyObject *py_attention_block(PyObject *self __attribute__((unused)), PyOb
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&call_mu);
     if (!rc) {
-        float ss = 0.f;
-        for (int64_t i = 0; i < hid; i++) ss += xf[i] * xf[i];
-        float inv = 1.f / sqrtf(ss / (float)hid + eps);
-        for (int64_t i = 0; i < hid; i++) h[i] = rbf(xf[i] * inv * norm[i]);
+        rms_norm_bf16(xf, norm, h, hid, eps);
         rc |= product(1, h, (const void *)qw, NULL, (const float *)qb, qkv, 1, nq, hid, 1);
     }
     if (!rc) {
         for (int64_t i = 0; i < nq; i++) qkv[i] = rbf(qkv[i]);
-        float tmp[1024];
+        int64_t half = D / 2;
         for (int64_t head = 0; head < H + KV; head++) {  /* RoPE: x * cos2 + swap_halves(x) * sin2 */
             float *v = qkv + head * D;
-            for (int64_t j = 0; j < D; j++) tmp[j] = rbf(rbf(v[j] * cos2[j]) + rbf(v[(j + D / 2) % D] * sin2[j]));
-            memcpy(v, tmp, sizeof(float) * D);
+            for (int64_t j = 0; j < half; j++) {
+                float lo = v[j], hi = v[j + half];
+                v[j] = rbf(rbf(lo * cos2[j]) + rbf(hi * sin2[j]));
+                v[j + half] = rbf(rbf(hi * cos2[j + half]) + rbf(lo * sin2[j + half]));
+            }
         }
         uint16_t *kcache = (uint16_t *)kc + slot * KV * D, *vcache = (uint16_t *)vc + slot * KV * D;
         for (int64_t i = 0; i < KV * D; i++) {
@@ -588,6 +672,12 @@ static PyObject *py_attention_block(PyObject *self __attribute__((unused)), PyOb
         for (int64_t i = 0; i < H * D; i++) a[i] = rbf(a[i]);
         rc |= product(1, a, (const void *)ow, NULL, (const float *)ob, o, 1, hid, H * D, 1);
         for (int64_t i = 0; i < hid; i++) ((float *)y)[i] = rbf(xf[i] + rbf(o[i]));
+    }
+    if (!rc && gw) {  /* the MoE block's input, RMSNorm(y), and its router logits, rounded to bf16 as the torch path */
+        float logits[256];
+        rms_norm_bf16((const float *)y, (const float *)mnw, (float *)hout, hid, eps);
+        rc |= product(1, (const float *)hout, (const void *)gw, NULL, (const float *)gb, logits, 1, E, hid, 1);
+        for (int64_t e = 0; e < E && !rc; e++) ((uint16_t *)lout)[e] = f32_to_bf16(logits[e]);
     }
     pthread_mutex_unlock(&call_mu);
     Py_END_ALLOW_THREADS

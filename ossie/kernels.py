@@ -112,16 +112,21 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
 
 def moe_one_token(x: torch.Tensor, w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
                   w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor, experts: torch.Tensor,
-                  weights: torch.Tensor, alpha: float, limit: float, bf16: bool) -> torch.Tensor:
+                  weights: torch.Tensor, alpha: float, limit: float, bf16: bool,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
     """The MoE block for one token in one C call: sum over `experts` (int64 [k]) of weights (float32 [k]) *
     expert(x); float32 [hidden]. Stacked expert weights as loaded (contiguous: w1 [E, 2I, H/32, 16], biases
-    float32); the experts are added in ascending order, as the reference path adds them."""
+    float32); the experts are added in ascending order, as the reference path adds them. With `residual` (float32
+    [hidden]), returns residual + that sum, rounded as a bf16 model's residual add rounds when bf16."""
     h, i = w2_blocks.shape[1], w2_blocks.shape[2] * 32
     x = x.float().contiguous()
     y = torch.empty(h, dtype=torch.float32)
     experts, weights = experts.contiguous(), weights.float().contiguous()
+    if residual is not None:
+        residual = residual.float().contiguous()
     _kernels.moe(_ptr(x), _ptr(w1_blocks), _ptr(w1_scales), _ptr(w1_bias), _ptr(w2_blocks), _ptr(w2_scales),
-                 _ptr(w2_bias), _ptr(experts), _ptr(weights), _ptr(y), experts.numel(), h, i, bf16, alpha, limit)
+                 _ptr(w2_bias), _ptr(experts), _ptr(weights), _ptr(y), experts.numel(), h, i, bf16, alpha, limit,
+                 _ptr(residual))
     return y
 
 
@@ -138,15 +143,20 @@ def attention_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks
 
 def attention_block_one_token(x: torch.Tensor, lw, cos2: torch.Tensor, sin2: torch.Tensor, k_cache: torch.Tensor,
                               v_cache: torch.Tensor, slot: int, n_keys: int, heads: int, kv_heads: int,
-                              head_dim: int, eps: float) -> torch.Tensor:
-    """x + Attention(RMSNorm(x)) for one token of a bf16 model in one C call, the new key and value written to
-    row `slot` of the caches; attention reads rows 0..n_keys-1. x: bf16 [1, hidden]; returns bf16 [1, hidden]."""
-    xf = x.float().contiguous()
-    y = torch.empty_like(xf)
-    _kernels.attention_block(_ptr(xf), _ptr(lw.attn_norm), _ptr(lw.qkv_w), _ptr(lw.qkv_b), _ptr(cos2), _ptr(sin2),
+                              head_dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = x + Attention(RMSNorm(x)) for one token of a bf16 model in one C call, the new key and value written to
+    row `slot` of the caches; attention reads rows 0..n_keys-1. Also gives what the MoE block starts from:
+    h = RMSNorm(y) with the layer's mlp_norm, and the router's logits for h. x: float32 [hidden] holding bf16
+    values; returns (y, h) as such, and the logits as bf16 [experts]."""
+    x = x.contiguous()
+    y, h = torch.empty_like(x), torch.empty_like(x)
+    logits = torch.empty(lw.gate_w.shape[0], dtype=torch.bfloat16)
+    _kernels.attention_block(_ptr(x), _ptr(lw.attn_norm), _ptr(lw.qkv_w), _ptr(lw.qkv_b), _ptr(cos2), _ptr(sin2),
                              _ptr(k_cache), _ptr(v_cache), _ptr(lw.sinks), _ptr(lw.out_w), _ptr(lw.out_b), _ptr(y),
-                             slot, n_keys, heads, kv_heads, head_dim, xf.shape[-1], eps)
-    return y.to(torch.bfloat16)
+                             slot, n_keys, heads, kv_heads, head_dim, x.shape[-1], eps,
+                             _ptr(lw.mlp_norm), _ptr(lw.gate_w), _ptr(lw.gate_b), logits.numel(), _ptr(h),
+                             _ptr(logits))
+    return y, h, logits
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

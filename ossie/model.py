@@ -158,21 +158,33 @@ class Transformer:
         finally:
             torch.set_num_threads(threads)
 
+    def _decode_layers(self, x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The layers for one token of a bf16 model on the CPU: two C calls a layer (the attention block, which also
+        normalizes for the MoE and computes the router's logits; the MoE block with its residual add) and torch's
+        top-k between them, so that ties among the router's bf16 logits are broken as the peers break them."""
+        cfg = self.cfg
+        x = x[0].float()  # float32 holding bf16 values, as the kernels take and give them
+        for i, lw in enumerate(self.w.layers):
+            slot, n_keys = cache.decode_slot(i)
+            x, h, logits = attention_block_one_token(x, lw, cos2, sin2, cache.k[i], cache.v[i], slot, n_keys,
+                                                     cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps)
+            top, chosen = torch.topk(logits, cfg.experts_per_token)
+            x = moe_one_token(h, lw.w1_blocks, lw.w1_scales, lw.w1_bias, lw.w2_blocks, lw.w2_scales, lw.w2_bias,
+                              chosen, torch.softmax(top.float(), dim=-1), cfg.swiglu_alpha, cfg.swiglu_limit, True,
+                              residual=x)
+        return x.to(torch.bfloat16).view(1, -1)
+
     def _forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
         cfg, n_q, n_kv, d = self.cfg, self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
         t, p0 = tokens.shape[0], cache.length
         cos, sin = self.rope(p0, t)
         x = F.embedding(tokens, self.w.embedding).to(self.dtype)
-        # decoding one token of a bf16 model on the CPU: the attention block below runs as one C call
-        fused = (FUSED_DECODE and t == 1 and self.device.type == "cpu" and self.dtype == torch.bfloat16
-                 and fast_kernels())
-        cos32, sin32 = (cos[0].float(), sin[0].float()) if fused else (None, None)
-        for i, lw in enumerate(self.w.layers):
-            if fused:
-                slot, n_keys = cache.decode_slot(i)
-                x = attention_block_one_token(x, lw, cos32, sin32, cache.k[i], cache.v[i], slot, n_keys, n_q, n_kv, d,
-                                              cfg.rms_norm_eps)
-            else:
+        # decoding one token of a bf16 model on the CPU: each block is one C call (see _decode_layers)
+        if (FUSED_DECODE and t == 1 and self.device.type == "cpu" and self.dtype == torch.bfloat16
+                and fast_kernels()):
+            x = self._decode_layers(x, cos[0].float(), sin[0].float(), cache)
+        else:
+            for i, lw in enumerate(self.w.layers):
                 qkv = linear(rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), lw.qkv_w, lw.qkv_b)
                 qk = apply_rope(qkv[:, :(n_q + n_kv) * d].view(t, n_q + n_kv, d), cos, sin)  # q and k heads at once
                 q, k = qk[:, :n_q], qk[:, n_q:]
@@ -180,7 +192,7 @@ class Transformer:
                 window = cfg.sliding_window if cfg.is_sliding(i) else 0
                 a = attention(q, keys, values, lw.sinks, p0, k_start, window)
                 x = x + linear(a, lw.out_w, lw.out_b)
-            x = x + moe(rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps), lw, cfg)
+                x = x + moe(rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps), lw, cfg)
         cache.advance(t)
         if last_only:
             x = x[-1:]

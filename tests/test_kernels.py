@@ -133,6 +133,41 @@ def test_moe_fused_matches_reference(monkeypatch):
     assert ((fused - reference).norm() / reference.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_moe_one_token_matches_reference(path, bf16):
+    """The decode MoE call against a float64 reference of the same math, with the residual add: hidden and
+    intermediate sizes whose group counts have both 4-group chunks (the permuted avx512bf16 order) and tails;
+    experts given out of order; threads splitting one expert's rows."""
+    from ossie.model import swiglu
+
+    gen = torch.Generator().manual_seed(11 + bf16)
+    e, h, i, alpha, limit = 6, 320, 192, 1.702, 7.0
+    w1b, w1s = random_mxfp4(e * 2 * i, h, gen)
+    w2b, w2s = random_mxfp4(e * h, i, gen)
+    w1b, w1s, w2b, w2s = w1b.view(e, 2 * i, h // 32, 16), w1s.view(e, 2 * i, h // 32), w2b.view(e, h, i // 32, 16), \
+        w2s.view(e, h, i // 32)
+    b1, b2 = torch.randn(e, 2 * i, generator=gen), torch.randn(e, h, generator=gen)
+    x, residual = torch.randn(h, generator=gen), torch.randn(h, generator=gen)
+    if bf16:
+        x, residual = x.bfloat16().float(), residual.bfloat16().float()
+    experts, weights = torch.tensor([4, 0, 3]), torch.softmax(torch.randn(3, generator=gen), 0)
+    y = kernels.moe_one_token(x, w1b, w1s, b1, w2b, w2s, b2, experts, weights, alpha, limit, bf16, residual=residual)
+    plain = kernels.moe_one_token(x, w1b, w1s, b1, w2b, w2s, b2, experts, weights, alpha, limit, bf16)
+    ref = torch.zeros(h, dtype=torch.float64)
+    for n in experts.argsort().tolist():  # ascending experts, as the kernel adds them
+        ex = int(experts[n])
+        up = kernels.mxfp4_linear(x.double()[None], w1b[ex], w1s[ex], b1[ex].double())
+        act = swiglu(up, alpha, limit)
+        if bf16:  # the activation is a bf16 tensor in a bf16 model
+            act = act.float().bfloat16().double()
+        ref += weights[n].double() * kernels.mxfp4_linear(act, w2b[ex], w2s[ex], b2[ex].double())[0]
+    close(plain.double(), ref)
+    if bf16:  # a bf16 model's residual add: bf16(residual + bf16(moe)), as torch computes it on bf16 tensors
+        assert torch.equal(y, (residual.bfloat16() + plain.bfloat16()).float())
+    else:
+        close(y.double(), residual.double() + ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("keys", [1, 7, 128, 300])
 def test_attention_one_query_matches_torch(path, dtype, keys):
