@@ -148,7 +148,7 @@ def attention_block_one_token(x: torch.Tensor, lw, cos2: torch.Tensor, sin2: tor
     row `slot` of the caches; attention reads rows 0..n_keys-1. Also gives what the MoE block starts from:
     h = RMSNorm(y) with the layer's mlp_norm, and the router's logits for h. x: float32 [hidden] holding bf16
     values; returns (y, h) as such, and the logits as bf16 [experts]."""
-    x = x.contiguous()
+    x = x.float().reshape(-1).contiguous()
     y, h = torch.empty_like(x), torch.empty_like(x)
     logits = torch.empty(lw.gate_w.shape[0], dtype=torch.bfloat16)
     _kernels.attention_block(_ptr(x), _ptr(lw.attn_norm), _ptr(lw.qkv_w), _ptr(lw.qkv_b), _ptr(cos2), _ptr(sin2),
