@@ -596,6 +596,119 @@ static void attn_heads(const void *p, int64_t h0, int64_t h1) {
     free(w);
 }
 
+#ifdef OSSIE_X86
+/* exp(x) for x <= 0, 16 at a time: exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts for
+ * precision) and Cephes' polynomial for exp(r) on [-ln2/2, ln2/2]: within 2 ulp of expf. */
+__attribute__((target(AVX512BF16))) static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  /* exp(-104) is below the smallest float */
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* Four query heads of one KV head (gpt-oss has 8 per KV head), head_dim 64, on AVX-512: the keys go 16 at a time,
+ * one per lane (gathered from the cache rows), so each score is a lane of a vector sum, with no horizontal adds;
+ * each key and value row is read once for the four heads. Units: groups of four heads. */
+__attribute__((target(AVX512BF16))) static void attn_quads_avx512(const void *p, int64_t u0, int64_t u1) {
+    const attn_job_t *a = p; int64_t G = a->H / a->KV, S = a->S, row = a->KV * 64;
+    float *w = malloc(sizeof(float) * 4 * (S + 16));
+    if (!w) { __atomic_store_n(&((attn_job_t *)p)->failed, 1, __ATOMIC_RELAXED); return; }
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i hi16 = _mm512_set1_epi32((int)0xffff0000);
+    for (int64_t u = u0; u < u1; u++) {
+        int64_t h0 = 4 * u, kvh = h0 / G;
+        const float *q = a->q + h0 * 64;
+        float m[4], total[4];
+        for (int g = 0; g < 4; g++) m[g] = a->sinks[h0 + g];
+        /* scores: lane i of acc[g] is q[g] . k[s0 + i]; two chains per head (even and odd dims) */
+        for (int64_t s0 = 0; s0 < S; s0 += 16) {
+            __mmask16 valid = S - s0 >= 16 ? 0xffff : (__mmask16)((1u << (S - s0)) - 1);
+            __m512i base = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32((int)s0)),
+                                                               _mm512_set1_epi32((int)row)),
+                                            _mm512_set1_epi32((int)(kvh * 64)));  /* element index of k[s][kvh][0] */
+            __m512 even[4], odd[4];
+            for (int g = 0; g < 4; g++) even[g] = odd[g] = _mm512_setzero_ps();
+            for (int d = 0; d < 64; d += 2) {
+                __m512 k0, k1;
+                if (a->bf16) {  /* dims d, d+1 of a bf16 row share a 32-bit word */
+                    __m512i pair = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid,
+                        _mm512_srli_epi32(_mm512_add_epi32(base, _mm512_set1_epi32(d)), 1), a->k, 4);
+                    k0 = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+                    k1 = _mm512_castsi512_ps(_mm512_and_si512(pair, hi16));
+                } else {
+                    __m512i idx = _mm512_add_epi32(base, _mm512_set1_epi32(d));
+                    k0 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, a->k, 4);
+                    k1 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, _mm512_add_epi32(idx, _mm512_set1_epi32(1)), a->k, 4);
+                }
+                for (int g = 0; g < 4; g++) {
+                    even[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * 64 + d]), k0, even[g]);
+                    odd[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * 64 + d + 1]), k1, odd[g]);
+                }
+            }
+            for (int g = 0; g < 4; g++) {
+                __m512 sc = _mm512_mul_ps(_mm512_add_ps(even[g], odd[g]), _mm512_set1_ps(a->scale));
+                _mm512_storeu_ps(w + g * (S + 16) + s0, sc);
+                float mx = _mm512_mask_reduce_max_ps(valid, sc);
+                if (mx > m[g]) m[g] = mx;
+            }
+        }
+        for (int g = 0; g < 4; g++) {  /* softmax numerators, and their sum with the sink's */
+            float *wg = w + g * (S + 16); __m512 mv = _mm512_set1_ps(m[g]), sum = _mm512_setzero_ps();
+            for (int64_t s0 = 0; s0 < S; s0 += 16) {
+                __mmask16 valid = S - s0 >= 16 ? 0xffff : (__mmask16)((1u << (S - s0)) - 1);
+                __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_loadu_ps(wg + s0), mv)));
+                _mm512_storeu_ps(wg + s0, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            total[g] = _mm512_reduce_add_ps(sum) + expf(a->sinks[h0 + g] - m[g]);
+        }
+        __m512 acc[4][4];  /* out[g] = sum_s e[g][s] v[s] / total[g] */
+        for (int g = 0; g < 4; g++) for (int c = 0; c < 4; c++) acc[g][c] = _mm512_setzero_ps();
+        for (int64_t s = 0; s < S; s++) {
+            __m512 v[4];
+            if (a->bf16) {
+                const uint16_t *vr = (const uint16_t *)a->v + s * row + kvh * 64;
+                for (int c = 0; c < 4; c++)
+                    v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vr + 16 * c))), 16));
+            } else {
+                const float *vr = (const float *)a->v + s * row + kvh * 64;
+                for (int c = 0; c < 4; c++) v[c] = _mm512_loadu_ps(vr + 16 * c);
+            }
+            for (int g = 0; g < 4; g++) {
+                __m512 e = _mm512_set1_ps(w[g * (S + 16) + s]);
+                for (int c = 0; c < 4; c++) acc[g][c] = _mm512_fmadd_ps(e, v[c], acc[g][c]);
+            }
+        }
+        for (int g = 0; g < 4; g++) {
+            __m512 inv = _mm512_set1_ps(1.f / total[g]);
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(a->out + (h0 + g) * 64 + 16 * c, _mm512_mul_ps(acc[g][c], inv));
+        }
+    }
+    free(w);
+}
+#endif
+
+/* all heads of one query: the AVX-512 kernel where it applies, else head by head */
+static void attention_heads(attn_job_t *a) {
+#ifdef OSSIE_X86
+    int path = forced_path >= 0 && forced_path < best_path ? forced_path : best_path;
+    if (path == PATH_AVX512BF16 && a->D == 64 && (a->H / a->KV) % 4 == 0 && a->S * a->KV * 64 < (1LL << 31)) {
+        parallel_for(attn_quads_avx512, a, a->H / 4, 1);
+        return;
+    }
+#endif
+    parallel_for(attn_heads, a, a->H, 4);
+}
+
 /* attention(q, k, v, sinks, out, S, H, KV, D, scale, bf16): q float32 [H, D], out float32 [H, D] */
 static PyObject *py_attention(PyObject *self __attribute__((unused)), PyObject *args) {
     unsigned long long q, k, v, sinks, out; long long S, H, KV, D; float scale; int bf16;
@@ -605,7 +718,7 @@ static PyObject *py_attention(PyObject *self __attribute__((unused)), PyObject *
                     scale, bf16, 0};
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&call_mu);
-    parallel_for(attn_heads, &a, H, 4);
+    attention_heads(&a);
     pthread_mutex_unlock(&call_mu);
     Py_END_ALLOW_THREADS
     if (a.failed) return PyErr_NoMemory();
@@ -665,7 +778,7 @@ static PyObject *py_attention_block(PyObject *self __attribute__((unused)), PyOb
             kcache[i] = f32_to_bf16(qkv[H * D + i]);
             vcache[i] = f32_to_bf16(qkv[(H + KV) * D + i]);
         }
-        parallel_for(attn_heads, &job, H, 4);
+        attention_heads(&job);
         rc |= job.failed;
     }
     if (!rc) {
