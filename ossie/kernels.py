@@ -82,11 +82,19 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t as a dense float32 tensor, for the kernels (no new tensor when it is one already: decoding calls this
+    a few hundred times per token)."""
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.float().contiguous()
+
+
 def mxfp4_matmul(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
                  bf16_activations: bool = False) -> torch.Tensor:
     """float32 y [T, out] = x [T, in] @ W.T + bias for an MXFP4 W (blocks [out, in/32, 16], scales [out, in/32]),
     reading the packed weight directly. bf16_activations: x holds bf16 values (the bf16 dot-product path is exact)."""
-    x = x.float().contiguous()
+    x = _f32(x)
     t, n_in = x.shape
     out_features = blocks.shape[0]
     if blocks.shape != (out_features, n_in // 32, 16) or scales.shape != blocks.shape[:2]:
@@ -95,7 +103,7 @@ def mxfp4_matmul(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bi
     if not fast_kernels() or x.device.type != "cpu":
         return mxfp4_linear(x, blocks, scales, None if bias is None else bias.float())
     y = torch.empty(t, out_features, dtype=torch.float32)
-    b = None if bias is None else bias.float().contiguous()
+    b = _f32(bias)
     _kernels.matmul(0, _ptr(x), _ptr(blocks.contiguous()), _ptr(scales.contiguous()), _ptr(b), _ptr(y),
                     t, out_features, n_in, bf16_activations)
     return y
@@ -103,9 +111,9 @@ def mxfp4_matmul(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bi
 
 def bf16_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """float32 y [T, out] = x @ w.T + bias for a bf16 weight, x holding bf16 values."""
-    x = x.float().contiguous()
+    x = _f32(x)
     y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-    b = None if bias is None else bias.float().contiguous()
+    b = _f32(bias)
     _kernels.matmul(1, _ptr(x), _ptr(w), 0, _ptr(b), _ptr(y), x.shape[0], w.shape[0], x.shape[1], True)
     return y
 
@@ -119,11 +127,9 @@ def moe_one_token(x: torch.Tensor, w1_blocks: torch.Tensor, w1_scales: torch.Ten
     float32); the experts are added in ascending order, as the reference path adds them. With `residual` (float32
     [hidden]), returns residual + that sum, rounded as a bf16 model's residual add rounds when bf16."""
     h, i = w2_blocks.shape[1], w2_blocks.shape[2] * 32
-    x = x.float().contiguous()
+    x, weights, residual = _f32(x), _f32(weights), _f32(residual)
     y = torch.empty(h, dtype=torch.float32)
-    experts, weights = experts.contiguous(), weights.float().contiguous()
-    if residual is not None:
-        residual = residual.float().contiguous()
+    experts = experts.contiguous()
     _kernels.moe(_ptr(x), _ptr(w1_blocks), _ptr(w1_scales), _ptr(w1_bias), _ptr(w2_blocks), _ptr(w2_scales),
                  _ptr(w2_bias), _ptr(experts), _ptr(weights), _ptr(y), experts.numel(), h, i, bf16, alpha, limit,
                  _ptr(residual))
@@ -148,7 +154,7 @@ def attention_block_one_token(x: torch.Tensor, lw, cos2: torch.Tensor, sin2: tor
     row `slot` of the caches; attention reads rows 0..n_keys-1. Also gives what the MoE block starts from:
     h = RMSNorm(y) with the layer's mlp_norm, and the router's logits for h. x: float32 [hidden] holding bf16
     values; returns (y, h) as such, and the logits as bf16 [experts]."""
-    x = x.float().reshape(-1).contiguous()
+    x = _f32(x.reshape(-1))
     y, h = torch.empty_like(x), torch.empty_like(x)
     logits = torch.empty(lw.gate_w.shape[0], dtype=torch.bfloat16)
     _kernels.attention_block(_ptr(x), _ptr(lw.attn_norm), _ptr(lw.qkv_w), _ptr(lw.qkv_b), _ptr(cos2), _ptr(sin2),
