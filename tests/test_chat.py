@@ -1,6 +1,7 @@
 """LLM.chat on the tiny model, the scripted tool-call flow, and the `ossie chat` / `ossie generate` CLI."""
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -63,8 +64,11 @@ def spawn_chat(repo, *extra, env_extra=None):
     import os
 
     env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", **(env_extra or {})}
+    # Ctrl-C as at a terminal: a runner started in the background by a non-interactive shell ignores SIGINT, and
+    # an ignored signal stays ignored across exec (Python then installs no KeyboardInterrupt handler)
     child = pexpect.spawn(sys.executable, ["-m", "ossie", "chat", str(repo), *extra], env=env,
-                          encoding="utf-8", timeout=120, dimensions=(40, 200))
+                          encoding="utf-8", timeout=120, dimensions=(40, 200),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect("ossie chat")
     child.expect(">>> ")
     return child
