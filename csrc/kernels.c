@@ -529,6 +529,8 @@ static PyObject *py_moe(PyObject *self __attribute__((unused)), PyObject *args) 
 typedef struct {
     const float *q; const void *k, *v; const float *sinks; float *out; int64_t S, H, KV, D; float scale; int bf16;
     int failed;  /* set by a worker that could not allocate */
+    int64_t T, first, window;  /* prefill: T queries; query t is at position first + t and sees key rows
+                                  (first + t - window, first + t] (all before it when window is 0); rows are positions */
 } attn_job_t;
 
 static inline float kv_at(const attn_job_t *a, const void *base, int64_t i) {
@@ -615,24 +617,23 @@ __attribute__((target(AVX512BF16))) static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(y, n);
 }
 
-/* Four query heads of one KV head (gpt-oss has 8 per KV head), head_dim 64, on AVX-512: the keys go 16 at a time,
- * one per lane (gathered from the cache rows), so each score is a lane of a vector sum, with no horizontal adds;
- * each key and value row is read once for the four heads. Units: groups of four heads. */
-__attribute__((target(AVX512BF16))) static void attn_quads_avx512(const void *p, int64_t u0, int64_t u1) {
-    const attn_job_t *a = p; int64_t G = a->H / a->KV, S = a->S, row = a->KV * 64;
-    float *w = malloc(sizeof(float) * 4 * (S + 16));
-    if (!w) { __atomic_store_n(&((attn_job_t *)p)->failed, 1, __ATOMIC_RELAXED); return; }
+/* Four query heads h0..h0+3 of one KV head (gpt-oss has 8 per KV head), head_dim 64, on AVX-512, over key rows
+ * [lo, hi): the keys go 16 at a time, one per lane (gathered from the cache rows), so each score is a lane of a
+ * vector sum, with no horizontal adds; each key and value row is read once for the four heads. q: the four heads'
+ * queries, out: their outputs, w: room for 4 * (hi - lo + 16) floats. */
+__attribute__((target(AVX512BF16))) static void attn_quad(const attn_job_t *a, const float *q, float *out, int64_t h0,
+                                                           int64_t lo, int64_t hi, float *w) {
+    int64_t G = a->H / a->KV, S = hi - lo, row = a->KV * 64;
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i hi16 = _mm512_set1_epi32((int)0xffff0000);
-    for (int64_t u = u0; u < u1; u++) {
-        int64_t h0 = 4 * u, kvh = h0 / G;
-        const float *q = a->q + h0 * 64;
+    int64_t kvh = h0 / G;
+    {
         float m[4], total[4];
         for (int g = 0; g < 4; g++) m[g] = a->sinks[h0 + g];
         /* scores: lane i of acc[g] is q[g] . k[s0 + i]; two chains per head (even and odd dims) */
         for (int64_t s0 = 0; s0 < S; s0 += 16) {
             __mmask16 valid = S - s0 >= 16 ? 0xffff : (__mmask16)((1u << (S - s0)) - 1);
-            __m512i base = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32((int)s0)),
+            __m512i base = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32((int)(lo + s0))),
                                                                _mm512_set1_epi32((int)row)),
                                             _mm512_set1_epi32((int)(kvh * 64)));  /* element index of k[s][kvh][0] */
             __m512 even[4], odd[4];
@@ -676,11 +677,11 @@ __attribute__((target(AVX512BF16))) static void attn_quads_avx512(const void *p,
         for (int64_t s = 0; s < S; s++) {
             __m512 v[4];
             if (a->bf16) {
-                const uint16_t *vr = (const uint16_t *)a->v + s * row + kvh * 64;
+                const uint16_t *vr = (const uint16_t *)a->v + (lo + s) * row + kvh * 64;
                 for (int c = 0; c < 4; c++)
                     v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vr + 16 * c))), 16));
             } else {
-                const float *vr = (const float *)a->v + s * row + kvh * 64;
+                const float *vr = (const float *)a->v + (lo + s) * row + kvh * 64;
                 for (int c = 0; c < 4; c++) v[c] = _mm512_loadu_ps(vr + 16 * c);
             }
             for (int g = 0; g < 4; g++) {
@@ -690,23 +691,79 @@ __attribute__((target(AVX512BF16))) static void attn_quads_avx512(const void *p,
         }
         for (int g = 0; g < 4; g++) {
             __m512 inv = _mm512_set1_ps(1.f / total[g]);
-            for (int c = 0; c < 4; c++) _mm512_storeu_ps(a->out + (h0 + g) * 64 + 16 * c, _mm512_mul_ps(acc[g][c], inv));
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(out + g * 64 + 16 * c, _mm512_mul_ps(acc[g][c], inv));
         }
+    }
+}
+
+/* decoding: one query, every key; units: groups of four heads */
+__attribute__((target(AVX512BF16))) static void attn_quads_avx512(const void *p, int64_t u0, int64_t u1) {
+    const attn_job_t *a = p;
+    float *w = malloc(sizeof(float) * 4 * (a->S + 16));
+    if (!w) { __atomic_store_n(&((attn_job_t *)p)->failed, 1, __ATOMIC_RELAXED); return; }
+    for (int64_t u = u0; u < u1; u++) attn_quad(a, a->q + 4 * u * 64, a->out + 4 * u * 64, 4 * u, 0, a->S, w);
+    free(w);
+}
+
+/* prefill: T queries, each over the keys it may see (causal, within the window); units: (query, group of four) */
+__attribute__((target(AVX512BF16))) static void attn_quads_prefill_avx512(const void *p, int64_t u0, int64_t u1) {
+    const attn_job_t *a = p; int64_t quads = a->H / 4;
+    float *w = malloc(sizeof(float) * 4 * (a->S + 16));
+    if (!w) { __atomic_store_n(&((attn_job_t *)p)->failed, 1, __ATOMIC_RELAXED); return; }
+    for (int64_t u = u0; u < u1; u++) {
+        int64_t t = u / quads, h0 = 4 * (u % quads), pos = a->first + t;
+        int64_t lo = a->window && pos - a->window + 1 > 0 ? pos - a->window + 1 : 0;
+        attn_quad(a, a->q + (t * a->H + h0) * 64, a->out + (t * a->H + h0) * 64, h0, lo, pos + 1, w);
     }
     free(w);
 }
 #endif
 
+/* whether the AVX-512 kernel applies: head_dim 64, query heads per KV head a multiple of 4, int32 gather indices */
+static int quads_apply(const attn_job_t *a) {
+#ifdef OSSIE_X86
+    int path = forced_path >= 0 && forced_path < best_path ? forced_path : best_path;
+    return path == PATH_AVX512BF16 && a->D == 64 && (a->H / a->KV) % 4 == 0 && a->S * a->KV * 64 < (1LL << 31);
+#else
+    (void)a;
+    return 0;
+#endif
+}
+
 /* all heads of one query: the AVX-512 kernel where it applies, else head by head */
 static void attention_heads(attn_job_t *a) {
 #ifdef OSSIE_X86
-    int path = forced_path >= 0 && forced_path < best_path ? forced_path : best_path;
-    if (path == PATH_AVX512BF16 && a->D == 64 && (a->H / a->KV) % 4 == 0 && a->S * a->KV * 64 < (1LL << 31)) {
+    if (quads_apply(a)) {
         parallel_for(attn_quads_avx512, a, a->H / 4, 1);
         return;
     }
 #endif
     parallel_for(attn_heads, a, a->H, 4);
+}
+
+/* attention_prefill(q, k, v, sinks, out, T, S, H, KV, D, scale, bf16, first, window) -> bool: T queries q float32
+ * [T, H, D] at key rows first.. of k, v [S, KV, D] (rows in position order), causal, within `window` rows if not
+ * 0; out float32 [T, H, D]. False (nothing done) where the AVX-512 kernel does not apply: the caller's torch path
+ * then serves. */
+static PyObject *py_attention_prefill(PyObject *self __attribute__((unused)), PyObject *args) {
+    unsigned long long q, k, v, sinks, out; long long T, S, H, KV, D, first, window; float scale; int bf16;
+    if (!PyArg_ParseTuple(args, "KKKKKLLLLLfpLL", &q, &k, &v, &sinks, &out, &T, &S, &H, &KV, &D, &scale, &bf16, &first,
+                          &window)) return NULL;
+    if (T < 1 || KV < 1 || H % KV || first < 0 || first + T > S || window < 0) {
+        PyErr_SetString(PyExc_ValueError, "attention_prefill: T >= 1, H a multiple of KV, first + T <= S"); return NULL;
+    }
+    attn_job_t a = {(const float *)q, (const void *)k, (const void *)v, (const float *)sinks, (float *)out, S, H, KV, D,
+                    scale, bf16, 0, T, first, window};
+    if (!quads_apply(&a)) Py_RETURN_FALSE;
+#ifdef OSSIE_X86
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&call_mu);
+    parallel_for(attn_quads_prefill_avx512, &a, T * (H / 4), 1);
+    pthread_mutex_unlock(&call_mu);
+    Py_END_ALLOW_THREADS
+#endif
+    if (a.failed) return PyErr_NoMemory();
+    Py_RETURN_TRUE;
 }
 
 /* attention(q, k, v, sinks, out, S, H, KV, D, scale, bf16): q float32 [H, D], out float32 [H, D] */
@@ -870,6 +927,7 @@ static PyMethodDef methods[] = {
     {"moe", py_moe, METH_VARARGS, "the MoE block of one token: experts' products, SwiGLU and weighted sum"},
     {"attention_block", py_attention_block, METH_VARARGS, "the attention block of one token of a bf16 model"},
     {"attention", py_attention, METH_VARARGS, "attention of one query over the KV cache, with sinks"},
+    {"attention_prefill", py_attention_prefill, METH_VARARGS, "causal attention of a block of queries, with sinks"},
     {"read", py_read, METH_VARARGS, "read(ptr, nbytes): sum a buffer's words on all threads (bandwidth probe)"},
     {"set_threads", py_set_threads, METH_VARARGS, "number of threads for the kernels"},
     {"get_threads", py_get_threads, METH_NOARGS, "number of threads for the kernels"},

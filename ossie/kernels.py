@@ -147,6 +147,21 @@ def attention_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks
     return out
 
 
+def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, first: int,
+                      window: int) -> torch.Tensor | None:
+    """Causal attention of T queries q [T, H, D] at key rows first.. of k/v [S, KV, D] (rows in position order),
+    within `window` rows if not 0; float32 [T, H*D]. None where the C kernel does not apply (see quads_apply in
+    csrc/kernels.c): the torch path serves then."""
+    t, h, d = q.shape
+    s, kv, _ = k.shape
+    q, sinks = _f32(q), _f32(sinks)
+    k, v = k.contiguous(), v.contiguous()
+    out = torch.empty(t, h * d, dtype=torch.float32)
+    done = _kernels.attention_prefill(_ptr(q), _ptr(k), _ptr(v), _ptr(sinks), _ptr(out), t, s, h, kv, d, d**-0.5,
+                                      k.dtype == torch.bfloat16, first, window)
+    return out if done else None
+
+
 def attention_block_one_token(x: torch.Tensor, lw, cos2: torch.Tensor, sin2: torch.Tensor, k_cache: torch.Tensor,
                               v_cache: torch.Tensor, slot: int, n_keys: int, heads: int, kv_heads: int,
                               head_dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

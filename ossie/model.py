@@ -17,6 +17,7 @@ from .config import ModelConfig
 from .kernels import (
     attention_block_one_token,
     attention_one_query,
+    attention_prefill,
     fast_kernels,
     linear,
     moe_one_token,
@@ -67,6 +68,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
         # decoding: one C call; every key from `lo` on is visible to a single query, in any order
         lo = max(k_start, q_start - window + 1) if window else k_start
         return attention_one_query(q[0], k[lo - k_start:], v[lo - k_start:], sinks).view(1, -1).to(q.dtype)
+    if q.device.type == "cpu" and fast_kernels() and k.dtype == q.dtype and k.dtype in (torch.bfloat16, torch.float32):
+        # prefill: the same C kernel, each query over the keys it sees (None where it does not apply)
+        out = attention_prefill(q, k, v, sinks, q_start - k_start, window)
+        if out is not None:
+            return out.to(q.dtype)
     kv = k.shape[1]
     g = h // kv
     sink = sinks.view(kv, g, 1, 1).float()
