@@ -271,6 +271,14 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None, api_ke
                            "model_not_found")
         return model
 
+    def check_request(req: ChatCompletionRequest | CompletionRequest) -> None:
+        """What chat and text completions refuse alike: an unknown model, several choices, logprobs."""
+        check_model(req.model)
+        if req.n != 1:
+            raise APIError(400, "only n=1 is supported", "n")
+        if req.logprobs:
+            raise APIError(400, "logprobs are not supported", "logprobs")
+
     def budget(prompt: list[int], requested: int | None, param: str) -> int:
         room = llm.config.max_context - len(prompt)
         if room < 1:
@@ -323,11 +331,7 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None, api_ke
     # -- chat completions
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        check_model(req.model)
-        if req.n != 1:
-            raise APIError(400, "only n=1 is supported", "n")
-        if req.logprobs:
-            raise APIError(400, "logprobs are not supported", "logprobs")
+        check_request(req)
         messages, tools = list(req.messages), req.tools
         steering = chat_steering(tools, req.tool_choice, req.response_format, messages)
         try:
@@ -473,11 +477,7 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None, api_ke
     # -- completions (raw text, no harmony)
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        check_model(req.model)
-        if req.n != 1:
-            raise APIError(400, "only n=1 is supported", "n")
-        if req.logprobs:
-            raise APIError(400, "logprobs are not supported", "logprobs")
+        check_request(req)
         if isinstance(req.prompt, list) and req.prompt and all(isinstance(x, int) for x in req.prompt):
             prompt = list(req.prompt)
             if any(not 0 <= t < llm.config.vocab_size for t in prompt):
