@@ -60,18 +60,16 @@ def write_tokenizer(directory: str) -> None:
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     from ossie import tokenizer
+    from ossie.special_tokens import NAMES, STARTOFTEXT
 
     o200k = ("|".join([
         r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
         r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
         r"\p{N}{1,3}", r" ?[^\s\p{L}\p{N}]+[\r\n/]*", r"\s*[\r\n]+", r"\s+(?!\S)", r"\s+"]))
-    names = {199998: "<|startoftext|>", 199999: "<|endoftext|>", 200002: "<|return|>", 200003: "<|constrain|>",
-             200005: "<|channel|>", 200006: "<|start|>", 200007: "<|end|>", 200008: "<|message|>",
-             200012: "<|call|>", 200018: "<|endofprompt|>"}
     vocab = os.path.join(tokenizer.resolve_vocab(), tokenizer.VOCAB_NAME)
     tok = TikTokenConverter(vocab_file=vocab, pattern=o200k).converted()
-    tok.add_special_tokens([AddedToken(names.get(i, f"<|reserved_{i}|>"), special=True, normalized=False)
-                            for i in range(199998, 201088)])
+    tok.add_special_tokens([AddedToken(NAMES.get(i, f"<|reserved_{i}|>"), special=True, normalized=False)
+                            for i in range(STARTOFTEXT, 201088)])
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|return|>").save_pretrained(directory)
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ossie.special_tokens import N_ORDINARY
+
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -37,7 +39,7 @@ def run_ossie(folder: str, prompt: list[int], gen: int, runs: int) -> dict:
     load = time.perf_counter() - t0
     prefill, decode, first = [], [], None
     for _ in range(runs + 1):
-        cache = llm.new_cache(len(prompt) + gen)
+        cache = llm.runner.new_cache(len(prompt) + gen)
         t0 = time.perf_counter()
         logits = llm.model.forward(torch.tensor(prompt), cache, last_only=True)[-1]
         t1 = time.perf_counter()
@@ -86,7 +88,7 @@ def main() -> None:
     p.add_argument("--engine", choices=["ossie", "transformers"], help=argparse.SUPPRESS)  # child process
     args = p.parse_args()
     folder = Path(args.dir or f"/tmp/ossie-bench-{args.preset}")
-    prompt = torch.randint(0, 199_998, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(0, N_ORDINARY, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     if args.engine:
         fn = run_ossie if args.engine == "ossie" else run_transformers
         res = fn(str(folder), prompt, args.gen_tokens, args.runs)
@@ -94,7 +96,7 @@ def main() -> None:
         print(json.dumps(res))
         return
     if not (folder / "config.json").is_file():
-        from ossie.config import PRESETS
+        from ossie.model.config import PRESETS
         from ossie.synth import write_checkpoint
 
         cfg = PRESETS["tiny"] if args.preset == "tiny" else dataclasses.replace(PRESETS["20b"], num_layers=4,

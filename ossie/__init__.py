@@ -1,9 +1,9 @@
 """ossie: an exact, fast inference engine and server for OpenAI's gpt-oss models."""
 
-from .checkpoint import CheckpointError, ModelNotFoundError
-from .config import ConfigError, ModelConfig
+from .engine.sampling import SamplingParams
 from .llm import LLM
-from .sampling import SamplingParams
+from .model.checkpoint import CheckpointError, ModelNotFoundError
+from .model.config import ConfigError, ModelConfig
 
 __all__ = ["LLM", "SamplingParams", "ModelConfig", "CheckpointError", "ConfigError", "ModelNotFoundError"]
 __version__ = "0.1.0"

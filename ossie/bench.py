@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import kernels
-from .config import ModelConfig
+from .backends import cpu_kernels
+from .engine import SamplingParams, Sequence
 from .llm import LLM
+from .model.config import ModelConfig
+from .special_tokens import N_ORDINARY
 
 
 def peak_rss_gib() -> float:
@@ -57,8 +59,8 @@ def measure_bandwidth(buffer: torch.Tensor, repeats: int = 7) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        if kernels.fast_kernels():
-            kernels._kernels.read(buffer.data_ptr(), nbytes)
+        if cpu_kernels.available():
+            cpu_kernels.read(buffer)
         else:
             buffer.view(-1).view(torch.uint8)[:nbytes].view(torch.int64).sum()
         times.append(time.perf_counter() - t0)
@@ -67,16 +69,14 @@ def measure_bandwidth(buffer: torch.Tensor, repeats: int = 7) -> float:
 
 def measure_matmul_flops(dtype: torch.dtype, m: int = 512, k: int = 2880, n: int = 5760, repeats: int = 7) -> float:
     """FLOP/s (median) of a torch matrix product of prefill's shape on all threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(kernels.kernel_threads())
     a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-    torch.matmul(a, b)
     times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    with cpu_kernels.torch_threads(cpu_kernels.kernel_threads()):
         torch.matmul(a, b)
-        times.append(time.perf_counter() - t0)
-    torch.set_num_threads(threads)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            times.append(time.perf_counter() - t0)
     return 2 * m * k * n / statistics.median(times)
 
 
@@ -103,7 +103,8 @@ class BenchResult:
         lines = [
             f"model        {llm.path} ({llm.layout} layout, {cfg.num_layers} layers, {cfg.num_experts} experts, "
             f"{str(llm.dtype).removeprefix('torch.')})",
-            f"machine      {kernels.kernel_threads()} threads, kernels: {kernels.kernel_path()}",
+            f"machine      {cpu_kernels.kernel_threads()} threads, {llm.backend.name} backend"
+            + (f", kernels: {cpu_kernels.kernel_path()}" if llm.backend.name == "cpu" else ""),
             f"load         {self.load_s:.2f} s",
             f"peak RSS     {self.peak_rss_gib:.2f} GiB (loading and generating)",
             f"prefill      {prefill:.1f} tok/s ({prompt_tokens}-token prompt, median of {runs}; "
@@ -123,22 +124,27 @@ class BenchResult:
 
 def run_bench(llm: LLM, prompt_tokens: int = 64, gen_tokens: int = 32, runs: int = 5,
               progress: bool = True) -> BenchResult:
-    """Prefill a random prompt and greedily decode `gen_tokens`, `runs` times; measure the machine's limits."""
+    """Prefill a random prompt and greedily decode `gen_tokens`, `runs` times, through the model runner as the
+    engine runs them; measure the machine's limits."""
     from tqdm import tqdm
 
     res = BenchResult(load_s=llm.load_seconds)
     gen = torch.Generator().manual_seed(0)
     bar = tqdm(total=runs * (prompt_tokens + gen_tokens), desc="benchmark", unit="tok", disable=not progress)
     for run in range(runs + 1):  # run 0 warms up (page faults on first touch of the weights) and is dropped
-        prompt = torch.randint(0, 199_998, (prompt_tokens,), generator=gen)
-        cache = llm.new_cache(prompt_tokens + gen_tokens)
+        prompt = torch.randint(0, N_ORDINARY, (prompt_tokens,), generator=gen).tolist()
+        # gen_tokens decode steps after the prompt's (the first token comes with the prefill)
+        seq = Sequence(prompt, SamplingParams(max_tokens=gen_tokens + 1, temperature=0, stop_token_ids=[]))
         t0 = time.perf_counter()
-        logits = llm.prefill(prompt, cache)
+        while seq.prefilling:
+            tokens = llm.runner.run([seq])
+        seq.append(tokens[0])
         t_prefill = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for _ in range(gen_tokens):
-            logits = llm.model.forward(logits.argmax().view(1), cache, last_only=True)[-1]
+        while not seq.finished:
+            seq.append(llm.runner.run([seq])[0])
         t_decode = time.perf_counter() - t0
+        llm.runner.free(seq)
         if run > 0:
             res.prefill_tok_s.append(prompt_tokens / t_prefill)
             res.decode_tok_s.append(gen_tokens / t_decode)

@@ -9,6 +9,8 @@ from typing import Any
 
 from rich.console import Console
 
+from .chat import harmony
+
 HELP = """Commands:
   /effort low|medium|high   reasoning effort
   /system TEXT              set the instructions (empty: clear them)
@@ -101,9 +103,7 @@ class Chat:
             if reasoning:
                 msg["reasoning_content"] = reasoning
             if calls:
-                msg["tool_calls"] = [{"id": c["id"], "type": "function",
-                                      "function": {"name": c["name"], "arguments": c["arguments"]}}
-                                     for c in calls.values()]
+                msg["tool_calls"] = [harmony.ToolCall(**c).to_openai() for c in calls.values()]
             self.messages.append(msg)
             if result is None:
                 return

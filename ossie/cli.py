@@ -19,12 +19,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="non-expert weight dtype")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--backend", default=None, choices=["auto", "cpu", "torch"],
+                   help="cpu: ossie's C kernels (the default on a CPU); torch: the reference ops "
+                        "(default: $OSSIE_KERNELS, else auto)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prompt tokens read per forward pass (default: ossie.engine.PREFILL_CHUNK)")
 
 
-def _load(args: argparse.Namespace):
+def load_llm(args: argparse.Namespace):
+    """The model a command runs, loaded as its options say."""
+    from .engine import PREFILL_CHUNK
     from .llm import LLM
 
-    return LLM(args.model, device=args.device, dtype=args.dtype, layout=args.layout, num_threads=args.threads)
+    return LLM(args.model, device=args.device, dtype=args.dtype, layout=args.layout, num_threads=args.threads,
+               backend=args.backend, prefill_chunk=args.prefill_chunk or PREFILL_CHUNK)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -40,7 +48,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
-    llm = _load(args)
+    llm = load_llm(args)
     res = run_bench(llm, args.prompt_tokens, args.gen_tokens, args.runs)
     print(res.report(llm, args.prompt_tokens, args.gen_tokens))
     return 0
@@ -78,7 +86,7 @@ def _chat_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    llm = _load(args)
+    llm = load_llm(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}]
     r = llm.chat(messages, tools=_read_tools(args.tools), **_chat_kwargs(args))
@@ -99,7 +107,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .chat_cli import run_chat
 
-    return run_chat(_load(args), args, _read_tools(args.tools), _chat_kwargs(args))
+    return run_chat(load_llm(args), args, _read_tools(args.tools), _chat_kwargs(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -110,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .bench import peak_rss_gib
     from .server import create_app
 
-    llm = _load(args)
+    llm = load_llm(args)
     names = args.served_model_name or [args.model]
     app = create_app(llm, names, api_key=args.api_key or os.environ.get("OSSIE_API_KEY"),
                      max_running=args.max_running)
@@ -186,9 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    from .checkpoint import CheckpointError, ModelNotFoundError
-    from .config import ConfigError
-    from .harmony import ChatFormatError
+    from .chat.harmony import ChatFormatError
+    from .model.checkpoint import CheckpointError, ModelNotFoundError
+    from .model.config import ConfigError
     from .tokenizer import VocabularyError
 
     try:

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import _global_specs, _layer_specs, split_rows, tensor_names, write_index
-from .config import PRESETS, ModelConfig
+from .model.checkpoint import global_specs, layer_specs, split_rows, tensor_names, write_index
+from .model.config import PRESETS, ModelConfig
 
 SHARD_BYTES = 5 * 2**30  # HF layout: ~5 GB shards, like the published repos
 _ST_DTYPE = {torch.bfloat16: "BF16", torch.uint8: "U8", torch.float32: "F32"}
@@ -27,7 +27,7 @@ def _random(cfg: ModelConfig, canonical: str, layer: int | None, seed: int) -> t
     """The canonical tensor's values, determined by (seed, layer, name) alone."""
     key = f"{layer}.{canonical}"
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-    shape, kind = (_layer_specs(cfg) if layer is not None else _global_specs(cfg))[canonical]
+    shape, kind = (layer_specs(cfg) if layer is not None else global_specs(cfg))[canonical]
     if kind == "u8":
         if canonical.endswith("scales"):  # exponents around 2**-6: weights of a plausible magnitude
             return torch.randint(119, 124, shape, generator=g, dtype=torch.uint8)
@@ -71,10 +71,10 @@ def _entries(cfg: ModelConfig, layout: str, seed: int) -> list[_Entry]:
             shp = shape if rows is None else (rows[i], *shape[1:])
             out.append(_Entry(name, shp, dtype, lambda c=canonical, ly=layer, i=i, r=rows: piece(c, ly, i, r)))
 
-    glob = _global_specs(cfg)
+    glob = global_specs(cfg)
     add("embedding", None, glob["embedding"])
     for layer in range(cfg.num_layers):
-        for canonical, spec in _layer_specs(cfg).items():
+        for canonical, spec in layer_specs(cfg).items():
             add(canonical, layer, spec)
     add("norm", None, glob["norm"])
     add("unembedding", None, glob["unembedding"])

@@ -3,7 +3,7 @@ import tempfile
 
 import pytest
 
-from ossie.config import PRESETS
+from ossie.model.config import PRESETS
 from ossie.synth import write_checkpoint
 
 # Tests never touch the network or the user's cache: the vocabulary is rebuilt offline into a temp dir.

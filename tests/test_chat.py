@@ -4,11 +4,15 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pexpect
 import pytest
 
 import ossie
+from tests.scripted import ScriptedRunner
+
+REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = [
     "<|channel|>analysis<|message|>User wants weather. Call the tool.<|end|><|start|>assistant<|channel|>commentary "
@@ -33,11 +37,9 @@ def test_stream_adds_up_to_non_stream(tiny_llm):
     assert full.completion_tokens == 40 and full.prompt_tokens == len(tiny_llm.render(msgs))
 
 
-def test_scripted_tool_round_trip(tiny_repo, monkeypatch, tmp_path):
-    script = tmp_path / "script.json"
-    script.write_text(json.dumps(SCRIPT))
-    monkeypatch.setenv("OSSIE_TEST_SCRIPT", str(script))
+def test_scripted_tool_round_trip(tiny_repo):
     llm = ossie.LLM(tiny_repo, dtype="float32", progress=False)
+    llm.runner = ScriptedRunner(llm.runner, SCRIPT)
     msgs = [{"role": "user", "content": "Weather in Paris?"}]
     r = llm.chat(msgs, tools=TOOLS)
     assert r.finish_reason == "tool_calls" and r.content == ""
@@ -60,13 +62,15 @@ def test_generate_command_json(tiny_repo):
     assert out["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 12
 
 
-def spawn_chat(repo, *extra, env_extra=None):
+def spawn_chat(repo, *extra, script=None):
+    """`ossie chat` in a pseudo-terminal; with `script`, its runner replays that script (tests/scripted.py)."""
     import os
 
-    env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", **(env_extra or {})}
+    env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
+    command = ["-m", "tests.scripted_main", str(script)] if script else ["-m", "ossie"]
     # Ctrl-C as at a terminal: a runner started in the background by a non-interactive shell ignores SIGINT, and
     # an ignored signal stays ignored across exec (Python then installs no KeyboardInterrupt handler)
-    child = pexpect.spawn(sys.executable, ["-m", "ossie", "chat", str(repo), *extra], env=env,
+    child = pexpect.spawn(sys.executable, [*command, "chat", str(repo), *extra], env=env, cwd=str(REPO),
                           encoding="utf-8", timeout=120, dimensions=(40, 200),
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect("ossie chat")
@@ -120,7 +124,7 @@ def test_chat_cli_tool_call_asks_for_result(tiny_repo, tmp_path, hide):
     (tmp_path / "script.json").write_text(json.dumps(SCRIPT))
     (tmp_path / "tools.json").write_text(json.dumps(TOOLS))
     extra = ["--tools", str(tmp_path / "tools.json")] + (["--no-reasoning"] if hide else [])
-    child = spawn_chat(tiny_repo, *extra, env_extra={"OSSIE_TEST_SCRIPT": str(tmp_path / "script.json")})
+    child = spawn_chat(tiny_repo, *extra, script=tmp_path / "script.json")
     child.sendline("Weather in Paris?")
     before = ""
     child.expect(r'tool call: get_weather\({"city": "Paris"}\)')

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ossie
-from ossie.checkpoint import CheckpointError, ModelNotFoundError, detect_layout, resolve_model
-from ossie.config import ConfigError
+from ossie.model.checkpoint import CheckpointError, ModelNotFoundError, detect_layout, resolve_model
+from ossie.model.config import ConfigError
 from ossie.synth import write_checkpoint
 
 from .conftest import TINY

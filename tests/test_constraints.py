@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from ossie import constraints
-from ossie.constraints import JsonPrefix
-from ossie.sampling import SamplingParams
+from ossie.chat import constraints
+from ossie.chat.constraints import JsonPrefix
+from ossie.engine import SamplingParams, Sequence, stream
 from ossie.tokenizer import harmony_encoding
 
 GOOD = ['{}', '{"a": 1}', '{"a":[1, 2.5, -3e+4, true, null, {"b": "x\\n\\u00e9"}], "c": false}', '{"k": "v"}',
@@ -51,8 +51,8 @@ def raw_completion(llm, steering, max_tokens=160, seed=0):
                         tools=[{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
                                for n in ("get_weather", "get_time")])
     steering.reasoning_budget = max_tokens // 2 - 20
-    tokens = list(llm._generate(llm._tokens(prompt), SamplingParams(max_tokens=max_tokens, temperature=1.0,
-                                                                     seed=seed), steering))
+    seq = Sequence(prompt, SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed), steering)
+    tokens = list(stream(llm.runner, seq))
     return harmony_encoding().decode(tokens), tokens
 
 

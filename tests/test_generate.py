@@ -1,31 +1,93 @@
-"""Generation with the KV cache: step-by-step logits equal a full forward pass (ring buffer, rope offsets)."""
+"""Generation through the model runner: chunked prefill and cached decode steps give the logits of one full
+forward pass (ring buffer, rope offsets, chunks smaller than the window, prompts longer than both); generate,
+chat and sampling."""
 
 import pytest
 import torch
 
-import ossie.llm
-from ossie.sampling import SamplingParams, sample
+import ossie
+from ossie.backends.cpu import CpuBackend
+from ossie.backends.cpu_kernels import available as kernels_built
+from ossie.engine import ModelRunner, SamplingParams, Sequence, sample
+from ossie.model.config import ModelConfig
+from ossie.special_tokens import CALL, N_ORDINARY
+from ossie.synth import write_checkpoint
 
-PROMPT = torch.randint(0, 199_998, (100,), generator=torch.Generator().manual_seed(3)).tolist()
+PROMPT = torch.randint(0, N_ORDINARY, (300,), generator=torch.Generator().manual_seed(3)).tolist()
 
 
-@pytest.mark.parametrize("chunk", [512, 7, 128])
-def test_cached_steps_equal_full_forward(tiny_llm, monkeypatch, chunk):
-    """Prefill in chunks (7 does not divide the window), then decode past the window: every step's logits
-    must equal the full forward pass over the whole sequence."""
-    monkeypatch.setattr(ossie.llm, "PREFILL_CHUNK", chunk)
-    cache = tiny_llm.new_cache(4)  # deliberately small: full-attention buffers must grow
-    steps = [tiny_llm.prefill(torch.tensor(PROMPT), cache)]
-    seq = list(PROMPT)
-    for _ in range(60):  # positions 100..160: crosses 128 and wraps the ring buffer
-        tok = int(steps[-1].argmax())
-        seq.append(tok)
-        steps.append(tiny_llm.model.forward(torch.tensor([tok]), cache, last_only=True)[-1])
-    full = tiny_llm.logits(seq)
-    stepped = torch.stack(steps)  # logits at positions 99..159
-    assert torch.allclose(stepped, full[len(PROMPT) - 1:], rtol=1e-4, atol=1e-4), (stepped - full[99:]).abs().max()
-    assert cache.k[0].shape[0] == 128  # sliding layer: the ring holds the window only
-    assert cache.k[1].shape[0] >= 160
+class RecordingRunner(ModelRunner):
+    """The model runner, keeping the logits every token was sampled from."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[torch.Tensor] = []
+
+    def sample(self, seq, logits):
+        self.seen.append(logits.float().clone())
+        return super().sample(seq, logits)
+
+
+def run_greedy(runner: ModelRunner, prompt: list[int], steps: int) -> tuple[Sequence, int]:
+    """Step one greedy sequence to its end; returns it and how many steps read its prompt."""
+    seq = Sequence(list(prompt), SamplingParams(max_tokens=steps, temperature=0, stop_token_ids=[]))
+    prefill_steps = 0
+    while not seq.finished:
+        (tok,) = runner.run([seq])
+        if tok is None or not seq.output:
+            prefill_steps += 1
+        if tok is not None:
+            seq.append(tok)
+    return seq, prefill_steps
+
+
+def check_steps_equal_full_forward(llm: ossie.LLM, chunk: int, prompt: list[int], steps: int) -> None:
+    runner = RecordingRunner(llm.model, prefill_chunk=chunk)
+    seq, prefill_steps = run_greedy(runner, prompt, steps)
+    assert prefill_steps == -(-len(prompt) // chunk)  # the prompt was read chunk by chunk
+    full = llm.logits(prompt + seq.output[:-1])
+    stepped = torch.stack(runner.seen)  # logits at positions len(prompt)-1 ..
+    err = (stepped - full[len(prompt) - 1:]).abs().max()
+    assert torch.allclose(stepped, full[len(prompt) - 1:], rtol=1e-4, atol=1e-4), err
+
+
+@pytest.mark.parametrize("chunk", [512, 300, 129, 128, 50, 7])
+def test_chunked_prefill_and_steps_equal_full_forward(tiny_llm, chunk):
+    """A 300-token prompt (longer than the 128-token window) read in chunks smaller than, equal to and larger than
+    the window (7 divides neither), then 40 decode steps: every sampled position's logits equal the full forward
+    pass. Chunks that start past the window on a sliding layer must still see its last 127 keys."""
+    check_steps_equal_full_forward(tiny_llm, chunk, PROMPT, 40)
+
+
+@pytest.fixture(scope="module")
+def wide_llm(tmp_path_factory):
+    """A small model with gpt-oss's head_dim (64) and 4 query heads per KV head, the shape for which the CPU
+    backend reads prefill attention with its AVX-512 kernel (where the CPU has it)."""
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=8, num_kv_heads=2, head_dim=64, num_experts=4,
+                      experts_per_token=2, intermediate_size=64)
+    folder = write_checkpoint(tmp_path_factory.mktemp("wide"), cfg, "hf", seed=2, progress=False)
+    return ossie.LLM(folder, dtype="float32", progress=False)
+
+
+@pytest.mark.parametrize("chunk", [50, 7])
+def test_chunked_prefill_with_head_dim_64(wide_llm, chunk):
+    check_steps_equal_full_forward(wide_llm, chunk, PROMPT, 20)
+
+
+def test_cache_sizes(tiny_llm):
+    """The ring of a sliding layer holds the window only; full layers grow from a small start as tokens come
+    (max_tokens defaults to the rest of a 131k context in chat and the server: the cache must not reserve it)."""
+    runner = tiny_llm.runner
+    seq = Sequence(PROMPT[:10], SamplingParams(max_tokens=130_000, temperature=0, stop_token_ids=[]))
+    runner.run([seq])
+    full = [i for i, sliding in enumerate(seq.cache.sliding) if not sliding]
+    assert all(seq.cache.k[i].shape[0] <= 10 + 256 for i in full)
+    assert all(seq.cache.k[i].shape[0] == 128 for i, s in enumerate(seq.cache.sliding) if s)
+    runner.free(seq)
+    assert seq.cache is None
+    tokens = list(tiny_llm.generate(PROMPT[:10], max_tokens=300, temperature=0, stop_token_ids=[]))
+    assert tokens == list(ossie.LLM(tiny_llm.path, dtype="float32", progress=False, prefill_chunk=3).generate(
+        PROMPT[:10], max_tokens=300, temperature=0, stop_token_ids=[]))
 
 
 def test_generate_greedy_matches_argmax_of_full_forward(tiny_llm):
@@ -33,6 +95,18 @@ def test_generate_greedy_matches_argmax_of_full_forward(tiny_llm):
     assert len(out) == 12 and all(isinstance(t, int) for t in out)
     full = tiny_llm.logits(PROMPT[:20] + out)
     assert full[19:-1].argmax(-1).tolist() == out
+
+
+def test_generate_and_chat_with_small_chunks(tiny_repo, tiny_llm):
+    """generate and chat on an LLM reading prompts 50 tokens at a time give what the default (one chunk) gives,
+    on prompts longer than the window."""
+    small = ossie.LLM(tiny_repo, dtype="float32", progress=False, prefill_chunk=50)
+    assert list(small.generate(PROMPT, max_tokens=16, temperature=0, stop_token_ids=[])) == \
+        list(tiny_llm.generate(PROMPT, max_tokens=16, temperature=0, stop_token_ids=[]))
+    messages = [{"role": "user", "content": "Tell me about the sea. " * 30}]
+    assert len(tiny_llm.render(messages)) > 200
+    a, b = small.chat(messages, max_tokens=24, temperature=0), tiny_llm.chat(messages, max_tokens=24, temperature=0)
+    assert (a.reasoning, a.content, a.completion_tokens) == (b.reasoning, b.content, b.completion_tokens)
 
 
 def test_generate_seed_reproducible_and_stops(tiny_llm):
@@ -45,11 +119,25 @@ def test_generate_seed_reproducible_and_stops(tiny_llm):
 
 
 def test_generate_default_stops_at_harmony_tokens(tiny_llm, monkeypatch):
-    def fake_sample(logits, params, generator=None):
-        return 200012  # <|call|>
+    """stop_token_ids=None stops at <|call|> (and <|return|>): a runner that always samples <|call|> stops at once."""
+    monkeypatch.setattr(tiny_llm.runner, "sample", lambda seq, logits: CALL)
+    assert list(tiny_llm.generate(PROMPT[:5], max_tokens=10)) == [CALL]
 
-    monkeypatch.setattr(ossie.engine, "sample", fake_sample)
-    assert list(tiny_llm.generate(PROMPT[:5], max_tokens=10)) == [200012]
+
+def test_stopping_early_frees_the_cache(tiny_llm, monkeypatch):
+    seqs = []
+    run = tiny_llm.runner.run
+
+    def spy(batch):
+        seqs.extend(batch)
+        return run(batch)
+
+    monkeypatch.setattr(tiny_llm.runner, "run", spy)
+    tokens = tiny_llm.generate(PROMPT[:10], max_tokens=50, temperature=0)
+    next(tokens)
+    assert seqs[-1].cache is not None
+    tokens.close()  # the consumer stops early
+    assert seqs[-1].cache is None
 
 
 def test_bad_token_ids_raise(tiny_llm):
@@ -63,6 +151,8 @@ def test_bad_token_ids_raise(tiny_llm):
         tiny_llm.generate([1], max_tokens=0)
     with pytest.raises(ValueError, match="context"):
         tiny_llm.generate([1], max_tokens=200_000)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        ModelRunner(tiny_llm.model, prefill_chunk=0)
 
 
 def test_sampling_filters():
@@ -79,44 +169,20 @@ def test_sampling_filters():
         SamplingParams(top_p=0).validate()
 
 
-def test_kv_cache_grows_instead_of_reserving_max_tokens(tiny_llm):
-    """max_tokens defaults to the rest of a 131k context in chat and the server: the cache must not reserve it."""
-    from ossie.engine import Generation
-    from ossie.sampling import SamplingParams
+@pytest.mark.skipif(not kernels_built(), reason="the C kernels were not built (no C compiler at install)")
+def test_fused_decode_step_equals_op_by_op(tiny_repo):
+    """bf16 decoding on the CPU runs each layer as two C calls; it must give the op-by-op path's logits, across the
+    sliding window's ring buffer (100-token prompt + 40 steps > 128)."""
+    fused = ossie.LLM(tiny_repo, dtype="bfloat16", progress=False, backend=CpuBackend(fused_decode=True))
+    plain = ossie.LLM(tiny_repo, dtype="bfloat16", progress=False, backend=CpuBackend(fused_decode=False))
 
-    prompt = torch.tensor(PROMPT[:10])
-    gen = Generation(tiny_llm, prompt, SamplingParams(max_tokens=130_000, temperature=0, stop_token_ids=[]))
-    full = [i for i, sliding in enumerate(gen.cache.sliding) if not sliding]
-    assert all(gen.cache.k[i].shape[0] <= 10 + 256 for i in full)
-    for _ in range(300):  # past the initial room: the cache grows, and decoding stays exact
-        gen.step()
-    assert all(gen.cache.k[i].shape[0] >= 300 for i in full)
-    assert gen.tokens == list(tiny_llm.generate(PROMPT[:10], max_tokens=300, temperature=0, stop_token_ids=[]))
+    def run(llm: ossie.LLM) -> tuple[list[int], torch.Tensor]:
+        runner = RecordingRunner(llm.model)
+        seq, _ = run_greedy(runner, PROMPT[:100], 41)
+        return seq.output, torch.stack(runner.seen[1:])  # the decode steps' logits
 
-
-def test_fused_decode_step_equals_op_by_op(tiny_repo, monkeypatch):
-    """bf16 decoding on the CPU runs each attention block as one C call; it must give the op-by-op path's logits,
-    across the sliding window's ring buffer (100-token prompt + 40 steps > 128)."""
-    from ossie import kernels, model
-
-    if not kernels.fast_kernels():
-        pytest.skip("C kernels not built")
-    llm = ossie.LLM(tiny_repo, dtype="bfloat16", progress=False)
-    prompt = torch.tensor(PROMPT)
-
-    def run(fused: bool) -> tuple[list[int], torch.Tensor]:
-        monkeypatch.setattr(model, "FUSED_DECODE", fused)
-        cache = llm.new_cache(200)
-        logits = llm.model.forward(prompt, cache, last_only=True)[-1]
-        tokens, steps = [], []
-        for _ in range(40):
-            tokens.append(int(logits.argmax()))
-            logits = llm.model.forward(torch.tensor(tokens[-1:]), cache, last_only=True)[-1]
-            steps.append(logits)
-        return tokens, torch.stack(steps)
-
-    fused_tokens, fused_logits = run(True)
-    plain_tokens, plain_logits = run(False)
+    fused_tokens, fused_logits = run(fused)
+    plain_tokens, plain_logits = run(plain)
     assert fused_tokens == plain_tokens
     # the same bf16 roundings in the same places; only float32 sums may differ in order
     err = (fused_logits - plain_logits).norm(dim=-1) / plain_logits.norm(dim=-1)

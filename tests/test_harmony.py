@@ -14,7 +14,7 @@ from openai_harmony import (
     ToolDescription,
 )
 
-from ossie.harmony import ChatFormatError, ChatParser, render
+from ossie.chat.harmony import ChatFormatError, ChatParser, render
 from ossie.tokenizer import harmony_encoding
 
 DATE = "2025-06-28"

@@ -5,21 +5,23 @@ import dataclasses
 import pytest
 import torch
 
-from ossie import kernels
+from ossie.backends import cpu_kernels as kernels
+from ossie.backends.torch_ops import attention, swiglu
+from ossie.model.mxfp4 import mxfp4_linear
 
-pytestmark = pytest.mark.skipif(kernels._kernels is None, reason="C kernels not built (no compiler)")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="C kernels not built (no compiler)")
 
 PATHS = ["scalar", "avx2", "avx512bf16"]
 
 
 @pytest.fixture(params=PATHS)
 def path(request):
-    kernels._kernels.set_path(request.param)
-    if kernels._kernels.path() != request.param:
-        kernels._kernels.set_path("best")
+    kernels.set_path(request.param)
+    if kernels.kernel_path() != request.param:
+        kernels.set_path("best")
         pytest.skip(f"this CPU has no {request.param}")
     yield request.param
-    kernels._kernels.set_path("best")
+    kernels.set_path("best")
 
 
 def random_mxfp4(out: int, n_in: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +55,7 @@ def test_mxfp4_matmul_matches_torch(path, out, n_in, tokens, bf16):
         x = x.bfloat16().float()
     for b in (bias, None):
         y = kernels.mxfp4_matmul(x, blocks, scales, b, bf16_activations=bf16)
-        ref = kernels.mxfp4_linear(x.double(), blocks, scales, None if b is None else b.double())
+        ref = mxfp4_linear(x.double(), blocks, scales, None if b is None else b.double())
         close(y.double(), ref)
 
 
@@ -66,7 +68,7 @@ def test_mxfp4_matmul_edge_scales(path):
     x = torch.randn(2, 512, generator=gen).bfloat16().float()
     for bf16 in (False, True):
         y = kernels.mxfp4_matmul(x, blocks, scales, None, bf16_activations=bf16)
-        ref = kernels.mxfp4_linear(x.double(), blocks, scales, None)
+        ref = mxfp4_linear(x.double(), blocks, scales, None)
         assert torch.allclose(y.double(), ref, rtol=2e-6, atol=1e-30 + 2e-6 * ref.abs().max().item())
 
 
@@ -97,11 +99,14 @@ def test_threads_do_not_change_results():
     assert torch.equal(one, three)  # rows are split over threads, each row's sum is the same
 
 
-def test_moe_fused_matches_reference(monkeypatch):
-    """The MoE layer on the fused kernels equals the decode-then-matmul reference, for tokens grouped on experts."""
-    from ossie import model
-    from ossie.checkpoint import LayerWeights
-    from ossie.config import ModelConfig
+def test_moe_experts_match_reference():
+    """The CPU backend's experts (packed kernels) equal the reference backend's (decode-then-matmul), for tokens
+    grouped on experts and for the single-call decode path."""
+    from ossie.backends.cpu import CpuBackend
+    from ossie.backends.torch_ops import TorchBackend
+    from ossie.model.checkpoint import LayerWeights
+    from ossie.model.config import ModelConfig
+    from ossie.model.transformer import route
 
     gen = torch.Generator().manual_seed(5)
     cfg = ModelConfig(num_layers=1, num_experts=8, experts_per_token=3, hidden_size=96, intermediate_size=64,
@@ -117,20 +122,19 @@ def test_moe_fused_matches_reference(monkeypatch):
         w1_bias=torch.randn(e, 2 * i, generator=gen),
         w2_blocks=w2b.view(e, h, i // 32, 16), w2_scales=w2s.view(e, h, i // 32),
         w2_bias=torch.randn(e, h, generator=gen))
+    cpu, reference = CpuBackend(), TorchBackend()
+
+    def experts(backend, x):
+        chosen, weight = route(torch.nn.functional.linear(x, lw.gate_w.to(x.dtype), lw.gate_b.to(x.dtype)), 3)
+        return backend.experts(x, lw, chosen, weight, cfg).double()
+
     for tokens in (1, 2, 11):  # one token takes the single-call decode path, more the grouped path
         x = torch.randn(tokens, h, generator=gen) * 0.1
-        fused = model.moe(x, lw, cfg)
-        with monkeypatch.context() as m:
-            m.setenv("OSSIE_KERNELS", "torch")
-            reference = model.moe(x, lw, cfg)
-        close(fused.double(), reference.double())
+        close(experts(cpu, x), experts(reference, x))
     # bf16 model: the same up to bf16 rounding of the products' outputs (which the reference rounds, the kernels not)
     x = (torch.randn(1, h, generator=gen) * 0.1).bfloat16()
-    lw = dataclasses.replace(lw, gate_w=lw.gate_w.bfloat16(), gate_b=lw.gate_b.bfloat16())
-    fused = model.moe(x, lw, cfg).double()
-    monkeypatch.setenv("OSSIE_KERNELS", "torch")
-    reference = model.moe(x, lw, cfg).double()
-    assert ((fused - reference).norm() / reference.norm()).item() < 1e-2
+    fused, ref = experts(cpu, x), experts(reference, x)
+    assert ((fused - ref).norm() / ref.norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -138,8 +142,6 @@ def test_moe_one_token_matches_reference(path, bf16):
     """The decode MoE call against a float64 reference of the same math, with the residual add: hidden and
     intermediate sizes whose group counts have both 4-group chunks (the permuted avx512bf16 order) and tails;
     experts given out of order; threads splitting one expert's rows."""
-    from ossie.model import swiglu
-
     gen = torch.Generator().manual_seed(11 + bf16)
     e, h, i, alpha, limit = 6, 320, 192, 1.702, 7.0
     w1b, w1s = random_mxfp4(e * 2 * i, h, gen)
@@ -156,11 +158,11 @@ def test_moe_one_token_matches_reference(path, bf16):
     ref = torch.zeros(h, dtype=torch.float64)
     for n in experts.argsort().tolist():  # ascending experts, as the kernel adds them
         ex = int(experts[n])
-        up = kernels.mxfp4_linear(x.double()[None], w1b[ex], w1s[ex], b1[ex].double())
+        up = mxfp4_linear(x.double()[None], w1b[ex], w1s[ex], b1[ex].double())
         act = swiglu(up, alpha, limit)
         if bf16:  # the activation is a bf16 tensor in a bf16 model
             act = act.float().bfloat16().double()
-        ref += weights[n].double() * kernels.mxfp4_linear(act, w2b[ex], w2s[ex], b2[ex].double())[0]
+        ref += weights[n].double() * mxfp4_linear(act, w2b[ex], w2s[ex], b2[ex].double())[0]
     close(plain.double(), ref)
     if bf16:  # a bf16 model's residual add: bf16(residual + bf16(moe)), as torch computes it on bf16 tensors
         assert torch.equal(y, (residual.bfloat16() + plain.bfloat16()).float())
@@ -175,14 +177,12 @@ def test_attention_one_query_matches_torch(path, dtype, keys, h, kv, d):
     """Decoding's attention (C) against the blocked torch attention, over keys in shuffled (ring) order: query heads
     per KV head as in gpt-oss (8) and fewer (4) take the AVX-512 kernel where the CPU has it, 3 and head_dim 32 the
     head-by-head one."""
-    from ossie.model import attention
-
     gen = torch.Generator().manual_seed(keys)
     q = torch.randn(1, h, d, generator=gen).to(dtype)
     k = torch.randn(keys, kv, d, generator=gen).to(dtype)
     v = torch.randn(keys, kv, d, generator=gen).to(dtype)
     sinks = torch.randn(h, generator=gen)
-    ref = kernels_off(lambda: attention(q.float(), k.float(), v.float(), sinks, keys - 1, 0, 0))
+    ref = attention(q.float(), k.float(), v.float(), sinks, keys - 1, 0, 0)
     perm = torch.randperm(keys, generator=gen)
     out = kernels.attention_one_query(q[0], k[perm], v[perm], sinks)
     close(out.double().view(1, -1), ref.double())
@@ -194,8 +194,6 @@ def test_attention_one_query_matches_torch(path, dtype, keys, h, kv, d):
 def test_attention_prefill_matches_torch(dtype, queries, past, window, h, kv):
     """Prefill's attention (C, each query over the keys it sees) against the blocked torch attention: causal, with
     keys from before the block (a cache), with and without a sliding window, queries past a 256-query block."""
-    from ossie.model import attention
-
     gen = torch.Generator().manual_seed(queries + past + window)
     d, keys = 64, past + queries
     q = torch.randn(queries, h, d, generator=gen).to(dtype)
@@ -207,19 +205,69 @@ def test_attention_prefill_matches_torch(dtype, queries, past, window, h, kv):
         assert out is None
         return
     # float32 math on the bf16 values, as the torch path computes attention on the CPU
-    ref = kernels_off(lambda: attention(q.float(), k.float(), v.float(), sinks, 1000 + past, 1000, window))
+    ref = attention(q.float(), k.float(), v.float(), sinks, 1000 + past, 1000, window)
     close(out.double(), ref.double())
 
 
-def kernels_off(fn):
-    import os
+def test_wrong_calls_raise_instead_of_corrupting_memory(tiny_repo):
+    """The C kernels take raw pointers: their Python entry points check every shape, dtype and layout first."""
+    import ossie
 
-    old = os.environ.get("OSSIE_KERNELS")
-    os.environ["OSSIE_KERNELS"] = "torch"
-    try:
-        return fn()
-    finally:
-        if old is None:
-            del os.environ["OSSIE_KERNELS"]
-        else:
-            os.environ["OSSIE_KERNELS"] = old
+    gen = torch.Generator().manual_seed(9)
+    blocks, scales = random_mxfp4(64, 96, gen)
+    x = torch.randn(2, 96, generator=gen)
+    with pytest.raises(ValueError, match="blocks"):
+        kernels.mxfp4_matmul(x, blocks[:, :2].contiguous(), scales)
+    with pytest.raises(ValueError, match="x must be"):
+        kernels.mxfp4_matmul(torch.randn(2, 50), blocks, scales)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.mxfp4_matmul(x, blocks, scales, torch.randn(63))
+    with pytest.raises(ValueError, match="w must be a contiguous CPU bfloat16"):
+        kernels.bf16_matmul(x, torch.randn(64, 96))
+    with pytest.raises(ValueError, match="not contiguous"):
+        kernels.bf16_matmul(x, torch.randn(96, 64).bfloat16().t())
+    q, k = torch.randn(8, 64), torch.randn(10, 2, 64)
+    with pytest.raises(ValueError, match="values"):
+        kernels.attention_one_query(q, k, torch.randn(9, 2, 64), torch.randn(8))
+    with pytest.raises(ValueError, match="values"):
+        kernels.attention_one_query(q, k, k.bfloat16(), torch.randn(8))
+    with pytest.raises(ValueError, match="sinks"):
+        kernels.attention_one_query(q, k, k, torch.randn(4))
+    with pytest.raises(ValueError, match="keys must be"):
+        kernels.attention_one_query(q, torch.randn(10, 3, 64), torch.randn(10, 3, 64), torch.randn(8))
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.attention_prefill(torch.randn(5, 8, 64), k, k, torch.randn(8), 6, 0)
+
+    e, h, i = 4, 64, 32
+    w1b, w1s = random_mxfp4(e * 2 * i, h, gen)
+    w2b, w2s = random_mxfp4(e * h, i, gen)
+    args = [torch.randn(h), w1b.view(e, 2 * i, h // 32, 16), w1s.view(e, 2 * i, h // 32), torch.randn(e, 2 * i),
+            w2b.view(e, h, i // 32, 16), w2s.view(e, h, i // 32), torch.randn(e, h), torch.tensor([0, 3]),
+            torch.tensor([0.5, 0.5])]
+    kernels.moe_one_token(*args, 1.702, 7.0, False)  # the right call works
+    for n, bad, match in [(7, torch.tensor([0, 4]), "outside"), (8, torch.tensor([1.0]), "weights"),
+                          (3, torch.randn(e, 2 * i).bfloat16(), "w1_bias"), (0, torch.randn(h + 32), "x must be"),
+                          (5, w2s.view(e, h, i // 32)[:, :-1], "w2_scales")]:
+        wrong = list(args)
+        wrong[n] = bad
+        with pytest.raises(ValueError, match=match):
+            kernels.moe_one_token(*wrong, 1.702, 7.0, False)
+
+    llm = ossie.LLM(tiny_repo, dtype="bfloat16", progress=False)
+    cfg, lw = llm.config, llm.model.w.layers[0]
+    cache = torch.zeros(4, cfg.num_kv_heads, cfg.head_dim, dtype=torch.bfloat16)
+    rope = torch.ones(cfg.head_dim)
+    block = [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps]
+    x = torch.randn(cfg.hidden_size).bfloat16().float()
+    kernels.attention_block_one_token(x, lw, rope, rope, cache, cache.clone(), 1, 2, *block)  # works
+    with pytest.raises(ValueError, match="slot"):
+        kernels.attention_block_one_token(x, lw, rope, rope, cache, cache.clone(), 4, 4, *block)
+    with pytest.raises(ValueError, match="k_cache"):
+        kernels.attention_block_one_token(x, lw, rope, rope, cache.float(), cache, 1, 2, *block)
+    with pytest.raises(ValueError, match="v_cache"):
+        kernels.attention_block_one_token(x, lw, rope, rope, cache, cache[:3], 1, 2, *block)
+    with pytest.raises(ValueError, match="cos2"):
+        kernels.attention_block_one_token(x, lw, rope[:8], rope, cache, cache.clone(), 1, 2, *block)
+    with pytest.raises(ValueError, match="qkv_w"):
+        kernels.attention_block_one_token(x, dataclasses.replace(lw, qkv_w=lw.qkv_w.float()), rope, rope, cache,
+                                          cache.clone(), 1, 2, *block)

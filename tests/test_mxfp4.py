@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ossie.kernels import FP4_VALUES, mxfp4_dequantize, mxfp4_linear
+from ossie.model.mxfp4 import FP4_VALUES, mxfp4_dequantize, mxfp4_linear
 
 SPEC = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 

@@ -1,19 +1,21 @@
 """`ossie serve` on loopback with a tiny synthetic checkpoint: the official openai client, raw HTTP, streaming,
 tool calls (scripted completions), tool_choice steering, bad input, concurrency and disconnects."""
 
+import copy
 import json
-import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
-from ossie import harmony
-from ossie.constraints import JsonPrefix
+from ossie.chat import harmony
+from ossie.chat.constraints import JsonPrefix
 
 openai = pytest.importorskip("openai")
 
@@ -49,14 +51,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 class Server:
-    def __init__(self, checkpoint, *args, env=None):
+    """`ossie serve` in a subprocess; with `script`, its runner replays that script (tests/scripted.py)."""
+
+    def __init__(self, checkpoint, *args, script=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        command = ["-m", "tests.scripted_main", str(script)] if script else ["-m", "ossie"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ossie", "serve", str(checkpoint), "--port", str(self.port),
+            [sys.executable, *command, "serve", str(checkpoint), "--port", str(self.port),
              "--served-model-name", MODEL, "--dtype", "float32", *args],
-            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -93,7 +101,7 @@ def server(tiny_repo):
 def scripted(tiny_repo, tmp_path_factory):
     path = tmp_path_factory.mktemp("script") / "script.json"
     path.write_text(json.dumps(SCRIPT))
-    s = Server(tiny_repo, env={"OSSIE_TEST_SCRIPT": str(path)})
+    s = Server(tiny_repo, script=path)
     yield s
     s.stop()
 
@@ -453,24 +461,52 @@ def test_internal_failure_fails_one_request(tiny_llm):
 
     from ossie.server import create_app
 
-    app = create_app(tiny_llm, [MODEL])
-    forward = tiny_llm.model.forward
-    calls = {"n": 0}
+    class FlakyRunner:  # the model runner, whose first step fails
+        def __init__(self, runner):
+            self.runner, self.config, self.steps = runner, runner.config, 0
 
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("simulated kernel failure")
-        return forward(*args, **kwargs)
+        def run(self, batch):
+            self.steps += 1
+            if self.steps == 1:
+                raise RuntimeError("simulated kernel failure")
+            return self.runner.run(batch)
 
-    tiny_llm.model.forward = flaky
+        def free(self, seq):
+            self.runner.free(seq)
+
+    llm = copy.copy(tiny_llm)
+    llm.runner = FlakyRunner(tiny_llm.runner)
+    with TestClient(create_app(llm, [MODEL])) as http:
+        r = http.post("/v1/chat/completions", json=GOOD)
+        assert r.status_code == 500 and "simulated kernel failure" in r.json()["error"]["message"]
+        assert r.json()["error"]["type"] == "server_error"
+        r = http.post("/v1/chat/completions", json={**GOOD, "stream": True})
+        assert r.status_code == 200 and "[DONE]" in r.text
+        assert http.get("/health").json()["failed"] == 1
+
+
+def test_long_prompts_read_in_small_chunks(tiny_repo, tiny_llm):
+    """A server that reads prompts 50 tokens at a time answers prompts longer than the 128-token window as one full
+    forward pass over them predicts (raw completion) and as the in-process chat does (chat completions)."""
+    from ossie.server.streaming import TextDecoder
+    from ossie.special_tokens import N_ORDINARY
+
+    prompt = [int(t) for t in torch.randint(0, N_ORDINARY, (300,), generator=torch.Generator().manual_seed(4))]
+    expected = []
+    for _ in range(8):
+        expected.append(int(tiny_llm.logits(prompt + expected)[-1].argmax()))
+    decoder = TextDecoder()
+    text = "".join(decoder.push(t) for t in expected) + decoder.flush()
+    messages = user("Tell me about the sea. " * 30)
+    answer = tiny_llm.chat(messages, max_tokens=24, temperature=0)
+    s = Server(tiny_repo, "--prefill-chunk", "50")
     try:
-        with TestClient(app) as http:
-            r = http.post("/v1/chat/completions", json=GOOD)
-            assert r.status_code == 500 and "simulated kernel failure" in r.json()["error"]["message"]
-            assert r.json()["error"]["type"] == "server_error"
-            r = http.post("/v1/chat/completions", json={**GOOD, "stream": True})
-            assert r.status_code == 200 and "[DONE]" in r.text
-            assert http.get("/health").json()["failed"] == 1
+        r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 8,
+                                                        "temperature": 0}, timeout=60).json()
+        assert r["choices"][0]["text"] == text and r["usage"]["completion_tokens"] == 8
+        r = client(s).chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+        assert r.usage.prompt_tokens > 200
+        assert r.choices[0].message.content == answer.content
+        assert (getattr(r.choices[0].message, "reasoning_content", None) or "") == answer.reasoning
     finally:
-        tiny_llm.model.forward = forward
+        s.stop()

@@ -21,10 +21,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .tokenizer import harmony_encoding, token_bytes
+from ..special_tokens import CALL, END, N_ORDINARY, RETURN
+from ..tokenizer import harmony_encoding, token_bytes
 
-N_ORDINARY = 199_998  # ids below are byte-pair tokens; from here on, harmony's special tokens
-END, START, CALL, RETURN = 200007, 200006, 200012, 200002
 JSON_CANDIDATES = 512  # the most likely tokens checked against the JSON automaton at each step
 
 # ---- JSON syntax, byte by byte --------------------------------------------------------------------------------

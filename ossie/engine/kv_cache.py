@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig
+from ..model.config import ModelConfig
 
 
 class KVCache:

@@ -68,7 +68,7 @@ class Weights:
 # "u8" -> packed
 
 
-def _layer_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+def layer_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     h, e, i2 = cfg.hidden_size, cfg.num_experts, 2 * cfg.intermediate_size
     return {
         "attn_norm": ((h,), "f32"),
@@ -89,7 +89,7 @@ def _layer_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     }
 
 
-def _global_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+def global_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     return {
         "embedding": ((cfg.vocab_size, cfg.hidden_size), "matrix"),
         "norm": ((cfg.hidden_size,), "f32"),
@@ -310,21 +310,21 @@ def _load_one(files: TensorFiles, names: list[str], shape: tuple[int, ...], kind
 def load_weights(folder: Path, layout: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                  progress: bool = True) -> Weights:
     files = TensorFiles(folder, layout)
-    layer_specs = _layer_specs(cfg)
-    total = cfg.num_layers * len(layer_specs) + 3
+    specs = layer_specs(cfg)
+    total = cfg.num_layers * len(specs) + 3
     with tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False) as bar:
         def get(canonical: str, spec: tuple[tuple[int, ...], str], layer: int | None = None) -> torch.Tensor:
             bar.update(1)
             return _load_one(files, tensor_names(layout, canonical, layer), spec[0], spec[1], dtype, device)
 
-        glob = _global_specs(cfg)
+        glob = global_specs(cfg)
         layers = []
         for i in range(cfg.num_layers):
-            layers.append(LayerWeights(**{c: get(c, spec, i) for c, spec in layer_specs.items()}))
+            layers.append(LayerWeights(**{c: get(c, spec, i) for c, spec in specs.items()}))
         weights = Weights(embedding=get("embedding", glob["embedding"]), norm=get("norm", glob["norm"]),
                           unembedding=get("unembedding", glob["unembedding"]), layers=layers)
     extra = set(files.where) - {n for c in glob for n in tensor_names(layout, c)} - {
-        n for i in range(cfg.num_layers) for c in layer_specs for n in tensor_names(layout, c, i)}
+        n for i in range(cfg.num_layers) for c in specs for n in tensor_names(layout, c, i)}
     if extra:
         log.warning("%s: %d tensors not used by the model, e.g. %s", folder, len(extra), sorted(extra)[0])
     return weights

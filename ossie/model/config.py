@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..special_tokens import ENDOFTEXT, RETURN
+
 
 class ConfigError(ValueError):
     """The config.json is missing, unreadable or describes a model ossie does not support."""
@@ -142,7 +144,7 @@ class ModelConfig:
             "architectures": ["GptOssForCausalLM"],
             "attention_bias": True,
             "attention_dropout": 0.0,
-            "eos_token_id": 200002,
+            "eos_token_id": RETURN,
             "experts_per_token": self.experts_per_token,
             "head_dim": self.head_dim,
             "hidden_act": "silu",
@@ -159,7 +161,7 @@ class ModelConfig:
             "num_key_value_heads": self.num_kv_heads,
             "num_local_experts": self.num_experts,
             "output_router_logits": False,
-            "pad_token_id": 199999,
+            "pad_token_id": ENDOFTEXT,
             "quantization_config": {
                 "modules_to_not_convert": [
                     "model.layers.*.self_attn",

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Generation ends at <|return|> (final answer done) or <|call|> (tool call): harmony's stop tokens.
-HARMONY_STOP_TOKEN_IDS = (200002, 200012)
+from ..special_tokens import STOP_TOKEN_IDS
 
 
 @dataclass
@@ -34,7 +33,7 @@ class SamplingParams:
 
     @property
     def stop_ids(self) -> frozenset[int]:
-        return frozenset(HARMONY_STOP_TOKEN_IDS if self.stop_token_ids is None else self.stop_token_ids)
+        return frozenset(STOP_TOKEN_IDS if self.stop_token_ids is None else self.stop_token_ids)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:

@@ -31,12 +31,11 @@ from openai_harmony import (
     ToolDescription,
 )
 
-from .tokenizer import harmony_encoding
+from ..special_tokens import CALL
+from ..tokenizer import harmony_encoding
 
 log = logging.getLogger("ossie")
 
-RETURN, CALL = 200002, 200012  # <|return|>: final answer done; <|call|>: a tool call
-STOP_TOKEN_IDS = (RETURN, CALL)
 REASONING_EFFORTS = ("low", "medium", "high")
 BUILTIN_TOOLS = ("browser", "python")
 
@@ -176,6 +175,10 @@ class ToolCall:
 
     def to_dict(self) -> dict[str, str]:
         return {"id": self.id, "name": self.name, "arguments": self.arguments}
+
+    def to_openai(self) -> dict[str, Any]:
+        """As an OpenAI chat message's tool call (which `render` reads back)."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 @dataclass

@@ -1,0 +1,100 @@
+"""The CPU backend: ossie's C kernels (cpu_kernels) where they apply, the torch reference elsewhere.
+
+- Decoding a bf16 model (one token): each layer is two C calls, the attention block (which also normalizes for
+  the MoE and computes the router's logits) and the MoE block with its residual add, with torch's top-k between
+  them so that ties among the router's bf16 logits are broken as the peers break them.
+- Products: the bf16 kernel for the few rows of decoding (memory-bound: it reads each weight once); torch's GEMM
+  on every core for prefill's many rows (compute-bound). MXFP4 experts are read packed, never decoded to bf16.
+- Attention: one C call for a single query over the cache (any row order); prefill's queries each over the keys
+  they see, where the AVX-512 kernel applies.
+The kernels use every core; torch's OpenMP workers, which spin-wait after each parallel op, would take cores from
+them. So torch runs on one thread during a forward pass, except in the large GEMMs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..model.checkpoint import LayerWeights, Weights
+from ..model.config import ModelConfig
+from ..model.transformer import route
+from . import cpu_kernels as K
+from .torch_ops import TorchBackend, swiglu, tokens_by_expert
+
+if TYPE_CHECKING:
+    from ..engine.kv_cache import KVCache
+    from ..model.transformer import Transformer
+
+SMALL_BATCH = 8  # up to this many rows, the bf16 kernel beats torch's GEMM; above, torch's GEMM is compute-bound
+
+
+class CpuBackend(TorchBackend):
+    name = "cpu"
+
+    def __init__(self, fused_decode: bool = True):
+        """fused_decode=False runs decoding op by op (the kernels still serve each op): the fused path's oracle."""
+        if not K.available():
+            raise RuntimeError("ossie's C kernels are not built (no C compiler at install?): use the torch backend")
+        self.fused_decode = fused_decode
+
+    def prepare(self, weights: Weights) -> None:
+        # the kernels read weights by pointer: they must be dense (they are, as loaded)
+        for holder in (weights, *weights.layers):
+            for name, t in vars(holder).items():
+                if isinstance(t, torch.Tensor) and not t.is_contiguous():
+                    setattr(holder, name, t.contiguous())
+
+    def running(self) -> contextlib.AbstractContextManager:
+        return K.torch_threads(1)
+
+    def layers(self, model: Transformer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               cache: KVCache) -> torch.Tensor:
+        if not (self.fused_decode and x.shape[0] == 1 and x.dtype == torch.bfloat16):
+            return super().layers(model, x, cos, sin, cache)
+        cfg = model.cfg
+        cos2, sin2 = cos[0].float(), sin[0].float()
+        x = x[0].float()  # float32 holding bf16 values, as the kernels take and give them
+        for i, lw in enumerate(model.w.layers):
+            slot, n_keys = cache.decode_slot(i)
+            x, h, logits = K.attention_block_one_token(x, lw, cos2, sin2, cache.k[i], cache.v[i], slot, n_keys,
+                                                       cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps)
+            chosen, weight = route(logits, cfg.experts_per_token)
+            x = K.moe_one_token(h, lw.w1_blocks, lw.w1_scales, lw.w1_bias, lw.w2_blocks, lw.w2_scales, lw.w2_bias,
+                                chosen, weight, cfg.swiglu_alpha, cfg.swiglu_limit, True, residual=x)
+        return x.to(torch.bfloat16).view(1, -1)
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if w.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= SMALL_BATCH and w.shape[1] % 32 == 0:
+            return K.bf16_matmul(x, w, bias).to(x.dtype)
+        with K.torch_threads(K.kernel_threads()):  # a large GEMM: torch gets every core, and gives them back
+            return super().linear(x, w, bias)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_start: int,
+                  k_start: int, window: int) -> torch.Tensor:
+        if k.dtype in (torch.bfloat16, torch.float32):
+            if q.shape[0] == 1:  # decoding: every key from `lo` on is visible to the single query, in any order
+                lo = max(k_start, q_start - window + 1) if window else k_start
+                return K.attention_one_query(q[0], k[lo - k_start:], v[lo - k_start:], sinks).view(1, -1).to(q.dtype)
+            if k.dtype == q.dtype:
+                out = K.attention_prefill(q, k, v, sinks, q_start - k_start, window)
+                if out is not None:
+                    return out.to(q.dtype)
+        return super().attention(q, k, v, sinks, q_start, k_start, window)
+
+    def experts(self, x: torch.Tensor, lw: LayerWeights, chosen: torch.Tensor, weight: torch.Tensor,
+                cfg: ModelConfig) -> torch.Tensor:
+        bf16 = x.dtype == torch.bfloat16
+        if x.shape[0] == 1:  # one token: the whole block in one C call
+            y = K.moe_one_token(x, lw.w1_blocks, lw.w1_scales, lw.w1_bias, lw.w2_blocks, lw.w2_scales, lw.w2_bias,
+                                chosen[0], weight[0], cfg.swiglu_alpha, cfg.swiglu_limit, bf16)
+            return y.view(1, -1).to(x.dtype)
+        out = torch.zeros(x.shape, dtype=torch.float32)
+        for e, tok, slot in tokens_by_expert(chosen):  # the packed weights read directly
+            h = K.mxfp4_matmul(x[tok], lw.w1_blocks[e], lw.w1_scales[e], lw.w1_bias[e], bf16)
+            a = swiglu(h, cfg.swiglu_alpha, cfg.swiglu_limit)
+            y = K.mxfp4_matmul(a.to(x.dtype), lw.w2_blocks[e], lw.w2_scales[e], lw.w2_bias[e], bf16)
+            out.index_add_(0, tok, y * weight[tok, slot, None])
+        return out.to(x.dtype)

@@ -1,0 +1,111 @@
+"""The reference backend: every heavy operation in plain torch, on any device and dtype.
+
+It is the oracle the other backends are tested against, and the fallback where they do not apply. MXFP4
+experts are decoded one at a time, only when a token routes to them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from ..model.checkpoint import LayerWeights, Weights
+from ..model.config import ModelConfig
+from ..model.mxfp4 import mxfp4_dequantize
+
+if TYPE_CHECKING:
+    from ..engine.kv_cache import KVCache
+    from ..model.transformer import Transformer
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_start: int,
+              k_start: int, window: int, block: int = 256) -> torch.Tensor:
+    """Causal GQA with per-head sinks. q [T, H, D] at positions q_start.., k/v [S, KV, D] at k_start...
+
+    window > 0: query i sees key j only if i - j < window. The sink is an extra logit in each head's
+    softmax whose probability is dropped, so rows sum to less than one. Queries go in blocks to bound memory.
+    """
+    t_all, h, d = q.shape
+    kv = k.shape[1]
+    g = h // kv
+    sink = sinks.view(kv, g, 1, 1).float()
+    out = q.new_empty(t_all, h * d)
+    if q.device.type == "cpu":  # CPU GEMMs on these thin bf16 shapes are several times slower than in float32
+        q, k, v = q.float(), k.float(), v.float()
+    for b0 in range(0, t_all, block):
+        b1 = min(t_all, b0 + block)
+        qp0, qp1 = q_start + b0, q_start + b1
+        lo = max(k_start, qp0 - window + 1) if window else k_start
+        kb = k[lo - k_start: qp1 - k_start].permute(1, 2, 0)  # [KV, D, S]
+        vb = v[lo - k_start: qp1 - k_start].permute(1, 0, 2)  # [KV, S, D]
+        n = b1 - b0
+        # [KV, G*T, D]: the G query heads of a KV head, all tokens, as one plain batched matmul
+        qb = q[b0:b1].view(n, kv, g, d).permute(1, 2, 0, 3).reshape(kv, g * n, d)
+        scores = torch.bmm(qb, kb).float().view(kv, g, n, -1) * d**-0.5  # [KV, G, T, S]
+        if n > 1:  # a single query (decoding) sees every key from lo on: no mask to build
+            dist = torch.arange(qp0, qp1)[:, None] - torch.arange(lo, qp1)[None, :]
+            visible = (dist >= 0) & (dist < window) if window else dist >= 0
+            scores = scores.masked_fill(~visible.to(scores.device), float("-inf"))
+        m = torch.maximum(scores.amax(-1, keepdim=True), sink)
+        e = torch.exp(scores - m)
+        probs = e / (e.sum(-1, keepdim=True) + torch.exp(sink - m))
+        o = torch.bmm(probs.to(v.dtype).view(kv, g * n, -1), vb).view(kv, g, n, d)
+        out[b0:b1] = o.permute(2, 0, 1, 3).reshape(n, h * d)
+    return out
+
+
+def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """Clamped SwiGLU on interleaved gate/up columns: gate = h[..., 0::2], up = h[..., 1::2]."""
+    gate, up = h[..., 0::2].clamp(max=limit), h[..., 1::2].clamp(-limit, limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+class TorchBackend:
+    """Reference operations. Backends subclass it and override what they do faster; the model calls only these."""
+
+    name = "torch"
+
+    def prepare(self, weights: Weights) -> None:
+        """Adapt the loaded weights once, at load (nothing to do here)."""
+
+    def running(self) -> contextlib.AbstractContextManager:
+        """Entered around each forward pass (a backend may set up threads for it)."""
+        return contextlib.nullcontext()
+
+    def layers(self, model: Transformer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               cache: KVCache) -> torch.Tensor:
+        """Every layer of `model` on x [T, hidden], in order."""
+        for i in range(len(model.w.layers)):
+            x = model.layer(i, x, cos, sin, cache)
+        return x
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_start: int,
+                  k_start: int, window: int) -> torch.Tensor:
+        return attention(q, k, v, sinks, q_start, k_start, window)
+
+    def experts(self, x: torch.Tensor, lw: LayerWeights, chosen: torch.Tensor, weight: torch.Tensor,
+                cfg: ModelConfig) -> torch.Tensor:
+        """sum over each token's chosen experts [T, k] of weight [T, k] * expert(x); tokens sharing an expert
+        go together, experts in ascending order."""
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e, tok, slot in tokens_by_expert(chosen):
+            w1 = mxfp4_dequantize(lw.w1_blocks[e], lw.w1_scales[e], x.dtype)
+            a = swiglu(F.linear(x[tok], w1, lw.w1_bias[e].to(x.dtype)).float(), cfg.swiglu_alpha, cfg.swiglu_limit)
+            w2 = mxfp4_dequantize(lw.w2_blocks[e], lw.w2_scales[e], x.dtype)
+            y = F.linear(a.to(x.dtype), w2, lw.w2_bias[e].to(x.dtype))
+            out.index_add_(0, tok, y.float() * weight[tok, slot, None])
+        return out.to(x.dtype)
+
+
+def tokens_by_expert(chosen: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(expert, the tokens routed to it, the slot of the choice) for each expert chosen, in ascending order."""
+    for e in chosen.unique().tolist():
+        tok, slot = (chosen == e).nonzero(as_tuple=True)
+        yield e, tok, slot

@@ -1,0 +1,12 @@
+"""The serving engine, split as nano-vllm splits it: a `Sequence` per request, a `Scheduler` that picks each
+step's batch, a `ModelRunner` that owns the model and the KV memory and samples, and the `Engine` loop that
+ties them together on one thread and reports typed events."""
+
+from .llm_engine import Cancelled, Engine, EngineStats, Event, Failed, Finished, Handle, Token, stream
+from .model_runner import PREFILL_CHUNK, ModelRunner
+from .sampling import SamplingParams, sample
+from .scheduler import Scheduler
+from .sequence import Sequence, Status, check_prompt
+
+__all__ = ["Cancelled", "Engine", "EngineStats", "Event", "Failed", "Finished", "Handle", "Token", "PREFILL_CHUNK",
+           "ModelRunner", "SamplingParams", "sample", "Scheduler", "Sequence", "Status", "check_prompt", "stream"]

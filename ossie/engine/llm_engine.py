@@ -1,0 +1,191 @@
+"""`Engine`: serves many requests with one model on one thread, and tells each request what happens to it
+with typed events (`Token`, then `Finished`, `Failed` or `Cancelled`).
+
+submit() may be called from any thread; the engine thread admits requests (Scheduler), runs a step of the
+batch (ModelRunner), records each sampled token (Sequence.append) and reports it. A cancelled request stops at
+the next step and its KV cache is freed.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .model_runner import ModelRunner
+from .sampling import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence, check_prompt
+
+if TYPE_CHECKING:
+    from ..chat.constraints import Steering
+
+log = logging.getLogger("ossie")
+
+
+def stream(runner: ModelRunner, seq: Sequence) -> Iterator[int]:
+    """Step one sequence to its end on the caller's thread, yielding its tokens; its KV cache is freed at the end,
+    also when the consumer stops early."""
+    try:
+        while not seq.finished:
+            (tok,) = runner.run([seq])
+            if tok is not None:
+                seq.append(tok)
+                yield tok
+    finally:
+        runner.free(seq)
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" | "length"
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: Exception
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    pass
+
+
+Event = Token | Finished | Failed | Cancelled
+
+
+class Handle:
+    """The engine's side of one request. `cancel()` stops its generation at the next step and frees its cache."""
+
+    def __init__(self, seq: Sequence, on_event: Callable[[Event], None]):
+        self.sequence, self.on_event = seq, on_event
+        self.cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class EngineStats:
+    waiting: int = 0
+    running: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, max_running: int = 16):
+        self.runner = runner
+        self.scheduler = Scheduler(max_running)
+        self.intake: queue.Queue[Handle | None] = queue.Queue()
+        self.handles: dict[int, Handle] = {}  # sequence id -> handle, for the sequences in the scheduler
+        self.stats = EngineStats()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="ossie-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: list[int], params: SamplingParams, steering: Steering | None,
+               on_event: Callable[[Event], None]) -> Handle:
+        """Queue a request; raises ValueError at once for a prompt outside the vocabulary or invalid params.
+        `on_event` is called on the engine thread."""
+        params.validate()
+        seq = Sequence(check_prompt(prompt, self.runner.config.vocab_size), params, steering)
+        handle = Handle(seq, on_event)
+        with self._lock:
+            self.stats.waiting += 1
+        self.intake.put(handle)
+        return handle
+
+    def snapshot(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(**vars(self.stats))
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self.intake.put(None)
+        self._thread.join(timeout=10)
+
+    # ---- the loop (engine thread) -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._take(block=not self.scheduler)
+            self._step()
+
+    def _take(self, block: bool) -> None:
+        """Move submitted requests into the scheduler (waiting for one when idle)."""
+        while True:
+            try:
+                handle = self.intake.get(block=block)
+            except queue.Empty:
+                return
+            if handle is None:  # shutdown
+                return
+            block = False
+            self.handles[handle.sequence.id] = handle
+            self.scheduler.add(handle.sequence)
+
+    def _step(self) -> None:
+        for seq in list(self.scheduler.waiting) + self.scheduler.running:
+            if self.handles[seq.id].cancelled.is_set():
+                self._end(seq, Cancelled())
+        admitted, batch = self.scheduler.schedule()
+        with self._lock:
+            self.stats.waiting -= len(admitted)
+            self.stats.running += len(admitted)
+            self.stats.prompt_tokens += sum(len(s.prompt) for s in admitted)
+        if not batch:
+            return
+        try:
+            tokens = self.runner.run(batch)
+        except Exception as e:  # a failed step fails the requests in it; the engine goes on serving
+            log.exception("a step of requests %s failed", [s.id for s in batch])
+            for seq in batch:
+                self._end(seq, Failed(e))
+            return
+        for seq, tok in zip(batch, tokens, strict=True):
+            if tok is None:
+                continue
+            try:
+                seq.append(tok)
+            except Exception as e:  # e.g. its steering: this request fails alone
+                log.exception("request %d failed", seq.id)
+                self._end(seq, Failed(e))
+                continue
+            with self._lock:
+                self.stats.generated_tokens += 1
+            self.handles[seq.id].on_event(Token(tok))
+            if seq.finished:
+                self._end(seq, Finished(seq.finish_reason))
+
+    def _end(self, seq: Sequence, event: Finished | Failed | Cancelled) -> None:
+        was_running = seq in self.scheduler.running
+        self.scheduler.remove(seq)
+        self.runner.free(seq)
+        if not seq.finished:
+            seq.finish(None)
+        with self._lock:
+            if was_running:
+                self.stats.running -= 1
+            else:
+                self.stats.waiting -= 1
+            if isinstance(event, Finished):
+                self.stats.finished += 1
+            elif isinstance(event, Cancelled):
+                self.stats.cancelled += 1
+            else:
+                self.stats.failed += 1
+        self.handles.pop(seq.id).on_event(event)

@@ -1,0 +1,86 @@
+"""`Sequence`: one request's state as the engine sees it (tokens, sampling parameters, steering, status)."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from ..chat.constraints import Steering
+    from .kv_cache import KVCache
+
+_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # submitted, not yet admitted
+    RUNNING = "running"  # has a KV cache; reads its prompt, then generates
+    FINISHED = "finished"
+
+
+def check_prompt(token_ids: Seq[int] | torch.Tensor, vocab_size: int) -> list[int]:
+    """The prompt as a list of ids, or ValueError naming what is wrong with it."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    if ids.numel() == 0:
+        raise ValueError("token_ids is empty: give at least one token")
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"token id {int(ids[i])} at position {i} is outside the vocabulary [0, {vocab_size})")
+    return ids.tolist()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A prompt and what has been generated for it. The runner reads the prompt in chunks (`num_prefilled`),
+    then every step samples one token, which `append` records; the sequence finishes at a stop token
+    ("stop") or at max_tokens ("length"). `cache` is the KV memory the runner gave it while it runs."""
+
+    prompt: list[int]
+    params: SamplingParams
+    steering: Steering | None = None
+    id: int = field(default_factory=_ids.__next__)
+    output: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None  # "stop" | "length" once finished
+    num_prefilled: int = 0
+    cache: KVCache | None = None
+    generator: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator(device="cpu")
+        if self.params.seed is not None:
+            self.generator.manual_seed(self.params.seed)
+        else:
+            self.generator.seed()
+        self.stop_ids = self.params.stop_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_prefilled < len(self.prompt)
+
+    def append(self, token: int) -> None:
+        """Record a sampled token (steering sees it too); finish at a stop token or at max_tokens."""
+        if self.finished:
+            raise RuntimeError(f"sequence {self.id} is finished")
+        if self.steering is not None:
+            self.steering.advance(token)
+        self.output.append(token)
+        if token in self.stop_ids:
+            self.finish("stop")
+        elif len(self.output) >= self.params.max_tokens:
+            self.finish("length")
+
+    def finish(self, reason: str | None) -> None:
+        self.status, self.finish_reason = Status.FINISHED, reason

@@ -1,0 +1,190 @@
+"""POST /v1/chat/completions: harmony chat, streamed or not, with tools, tool_choice and response_format.
+
+Conventions follow vLLM's for gpt-oss: the answer's reasoning is `reasoning_content` (and `reasoning`), harmony
+tool calls become `tool_calls` with finish_reason "tool_calls".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from ..chat import constraints, harmony
+from ..special_tokens import STOP_TOKEN_IDS
+from .protocol import (
+    APIError,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatMessage,
+    FunctionCallDelta,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
+from .serving import Serving
+from .streaming import Run, StopStrings, cancel_on_disconnect, data, sse
+
+router = APIRouter()
+
+
+def chat_steering(tools: list | None, tool_choice: Any,
+                  response_format: dict | None) -> tuple[constraints.Steering | None, list[dict]]:
+    """What tool_choice and response_format demand: (the steering that enforces it or None, developer messages
+    to add to the conversation so the model knows what is expected)."""
+    declared = [t.get("function", t).get("name") for t in tools or [] if isinstance(t, dict)]
+    instructions: list[dict] = []
+    if response_format is not None:
+        kind = response_format.get("type")
+        if kind == "json_schema":
+            spec = response_format.get("json_schema") or {}
+            if not isinstance(spec.get("schema"), dict):
+                raise APIError(400, "response_format.json_schema.schema must be a JSON Schema object",
+                               "response_format")
+            instructions.append({"role": "developer", "content": "Answer with a JSON object matching this JSON "
+                                 "schema, and nothing else:\n" + json.dumps(spec["schema"])})
+        elif kind == "json_object":
+            instructions.append({"role": "developer", "content": "Answer with a JSON object, and nothing else."})
+        elif kind != "text":
+            raise APIError(400, f"response_format type {kind!r} is not supported (text, json_object, "
+                                "json_schema)", "response_format")
+    wants_json = response_format is not None and response_format.get("type") != "text"
+    if tool_choice in (None, "auto"):
+        steering = constraints.answer_steering(json=True) if wants_json else None
+    elif tool_choice == "none":
+        steering = constraints.answer_steering(json=wants_json)
+    elif tool_choice == "required":
+        if not declared:
+            raise APIError(400, "tool_choice 'required' needs tools", "tool_choice")
+        steering = constraints.tool_call_steering(declared)
+    elif isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+        if name not in declared:
+            raise APIError(400, f"tool_choice names function {name!r}, which is not among the tools", "tool_choice")
+        steering = constraints.tool_call_steering([name])
+    else:
+        raise APIError(400, f"unknown tool_choice {tool_choice!r} (auto, none, required, or "
+                            '{"type": "function", "function": {"name": ...}})', "tool_choice")
+    return steering, instructions
+
+
+def reasoning_budget(max_tokens: int) -> int:
+    """When the answer is demanded (tool_choice, response_format), reasoning gets at most half of max_tokens and
+    leaves at least 64 tokens for the answer."""
+    return max(0, min(max_tokens // 2, max_tokens - 64))
+
+
+def start_chat(serving: Serving, messages: list[dict], tools: list[dict] | None, tool_choice: Any,
+               response_format: dict | None, effort: str, max_tokens: int | None, max_tokens_param: str,
+               req: Any, messages_param: str) -> Run:
+    """Render the conversation with what tool_choice and response_format demand, and start its generation."""
+    steering, instructions = chat_steering(tools, tool_choice, response_format)
+    try:
+        prompt = harmony.render(messages + instructions, tools, effort)
+    except harmony.ChatFormatError as e:
+        raise APIError(400, str(e), messages_param) from None
+    budget = serving.budget(prompt, max_tokens, max_tokens_param)
+    if steering is not None:
+        steering.reasoning_budget = reasoning_budget(budget)
+    return Run(serving.engine, prompt, req.to_sampling_params(budget, list(STOP_TOKEN_IDS)), steering)
+
+
+async def chat_deltas(run: Run, stops: StopStrings) -> AsyncIterator[harmony.ChatDelta]:
+    """The parser's deltas, with the answer cut at a stop string (which ends the generation)."""
+    parser = harmony.ChatParser(prompt_tokens=run.prompt_tokens)
+    sent = ""
+    async with contextlib.aclosing(run.tokens()) as tokens:  # leaving early cancels the generation at once
+        async for tok in tokens:
+            for d in parser.feed(tok):
+                if d.kind == "content":
+                    d.text = stops.push(d.text)
+                    sent += d.text
+                    if not d.text:
+                        continue
+                yield d
+            if stops.hit:
+                break
+    tail = stops.flush()
+    if tail:
+        sent += tail
+        yield harmony.ChatDelta("content", tail)
+    for d in parser.finish(hit_length=run.finish_reason == "length"):
+        if d.kind == "content":
+            d.text = stops.push(d.text) + stops.flush()
+            sent += d.text
+            if not d.text:
+                continue
+        if d.kind == "finish" and stops.stops:
+            d.result.content = sent
+            if stops.hit:
+                d.result.finish_reason = "stop"
+        yield d
+
+
+def chat_usage(result: harmony.ChatResult) -> Usage:
+    return Usage.of(result.prompt_tokens, result.completion_tokens, result.reasoning_tokens)
+
+
+async def chat_stream(run: Run, stops: StopStrings, cid: str, now: int, model_name: str,
+                      include_usage: bool) -> AsyncIterator[str]:
+    def chunk(delta: ChatDelta, finish: str | None = None) -> str:
+        body = ChatCompletionChunk(id=cid, created=now, model=model_name,
+                                   choices=[ChatChunkChoice(delta=delta, finish_reason=finish)])
+        return data(body, exclude=None if include_usage else {"usage"})  # OpenAI: usage: null until the last
+
+    yield chunk(ChatDelta(role="assistant", content=""))
+    async for d in chat_deltas(run, stops):
+        if d.kind == "reasoning":
+            yield chunk(ChatDelta(reasoning_content=d.text, reasoning=d.text))
+        elif d.kind == "content":
+            yield chunk(ChatDelta(content=d.text))
+        elif d.kind == "tool_call":
+            first = d.name is not None
+            yield chunk(ChatDelta(tool_calls=[ToolCallDelta(
+                index=d.index, id=d.id if first else None, type="function" if first else None,
+                function=FunctionCallDelta(name=d.name, arguments=d.text))]))
+        else:
+            yield chunk(ChatDelta(), d.result.finish_reason)
+            if include_usage:
+                yield data(ChatCompletionChunk(id=cid, created=now, model=model_name, choices=[],
+                                               usage=chat_usage(d.result)))
+    yield data("[DONE]")
+
+
+def chat_message(result: harmony.ChatResult) -> ChatMessage:
+    if result.tool_calls:
+        content = result.content or None
+    else:
+        content = result.content
+    return ChatMessage(content=content, reasoning_content=result.reasoning or None,
+                       reasoning=result.reasoning or None,
+                       tool_calls=[ToolCall.of(c) for c in result.tool_calls] or None)
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(req: ChatCompletionRequest, request: Request):
+    serving: Serving = request.app.state.serving
+    serving.check_request(req)
+    run = start_chat(serving, list(req.messages), req.tools, req.tool_choice, req.response_format,
+                     req.reasoning_effort or "medium", req.max_completion_tokens or req.max_tokens,
+                     "max_completion_tokens" if req.max_completion_tokens else "max_tokens", req, "messages")
+    cid, now = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
+    stops = StopStrings(req.stop)
+    if req.stream:
+        return sse(chat_stream(run, stops, cid, now, req.model, req.include_usage))
+    result = None
+    async with cancel_on_disconnect(run, request):
+        async for delta in chat_deltas(run, stops):
+            if delta.kind == "finish":
+                result = delta.result
+    return ChatCompletion(id=cid, created=now, model=req.model, usage=chat_usage(result),
+                          choices=[ChatChoice(message=chat_message(result), finish_reason=result.finish_reason)])

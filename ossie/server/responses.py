@@ -1,0 +1,300 @@
+"""POST /v1/responses and GET /v1/responses/{id}: the Responses API over harmony chat (function tools,
+reasoning items, previous_response_id from a bounded store of recent responses)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from ..chat import harmony
+from .chat_completions import chat_deltas, start_chat
+from .protocol import (
+    APIError,
+    InputTokensDetails,
+    OutputTokensDetails,
+    ResponseObject,
+    ResponsesRequest,
+    ResponseUsage,
+)
+from .serving import Serving
+from .streaming import Run, StopStrings, cancel_on_disconnect, named_event, sse
+
+router = APIRouter()
+
+STORED_RESPONSES = 1000  # responses kept for previous_response_id (least recently used dropped first)
+
+
+class ResponseStore:
+    """Stored responses and the conversation each ends (for previous_response_id), least recently used dropped
+    first beyond `capacity`."""
+
+    def __init__(self, capacity: int = STORED_RESPONSES):
+        self.capacity = capacity
+        self.items: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()  # id -> (response, messages)
+
+    def put(self, rid: str, response: dict, messages: list[dict]) -> None:
+        self.items[rid] = (response, messages)
+        while len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+
+    def response(self, rid: str) -> dict | None:
+        return self.items[rid][0] if rid in self.items else None
+
+    def messages(self, rid: str) -> list[dict] | None:
+        if rid not in self.items:
+            return None
+        self.items.move_to_end(rid)
+        return list(self.items[rid][1])
+
+
+# ---- Responses items <-> chat messages ----------------------------------------------------------------------
+
+
+def input_to_messages(items: str | list[dict]) -> list[dict]:
+    """Responses `input` (a string, or message / reasoning / function_call / function_call_output items) as
+    Chat Completions messages, which harmony.render understands."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    messages: list[dict] = []
+    reasoning: str | None = None  # a reasoning item belongs to the assistant turn that follows it
+    for i, item in enumerate(items):
+        kind = item.get("type", "message")
+        where = f"input[{i}]"
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise APIError(400, f"{where}: unknown role {role!r}", f"{where}.role")
+            message = {"role": role, "content": item.get("content")}
+            if role == "assistant" and reasoning:
+                message["reasoning_content"], reasoning = reasoning, None
+            messages.append(message)
+        elif kind == "reasoning":
+            parts = item.get("content") or item.get("summary") or []
+            reasoning = "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+        elif kind == "function_call":
+            if not item.get("name") or not item.get("call_id"):
+                raise APIError(400, f"{where}: a function_call item needs name and call_id", where)
+            call = harmony.ToolCall(item["call_id"], item["name"], item.get("arguments") or "{}")
+            message = {"role": "assistant", "content": None, "tool_calls": [call.to_openai()]}
+            if reasoning:
+                message["reasoning_content"], reasoning = reasoning, None
+            messages.append(message)
+        elif kind == "function_call_output":
+            if not item.get("call_id"):
+                raise APIError(400, f"{where}: a function_call_output item needs call_id", where)
+            output = item.get("output")
+            messages.append({"role": "tool", "tool_call_id": item["call_id"],
+                             "content": output if isinstance(output, str) else json.dumps(output)})
+        else:
+            raise APIError(400, f"{where}: input item type {kind!r} is not supported", f"{where}.type")
+    return messages
+
+
+def output_to_message(output: list[dict]) -> dict:
+    """A response's output items as one assistant chat message (for previous_response_id)."""
+    message: dict[str, Any] = {"role": "assistant", "content": ""}
+    for item in output:
+        if item["type"] == "reasoning":
+            message["reasoning_content"] = "".join(c["text"] for c in item["content"])
+        elif item["type"] == "message":
+            message["content"] += "".join(c["text"] for c in item["content"])
+        elif item["type"] == "function_call":
+            call = harmony.ToolCall(item["call_id"], item["name"], item["arguments"])
+            message.setdefault("tool_calls", []).append(call.to_openai())
+    return message
+
+
+class OutputItems:
+    """Chat deltas as Responses output items (reasoning, message, function_call) and their stream events."""
+
+    def __init__(self) -> None:
+        self.output: list[dict] = []
+        self.item: dict | None = None  # the item being streamed
+        self.call_index: int | None = None
+
+    def _events_close(self) -> Iterable[tuple[str, dict]]:
+        item, self.item = self.item, None
+        if item is None:
+            return
+        at = {"item_id": item["id"], "output_index": len(self.output) - 1}
+        item["status"] = "completed"
+        if item["type"] in ("reasoning", "message"):
+            part = item["content"][0]
+            kind = "reasoning_text" if item["type"] == "reasoning" else "output_text"
+            yield f"response.{kind}.done", {**at, "content_index": 0, "text": part["text"]}
+            yield "response.content_part.done", {**at, "content_index": 0, "part": part}
+        else:
+            yield "response.function_call_arguments.done", {**at, "arguments": item["arguments"]}
+        yield "response.output_item.done", {"output_index": at["output_index"], "item": item}
+
+    def _open(self, item: dict) -> Iterable[tuple[str, dict]]:
+        yield from self._events_close()
+        self.output.append(item)
+        self.item = item
+        shown = {**item, "status": "in_progress"}
+        if item["type"] in ("reasoning", "message"):
+            shown["content"] = []
+        yield "response.output_item.added", {"output_index": len(self.output) - 1, "item": shown}
+        if item["type"] in ("reasoning", "message"):
+            yield "response.content_part.added", {"item_id": item["id"], "output_index": len(self.output) - 1,
+                                                  "content_index": 0, "part": dict(item["content"][0])}
+
+    def feed(self, d: harmony.ChatDelta) -> Iterable[tuple[str, dict]]:
+        if d.kind in ("reasoning", "content"):
+            kind = "reasoning" if d.kind == "reasoning" else "message"
+            if self.item is None or self.item["type"] != kind:
+                if kind == "reasoning":
+                    item = {"id": "rs_" + uuid.uuid4().hex, "type": "reasoning", "summary": [],
+                            "content": [{"type": "reasoning_text", "text": ""}], "status": "in_progress"}
+                else:
+                    item = {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant",
+                            "status": "in_progress", "content": [{"type": "output_text", "text": "",
+                                                                  "annotations": [], "logprobs": []}]}
+                yield from self._open(item)
+            self.item["content"][0]["text"] += d.text
+            event = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+            yield event, {"item_id": self.item["id"], "output_index": len(self.output) - 1, "content_index": 0,
+                          "delta": d.text}
+        elif d.kind == "tool_call":
+            if d.name is not None:
+                self.call_index = d.index
+                yield from self._open({"id": "fc_" + uuid.uuid4().hex, "type": "function_call", "call_id": d.id,
+                                       "name": d.name, "arguments": "", "status": "in_progress"})
+            if d.text:
+                self.item["arguments"] += d.text
+                yield "response.function_call_arguments.delta", {
+                    "item_id": self.item["id"], "output_index": len(self.output) - 1, "delta": d.text}
+
+    def close(self) -> Iterable[tuple[str, dict]]:
+        yield from self._events_close()
+
+
+def function_tools(tools: list[dict] | None) -> list[dict]:
+    """Responses function tools ({"type": "function", "name", ...}) as chat completions tools."""
+    out = []
+    for i, t in enumerate(tools or []):
+        if t.get("type") != "function":
+            raise APIError(400, f"tools[{i}]: type {t.get('type')!r} is not supported (function tools only)",
+                           f"tools[{i}].type")
+        out.append({"type": "function", "function": {k: t.get(k) for k in ("name", "description", "parameters")}})
+    return out
+
+
+def chat_options(req: ResponsesRequest) -> tuple[Any, dict | None, str]:
+    """(tool_choice, response_format, reasoning effort) of a Responses request, in chat completions' terms."""
+    choice = req.tool_choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    fmt = (req.text or {}).get("format")
+    response_format = None
+    if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+        response_format = {"type": fmt["type"], "json_schema": {"schema": fmt.get("schema")}}
+    effort = (req.reasoning or {}).get("effort") or "medium"
+    if effort not in harmony.REASONING_EFFORTS:
+        raise APIError(400, f"reasoning.effort must be one of {harmony.REASONING_EFFORTS}", "reasoning.effort")
+    return choice, response_format, effort
+
+
+@dataclass
+class Answer:
+    output: list[dict]  # the response's output items
+    result: harmony.ChatResult
+
+
+async def collect(run: Run) -> AsyncIterator[tuple[str, dict] | Answer]:
+    """The output items' stream events (kind, fields) as the answer comes, then the whole Answer."""
+    items = OutputItems()
+    async for d in chat_deltas(run, StopStrings(None)):
+        if d.kind == "finish":
+            result = d.result
+        else:
+            for event in items.feed(d):
+                yield event
+    for event in items.close():
+        yield event
+    yield Answer(items.output, result)
+
+
+@router.post("/v1/responses")
+async def create_response(req: ResponsesRequest, request: Request):
+    serving: Serving = request.app.state.serving
+    store: ResponseStore = request.app.state.responses
+    serving.check_model(req.model)
+    history: list[dict] = []
+    if req.previous_response_id:
+        history = store.messages(req.previous_response_id)
+        if history is None:
+            raise APIError(404, f"Previous response with id '{req.previous_response_id}' not found.",
+                           "previous_response_id", "previous_response_not_found")
+    new_messages = input_to_messages(req.input)
+    messages = ([{"role": "developer", "content": req.instructions}] if req.instructions else []) + history \
+        + new_messages
+    tools = function_tools(req.tools)
+    choice, response_format, effort = chat_options(req)
+    run = start_chat(serving, messages, tools, choice, response_format, effort, req.max_output_tokens,
+                     "max_output_tokens", req, "input")
+    base = ResponseObject(
+        id="resp_" + uuid.uuid4().hex, created_at=int(time.time()), model=req.model, instructions=req.instructions,
+        tools=req.tools or [], tool_choice=req.tool_choice or "auto", temperature=req.temperature, top_p=req.top_p,
+        max_output_tokens=req.max_output_tokens, previous_response_id=req.previous_response_id,
+        reasoning={"effort": effort, "summary": None}, store=req.store, text=req.text or {"format": {"type": "text"}},
+        metadata=req.metadata or {})
+
+    def finish(answer: Answer) -> dict:
+        result = answer.result
+        incomplete = result.finish_reason == "length"
+        body = base.model_copy(update={
+            "status": "incomplete" if incomplete else "completed", "output": answer.output,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "usage": ResponseUsage(input_tokens=result.prompt_tokens, output_tokens=result.completion_tokens,
+                                   total_tokens=result.prompt_tokens + result.completion_tokens,
+                                   input_tokens_details=InputTokensDetails(cached_tokens=0),
+                                   output_tokens_details=OutputTokensDetails(
+                                       reasoning_tokens=result.reasoning_tokens))}).model_dump()
+        if req.store:
+            store.put(body["id"], body, history + new_messages + [output_to_message(answer.output)])
+        return body
+
+    if req.stream:
+        return sse(responses_stream(run, base, finish))
+    async with cancel_on_disconnect(run, request):
+        async for event in collect(run):
+            answer = event
+    return finish(answer)
+
+
+@router.get("/v1/responses/{response_id}")
+async def get_response(response_id: str, request: Request) -> dict:
+    body = request.app.state.responses.response(response_id)
+    if body is None:
+        raise APIError(404, f"Response with id '{response_id}' not found.", "response_id", "not_found")
+    return body
+
+
+async def responses_stream(run: Run, base: ResponseObject,
+                           finish: Callable[[Answer], dict]) -> AsyncIterator[str]:
+    seq = 0
+
+    def event(kind: str, **fields: Any) -> str:
+        nonlocal seq
+        seq += 1
+        return named_event(kind, {"type": kind, "sequence_number": seq - 1, **fields})
+
+    start = base.model_dump()
+    yield event("response.created", response=start)
+    yield event("response.in_progress", response=start)
+    async for item in collect(run):
+        if isinstance(item, Answer):
+            body = finish(item)
+            yield event("response.incomplete" if body["status"] == "incomplete" else "response.completed",
+                        response=body)
+        else:
+            kind, fields = item
+            yield event(kind, **fields)

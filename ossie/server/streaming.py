@@ -1,0 +1,157 @@
+"""Running a generation from async code, and what the endpoints share for turning its tokens into text and
+server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from ..chat.constraints import Steering
+from ..engine import Cancelled, Engine, Event, Failed, Finished, SamplingParams, Token
+from ..tokenizer import token_bytes
+from .protocol import APIError
+
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+
+
+class Run:
+    """One request in the engine, seen from the event loop: `async for tok in run.tokens()`; closing that iterator
+    early (a disconnect, a stop string) cancels the generation, which frees its KV cache."""
+
+    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, steering: Steering | None):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" once over
+        self.prompt_tokens = len(prompt)
+        self.completion_tokens = 0
+        try:
+            self.handle = engine.submit(prompt, params, steering, self._on_event)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    def _on_event(self, event: Event) -> None:  # engine thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def tokens(self) -> AsyncIterator[int]:
+        try:
+            while True:
+                event = await self.queue.get()
+                if isinstance(event, Token):
+                    self.completion_tokens += 1
+                    yield event.id
+                elif isinstance(event, Finished):
+                    self.finish_reason = event.reason
+                    return
+                elif isinstance(event, Failed):
+                    raise APIError(500, f"generation failed: {event.error}", type="server_error")
+                else:
+                    assert isinstance(event, Cancelled)
+                    self.finish_reason = "cancelled"
+                    return
+        finally:
+            self.handle.cancel()  # a no-op once finished
+
+    async def watch(self, request: Request) -> None:
+        """Cancel the generation when the client goes away (non-streaming requests; a stream notices by itself)."""
+        while self.finish_reason is None:
+            if await request.is_disconnected():
+                self.handle.cancel()
+                return
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+@contextlib.asynccontextmanager
+async def cancel_on_disconnect(run: Run, request: Request) -> AsyncIterator[None]:
+    """While a non-streaming request collects its answer, a client that goes away cancels its generation."""
+    watcher = asyncio.create_task(run.watch(request))
+    try:
+        yield
+    finally:
+        watcher.cancel()
+
+
+class StopStrings:
+    """Cuts text at the first stop string, holding back a tail that could be the start of one."""
+
+    def __init__(self, stop: str | list[str] | None):
+        self.stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
+        self.pending = ""
+        self.hit = False
+
+    def push(self, text: str) -> str:
+        if not self.stops:
+            return text
+        if self.hit:
+            return ""
+        buf = self.pending + text
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.hit, self.pending = True, ""
+            return buf[:cut]
+        keep = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
+        self.pending = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep]
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class TextDecoder:
+    """Token ids to text as they come, never splitting a UTF-8 character; special tokens are skipped."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.vocab = token_bytes()
+
+    def push(self, tok: int) -> str:
+        if tok >= len(self.vocab):
+            return ""
+        self.buf += self.vocab[tok]
+        for end in range(len(self.buf), max(len(self.buf) - 4, -1), -1):
+            try:
+                text = self.buf[:end].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            self.buf = self.buf[end:]
+            return text
+        text, self.buf = self.buf.decode("utf-8", errors="replace"), b""  # not UTF-8 at all
+        return text
+
+    def flush(self) -> str:
+        text, self.buf = self.buf.decode("utf-8", errors="replace"), b""
+        return text
+
+
+def sse(chunks: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events. A generation failing mid-stream ends the stream with an OpenAI-style error event."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except APIError as e:
+            yield data(e.body())
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def data(obj: BaseModel | dict | str, **dump: Any) -> str:
+    """One `data:` event: a model (dumped with `dump`'s options), a JSON object, or a literal such as [DONE]."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump_json(**dump)
+    elif not isinstance(obj, str):
+        obj = json.dumps(obj)
+    return f"data: {obj}\n\n"
+
+
+def named_event(kind: str, obj: dict) -> str:
+    return f"event: {kind}\ndata: {json.dumps(obj)}\n\n"

@@ -1,0 +1,29 @@
+"""`python -m tests.scripted_main SCRIPT.json COMMAND ARGS...`: the ossie command line with its model's runner
+replaced by a ScriptedRunner (tests/scripted.py) replaying SCRIPT.json, for the server and chat tests that run
+ossie in a subprocess."""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ossie import cli
+from tests.scripted import ScriptedRunner
+
+
+def main() -> int:
+    script = json.loads(Path(sys.argv[1]).read_text())
+    load = cli.load_llm
+
+    def load_scripted(args):
+        llm = load(args)
+        llm.runner = ScriptedRunner(llm.runner, script)
+        logging.getLogger("ossie").warning("replaying scripted completions instead of sampling")
+        return llm
+
+    cli.load_llm = load_scripted
+    return cli.main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
