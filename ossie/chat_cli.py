@@ -108,8 +108,9 @@ class Chat:
             if result is None:
                 return
             rate = result.completion_tokens / elapsed if elapsed > 0 else 0.0
+            cached = f" ({result.cached_tokens} cached)" if result.cached_tokens else ""
             self.console.print(f"{result.completion_tokens} tokens ({result.reasoning_tokens} reasoning), "
-                               f"{rate:.1f} tok/s, prompt {result.prompt_tokens} tokens, "
+                               f"{rate:.1f} tok/s, prompt {result.prompt_tokens} tokens{cached}, "
                                f"finish: {result.finish_reason}", style="dim")
             if result.finish_reason != "tool_calls":
                 return

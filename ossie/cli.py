@@ -24,15 +24,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: $OSSIE_KERNELS, else auto)")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="prompt tokens read per forward pass (default: ossie.engine.PREFILL_CHUNK)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the KV of computed tokens so that a prompt that starts like an earlier one (a "
+                        "conversation, an agent loop) computes only the rest (default: on)")
+    p.add_argument("--kv-cache-gb", type=float, default=None, metavar="GB",
+                   help="memory for cached prefixes, in GiB (default: ossie.engine.DEFAULT_BUDGET_GB)")
 
 
 def load_llm(args: argparse.Namespace):
     """The model a command runs, loaded as its options say."""
-    from .engine import PREFILL_CHUNK
+    from .engine import DEFAULT_BUDGET_GB, PREFILL_CHUNK
     from .llm import LLM
 
     return LLM(args.model, device=args.device, dtype=args.dtype, layout=args.layout, num_threads=args.threads,
-               backend=args.backend, prefill_chunk=args.prefill_chunk or PREFILL_CHUNK)
+               backend=args.backend, prefill_chunk=args.prefill_chunk or PREFILL_CHUNK,
+               enable_prefix_caching=args.enable_prefix_caching,
+               kv_cache_gb=DEFAULT_BUDGET_GB if args.kv_cache_gb is None else args.kv_cache_gb)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:

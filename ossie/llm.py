@@ -19,7 +19,7 @@ from .backends import Backend, select_backend
 from .backends.cpu_kernels import set_num_threads
 from .chat import harmony
 from .chat.constraints import Steering
-from .engine import PREFILL_CHUNK, ModelRunner, SamplingParams, check_prompt, stream
+from .engine import DEFAULT_BUDGET_GB, PREFILL_CHUNK, ModelRunner, PrefixCache, SamplingParams, check_prompt, stream
 from .engine import Sequence as EngineSequence
 from .model.checkpoint import detect_layout, load_config, load_weights, resolve_model
 from .model.transformer import Transformer
@@ -36,11 +36,16 @@ class LLM:
     model: a local folder (Hugging Face layout, the original layout, or a repo folder holding both) or a
     Hugging Face repo id such as "openai/gpt-oss-20b". backend: "auto" (default), "cpu" (ossie's C kernels)
     or "torch" (the reference), or a Backend object. prefill_chunk: prompt tokens read per forward pass.
+    enable_prefix_caching: keep the KV of computed tokens (up to kv_cache_gb GiB) so that a prompt that starts
+    like an earlier one computes only the rest.
     """
 
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "bfloat16", layout: str | None = None,
                  num_threads: int | None = None, progress: bool = True, backend: str | Backend | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, enable_prefix_caching: bool = True,
+                 kv_cache_gb: float = DEFAULT_BUDGET_GB):
+        if kv_cache_gb < 0:
+            raise ValueError(f"kv_cache_gb must be >= 0, got {kv_cache_gb}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         set_num_threads(num_threads or len(os.sched_getaffinity(0)))
@@ -52,7 +57,8 @@ class LLM:
         self.backend = backend if isinstance(backend, Backend) else select_backend(self.device, backend)
         weights = load_weights(folder, self.layout, self.config, self.dtype, self.device, progress=progress)
         self.model = Transformer(self.config, weights, self.dtype, self.backend)
-        self.runner = ModelRunner(self.model, prefill_chunk)
+        prefix_cache = PrefixCache(self.config, int(kv_cache_gb * 2**30)) if enable_prefix_caching else None
+        self.runner = ModelRunner(self.model, prefill_chunk, prefix_cache)
         self.load_seconds = time.perf_counter() - t0
         log.info("loaded %s (%s layout, %d layers, %d experts, %s backend) in %.1f s", folder, self.layout,
                  self.config.num_layers, self.config.num_experts, self.backend.name, self.load_seconds)
@@ -123,6 +129,7 @@ class LLM:
                 yield from parser.feed(tok)
         finally:
             tokens.close()  # the consumer stopped early (Ctrl-C, disconnect): stop generating
+        parser.result.cached_tokens = seq.num_cached_tokens
         yield from parser.finish(hit_length=seq.finish_reason == "length")
 
     def _check_context(self, n: int) -> None:

@@ -22,6 +22,7 @@ DEFAULT_TURN = "<|channel|>final<|message|><|return|>"
 class ScriptedRunner:
     def __init__(self, runner: ModelRunner, script: list[str | dict]):
         self.config, self.device = runner.config, runner.device
+        self.prefix_cache = None
         self.script, self.turn = script, 0
         self.completions: dict[int, list[int]] = {}  # sequence id -> its scripted completion
 

@@ -84,7 +84,7 @@ def test_chat_cli_commands_multiline_and_ctrl_c(tiny_repo, tmp_path):
     child.expect("reasoning effort: high")
     child.expect(">>> ")
     child.sendline("hello")
-    child.expect(r"16 tokens \(\d+ reasoning\), [\d.]+ tok/s, prompt \d+ tokens, finish: length")
+    child.expect(r"16 tokens \(\d+ reasoning\), [\d.]+ tok/s, prompt \d+ tokens( \(\d+ cached\))?, finish: length")
     child.expect(">>> ")
     child.sendline('"""')
     child.expect(r"\.\.\. ")

@@ -463,7 +463,7 @@ def test_internal_failure_fails_one_request(tiny_llm):
 
     class FlakyRunner:  # the model runner, whose first step fails
         def __init__(self, runner):
-            self.runner, self.config, self.steps = runner, runner.config, 0
+            self.runner, self.config, self.prefix_cache, self.steps = runner, runner.config, runner.prefix_cache, 0
 
         def run(self, batch):
             self.steps += 1
@@ -510,3 +510,30 @@ def test_long_prompts_read_in_small_chunks(tiny_repo, tiny_llm):
         assert (getattr(r.choices[0].message, "reasoning_content", None) or "") == answer.reasoning
     finally:
         s.stop()
+
+
+def test_prefix_cache_usage_and_metrics(server):
+    """The same conversation sent again is read from the prefix cache (all its whole blocks but the one holding
+    the last prompt token), answers the same, and says so in usage (chat completions, responses) and /metrics.
+    The first time, only the harmony system message every request starts with may be cached."""
+    c = client(server)
+    messages = user("A question about the sea and its tides, asked at length. " * 12)
+    first = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    second = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    n = first.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens <= 64
+    assert second.usage.prompt_tokens_details.cached_tokens == (n - 1) // 64 * 64 > 0
+    assert second.choices[0].message.content == first.choices[0].message.content
+    chunks = list(c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (n - 1) // 64 * 64
+    kw = dict(model=MODEL, input="Tell me about rivers and how they reach the sea. " * 12, max_output_tokens=4,
+              temperature=0)
+    r1, r2 = c.responses.create(**kw), c.responses.create(**kw)
+    assert r1.usage.input_tokens_details.cached_tokens <= 64
+    assert r2.usage.input_tokens_details.cached_tokens == (r2.usage.input_tokens - 1) // 64 * 64 > 0
+    metrics = dict(line.split() for line in httpx.get(server.url + "/metrics").text.splitlines())
+    assert int(metrics["ossie_prompt_tokens_cached_total"]) >= 2 * ((n - 1) // 64 * 64)
+    assert 0 < float(metrics["ossie_prefix_cache_hit_rate"]) < 1
+    assert int(metrics["ossie_kv_cache_prefix_bytes"]) > 0 and int(metrics["ossie_kv_cache_prefix_blocks"]) > 0
+    assert int(metrics["ossie_kv_cache_running_bytes"]) == 0  # nothing is running now

@@ -202,6 +202,7 @@ class ChatResult:
     finish_reason: str = "stop"  # "stop" | "length" | "tool_calls"
     warnings: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those served from the prefix cache
     completion_tokens: int = 0
     reasoning_tokens: int = 0
 

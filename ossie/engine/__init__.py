@@ -4,9 +4,11 @@ ties them together on one thread and reports typed events."""
 
 from .llm_engine import Cancelled, Engine, EngineStats, Event, Failed, Finished, Handle, Token, stream
 from .model_runner import PREFILL_CHUNK, ModelRunner
+from .prefix_cache import DEFAULT_BUDGET_GB, PrefixCache
 from .sampling import SamplingParams, sample
 from .scheduler import Scheduler
 from .sequence import Sequence, Status, check_prompt
 
-__all__ = ["Cancelled", "Engine", "EngineStats", "Event", "Failed", "Finished", "Handle", "Token", "PREFILL_CHUNK",
-           "ModelRunner", "SamplingParams", "sample", "Scheduler", "Sequence", "Status", "check_prompt", "stream"]
+__all__ = ["DEFAULT_BUDGET_GB", "PREFILL_CHUNK", "Cancelled", "Engine", "EngineStats", "Event", "Failed", "Finished",
+           "Handle", "ModelRunner", "PrefixCache", "SamplingParams", "Scheduler", "Sequence", "Status", "Token",
+           "check_prompt", "sample", "stream"]

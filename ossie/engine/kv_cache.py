@@ -3,6 +3,11 @@
 Full-attention layers keep every position (a buffer that grows by doubling). Sliding-window layers keep
 only the last `window` positions in a ring buffer, so long contexts cost memory on full layers alone.
 Keys are stored after RoPE, so a cached key never needs its position again.
+
+For the prefix cache (prefix_cache.py) a sequence's KV rows are copied out by position (`rows`) as blocks
+complete, and a cached prefix is copied in before the rest of a prompt is read (`load_prefix`). A prompt chunk
+longer than the window overwrites part of its own rows in a sliding layer's ring; with `keep_overwritten` those
+rows are kept (until the caller clears `overwritten`), so that every block can still be copied out.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ class KVCache:
         sizes = [self.window if s else max(1, capacity) for s in self.sliding]
         self.k = [torch.zeros(n, *shape, dtype=dtype, device=device) for n in sizes]
         self.v = [torch.zeros(n, *shape, dtype=dtype, device=device) for n in sizes]
+        self.keep_overwritten = False
+        self.overwritten: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # layer -> (first position, k, v)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -52,6 +59,8 @@ class KVCache:
         else:
             keys, values = k, v
         n = min(t, w)  # only the last `window` new positions survive in the ring
+        if self.keep_overwritten and t > n:
+            self.overwritten[layer] = (p0, k[:t - n], v[:t - n])
         slots = torch.arange(p0 + t - n, p0 + t, device=k.device) % w
         self.k[layer][slots] = k[t - n:]
         self.v[layer][slots] = v[t - n:]
@@ -76,3 +85,39 @@ class KVCache:
 
     def advance(self, t: int) -> None:
         self.length += t
+
+    # ---- copying rows out and in (the prefix cache) -----------------------------------------------------------
+    def rows(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values of positions start..end-1 of a layer (written already), or None where a sliding
+        layer's ring (and what the last step overwrote in it) no longer holds them."""
+        if not self.sliding[layer]:
+            return self.k[layer][start:end], self.v[layer][start:end]
+        ring_start = min(end, max(start, self.length - self.window))  # the ring holds the last `window` positions
+        slots = torch.arange(ring_start, end, device=self.k[layer].device) % self.window
+        k, v = self.k[layer][slots], self.v[layer][slots]
+        if ring_start > start:
+            first, old_k, old_v = self.overwritten.get(layer, (start + 1, None, None))
+            if not first <= start or ring_start > first + old_k.shape[0]:
+                return None
+            k = torch.cat([old_k[start - first:ring_start - first], k])
+            v = torch.cat([old_v[start - first:ring_start - first], v])
+        return k, v
+
+    def load_prefix(self, full: list[tuple[torch.Tensor, torch.Tensor]],
+                    sliding: list[tuple[torch.Tensor, torch.Tensor]], length: int, first_sliding: int) -> None:
+        """Start from a cached prefix of `length` positions: `full` holds each full layer's keys and values for
+        all of them, `sliding` each sliding layer's for positions first_sliding..length-1 (the ones later
+        queries can still see). Layers are given in order within their kind."""
+        assert self.length == 0, "a prefix goes into an empty cache"
+        full_layers = [i for i, s in enumerate(self.sliding) if not s]
+        sliding_layers = [i for i, s in enumerate(self.sliding) if s]
+        for i, (k, v) in zip(full_layers, full, strict=True):
+            if length > self.k[i].shape[0]:
+                self._grow(i, length)
+            self.k[i][:length] = k
+            self.v[i][:length] = v
+        slots = torch.arange(first_sliding, length) % self.window
+        for i, (k, v) in zip(sliding_layers, sliding, strict=True):
+            self.k[i][slots.to(self.k[i].device)] = k
+            self.v[i][slots.to(self.v[i].device)] = v
+        self.length = length

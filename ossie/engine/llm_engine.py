@@ -83,7 +83,11 @@ class EngineStats:
     cancelled: int = 0
     failed: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     generated_tokens: int = 0
+    kv_running_bytes: int = 0  # the running sequences' KV caches
+    kv_cached_bytes: int = 0  # the prefix cache's blocks
+    kv_cached_blocks: int = 0
 
 
 class Engine:
@@ -167,9 +171,20 @@ class Engine:
                 continue
             with self._lock:
                 self.stats.generated_tokens += 1
+                if len(seq.output) == 1:  # its prompt is read: how much of it came from the prefix cache is known
+                    self.stats.cached_prompt_tokens += seq.num_cached_tokens
             self.handles[seq.id].on_event(Token(tok))
             if seq.finished:
                 self._end(seq, Finished(seq.finish_reason))
+        self._measure_kv()
+
+    def _measure_kv(self) -> None:
+        running = sum(s.cache.nbytes() for s in self.scheduler.running if s.cache is not None)
+        cached = self.runner.prefix_cache.stats if self.runner.prefix_cache is not None else None
+        with self._lock:
+            self.stats.kv_running_bytes = running
+            self.stats.kv_cached_bytes = cached.bytes if cached else 0
+            self.stats.kv_cached_blocks = cached.blocks if cached else 0
 
     def _end(self, seq: Sequence, event: Finished | Failed | Cancelled) -> None:
         was_running = seq in self.scheduler.running

@@ -3,6 +3,10 @@
 A step gives each sequence of the batch one forward pass: the next chunk of its prompt (at most
 `prefill_chunk` tokens, which bounds activation memory and how long the other sequences wait), or its last
 token. A sequence whose prompt is read samples a token from the last position's logits, through its steering.
+
+With a prefix cache, a new sequence starts from the longest cached prefix of its prompt, and every block of
+positions it computes is kept as soon as it is complete (prompt and completion alike), so the next request of
+a conversation or an agent loop reads only what is new.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import torch
 
 from ..model.transformer import Transformer
 from .kv_cache import KVCache
+from .prefix_cache import PrefixCache
 from .sampling import sample
 from .sequence import Sequence
 
@@ -19,10 +24,10 @@ INITIAL_ROOM = 256  # KV positions reserved past the prompt at first; the cache 
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, model: Transformer, prefill_chunk: int = PREFILL_CHUNK, prefix_cache: PrefixCache | None = None):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        self.model, self.prefill_chunk = model, prefill_chunk
+        self.model, self.prefill_chunk, self.prefix_cache = model, prefill_chunk, prefix_cache
         self.config, self.device = model.cfg, model.device
 
     # ---- KV memory ------------------------------------------------------------------------------------------
@@ -33,6 +38,11 @@ class ModelRunner:
         # start from the prompt and a little room, not from max_tokens (which defaults to the rest of a 131k
         # context: gigabytes of KV cache nobody may use); full-attention layers grow as tokens come
         seq.cache = self.new_cache(len(seq.prompt) + min(seq.params.max_tokens, INITIAL_ROOM))
+        if self.prefix_cache is not None:
+            chain = self.prefix_cache.match(seq.prompt)
+            seq.num_prefilled = seq.num_cached_tokens = self.prefix_cache.load(chain, seq.cache)
+            seq.block_keys = [block.key for block in chain]
+            seq.cache.keep_overwritten = True
 
     def free(self, seq: Sequence) -> None:
         """Release a sequence's KV cache (finished, cancelled, or abandoned by its consumer)."""
@@ -51,11 +61,25 @@ class ModelRunner:
             chunk = seq.prompt[start:start + self.prefill_chunk]
             logits = self._forward(chunk, seq)
             seq.num_prefilled += len(chunk)
+            self._keep_blocks(seq)
             if seq.prefilling:
                 return None
         else:
             logits = self._forward(seq.output[-1:], seq)
+            self._keep_blocks(seq)
         return self.sample(seq, logits)
+
+    def _keep_blocks(self, seq: Sequence) -> None:
+        """Put the blocks the last step completed into the prefix cache."""
+        if self.prefix_cache is None:
+            return
+        b, tokens = self.prefix_cache.block_size, None
+        while (len(seq.block_keys) + 1) * b <= seq.cache.length:
+            i = len(seq.block_keys)
+            tokens = tokens or seq.prompt + seq.output  # the tokens at positions 0..cache.length-1
+            parent = seq.block_keys[-1] if seq.block_keys else None
+            seq.block_keys.append(self.prefix_cache.store(parent, tuple(tokens[i * b:(i + 1) * b]), seq.cache, i * b))
+        seq.cache.overwritten.clear()
 
     def _forward(self, token_ids: list[int], seq: Sequence) -> torch.Tensor:
         tokens = torch.tensor(token_ids, dtype=torch.long, device=self.device)

@@ -51,7 +51,9 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" once finished
     num_prefilled: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     cache: KVCache | None = None
+    block_keys: list[int] = field(default_factory=list)  # prefix-cache keys of its complete blocks, in order
     generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

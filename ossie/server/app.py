@@ -37,10 +37,16 @@ async def health(request: Request) -> dict:
 @info.get("/metrics")
 async def metrics(request: Request) -> PlainTextResponse:
     s = request.app.state.serving.engine.snapshot()
+    hit_rate = s.cached_prompt_tokens / s.prompt_tokens if s.prompt_tokens else 0.0
     lines = [f"ossie_requests_waiting {s.waiting}", f"ossie_requests_running {s.running}",
              f"ossie_requests_finished_total {s.finished}", f"ossie_requests_cancelled_total {s.cancelled}",
              f"ossie_requests_failed_total {s.failed}", f"ossie_prompt_tokens_total {s.prompt_tokens}",
-             f"ossie_generation_tokens_total {s.generated_tokens}"]
+             f"ossie_prompt_tokens_cached_total {s.cached_prompt_tokens}",
+             f"ossie_prefix_cache_hit_rate {hit_rate:.4f}",
+             f"ossie_generation_tokens_total {s.generated_tokens}",
+             f"ossie_kv_cache_running_bytes {s.kv_running_bytes}",
+             f"ossie_kv_cache_prefix_bytes {s.kv_cached_bytes}",
+             f"ossie_kv_cache_prefix_blocks {s.kv_cached_blocks}"]
     return PlainTextResponse("\n".join(lines) + "\n")
 
 

@@ -117,6 +117,7 @@ async def chat_deltas(run: Run, stops: StopStrings) -> AsyncIterator[harmony.Cha
     if tail:
         sent += tail
         yield harmony.ChatDelta("content", tail)
+    parser.result.cached_tokens = run.cached_tokens
     for d in parser.finish(hit_length=run.finish_reason == "length"):
         if d.kind == "content":
             d.text = stops.push(d.text) + stops.flush()
@@ -131,7 +132,7 @@ async def chat_deltas(run: Run, stops: StopStrings) -> AsyncIterator[harmony.Cha
 
 
 def chat_usage(result: harmony.ChatResult) -> Usage:
-    return Usage.of(result.prompt_tokens, result.completion_tokens, result.reasoning_tokens)
+    return Usage.of(result.prompt_tokens, result.completion_tokens, result.reasoning_tokens, result.cached_tokens)
 
 
 async def chat_stream(run: Run, stops: StopStrings, cid: str, now: int, model_name: str,

@@ -65,8 +65,8 @@ async def create_completion(req: CompletionRequest, request: Request):
     pieces = completion_text(run, req.stop, echo)
 
     def body(choices: list[CompletionChoice], usage: bool = False) -> Completion:
-        return Completion(id=cid, created=now, model=req.model, choices=choices,
-                          usage=Usage.of(len(prompt), run.completion_tokens) if usage else None)
+        return Completion(id=cid, created=now, model=req.model, choices=choices, usage=Usage.of(
+            len(prompt), run.completion_tokens, cached_tokens=run.cached_tokens) if usage else None)
 
     if req.stream:
         async def stream() -> AsyncIterator[str]:

@@ -163,17 +163,24 @@ class CompletionTokensDetails(BaseModel):
     reasoning_tokens: int = 0
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # served from the prefix cache, as OpenAI reports its own prompt caching
+
+
 class Usage(_Sparse):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
     completion_tokens_details: CompletionTokensDetails | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None,
+           cached_tokens: int = 0) -> Usage:
         details = None if reasoning_tokens is None else CompletionTokensDetails(reasoning_tokens=reasoning_tokens)
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens, completion_tokens_details=details)
+                   total_tokens=prompt_tokens + completion_tokens, completion_tokens_details=details,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 class ChatMessage(BaseModel):

@@ -255,7 +255,7 @@ async def create_response(req: ResponsesRequest, request: Request):
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
             "usage": ResponseUsage(input_tokens=result.prompt_tokens, output_tokens=result.completion_tokens,
                                    total_tokens=result.prompt_tokens + result.completion_tokens,
-                                   input_tokens_details=InputTokensDetails(cached_tokens=0),
+                                   input_tokens_details=InputTokensDetails(cached_tokens=result.cached_tokens),
                                    output_tokens_details=OutputTokensDetails(
                                        reasoning_tokens=result.reasoning_tokens))}).model_dump()
         if req.store:

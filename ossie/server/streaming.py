@@ -36,6 +36,11 @@ class Run:
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache (known once the prompt is read)."""
+        return self.handle.sequence.num_cached_tokens
+
     def _on_event(self, event: Event) -> None:  # engine thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
