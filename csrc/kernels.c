@@ -317,42 +317,51 @@ __attribute__((target(AVX512BF16))) static void mxfp4_avx512bf16(const void *p, 
             }
 }
 
+/* One row o against NT tokens from t0, NT a compile-time constant (see mxfp4_tile). Each token's sum runs exactly as
+ * the one-token kernel's does (four accumulators over 128-element steps, added pairwise), so a token's result does
+ * not depend on how many tokens share the call (continuous batching gives each sequence what it gets alone). */
+__attribute__((target(AVX512BF16), always_inline)) static inline void bf16_tile(const job_t *j, int64_t o, int64_t t0,
+                                                                                  const int NT) {
+    const uint16_t *w = j->w16 + o * j->in;
+    __m512 acc[TT][4];
+    for (int t = 0; t < NT; t++)
+        for (int u = 0; u < 4; u++) acc[t][u] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 128 <= j->in; i += 128)
+        for (int u = 0; u < 4; u++) {
+            PREFETCH_W(w + i + 32 * u + PF_DIST / 2);
+            __m512bh wv = (__m512bh)_mm512_loadu_si512(w + i + 32 * u);
+            for (int t = 0; t < NT; t++)
+                acc[t][u] = _mm512_dpbf16_ps(acc[t][u], wv,
+                                             (__m512bh)_mm512_loadu_si512(j->xb + (t0 + t) * j->in + i + 32 * u));
+        }
+    for (; i < j->in; i += 32) {
+        __m512bh wv = (__m512bh)_mm512_loadu_si512(w + i);
+        for (int t = 0; t < NT; t++)
+            acc[t][0] = _mm512_dpbf16_ps(acc[t][0], wv, (__m512bh)_mm512_loadu_si512(j->xb + (t0 + t) * j->in + i));
+    }
+    for (int t = 0; t < NT; t++) {
+        __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3]));
+        j->y[(t0 + t) * j->out + o] = _mm512_reduce_add_ps(sum) + (j->bias ? j->bias[o] : 0.f);
+    }
+}
+
 __attribute__((target(AVX512BF16))) static void bf16_avx512bf16(const void *p, int64_t r0, int64_t r1) {
     const job_t *j = p;
     for (int64_t o = r0; o < r1; o++)
-        for (int64_t t0 = 0; t0 < j->T; t0 += TT) {
-            int nt = (int)(j->T - t0 < TT ? j->T - t0 : TT);
-            __m512 acc[TT];
-            for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
-            const uint16_t *w = j->w16 + o * j->in;
-            for (int64_t i = 0; i < j->in; i += 32) {
-                __m512bh wv = (__m512bh)_mm512_loadu_si512(w + i);
-                for (int t = 0; t < nt; t++)
-                    acc[t] = _mm512_dpbf16_ps(acc[t], wv, (__m512bh)_mm512_loadu_si512(j->xb + (t0 + t) * j->in + i));
+        for (int64_t t0 = 0; t0 < j->T; t0 += TT)
+            switch (j->T - t0 < TT ? j->T - t0 : TT) {
+            case 1: bf16_tile(j, o, t0, 1); break;
+            case 2: bf16_tile(j, o, t0, 2); break;
+            case 3: bf16_tile(j, o, t0, 3); break;
+            default: bf16_tile(j, o, t0, 4); break;
             }
-            for (int t = 0; t < nt; t++)
-                j->y[(t0 + t) * j->out + o] = _mm512_reduce_add_ps(acc[t]) + (j->bias ? j->bias[o] : 0.f);
-        }
 }
 
 /* One token (decode): four accumulators break the dot-product latency chain. */
 __attribute__((target(AVX512BF16))) static void bf16_avx512bf16_t1(const void *p, int64_t r0, int64_t r1) {
     const job_t *j = p;
-    for (int64_t o = r0; o < r1; o++) {
-        const uint16_t *w = j->w16 + o * j->in;
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        int64_t i = 0;
-        for (; i + 128 <= j->in; i += 128)
-            for (int u = 0; u < 4; u++) {
-                PREFETCH_W(w + i + 32 * u + PF_DIST / 2);
-                acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_loadu_si512(w + i + 32 * u),
-                                          (__m512bh)_mm512_loadu_si512(j->xb + i + 32 * u));
-            }
-        for (; i < j->in; i += 32)
-            acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(j->xb + i));
-        __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-        j->y[o] = _mm512_reduce_add_ps(sum) + (j->bias ? j->bias[o] : 0.f);
-    }
+    for (int64_t o = r0; o < r1; o++) bf16_tile(j, o, 0, 1);
 }
 #endif
 
@@ -429,95 +438,135 @@ static PyObject *py_matmul(PyObject *self __attribute__((unused)), PyObject *arg
     Py_RETURN_NONE;
 }
 
-/* The MoE block of one token (decode) in one call, so no Python runs between its products:
- * y = sum over the chosen experts e (ascending, as the reference path adds them) of
- *     weight_e * (W2_e @ swiglu(W1_e @ x + b1_e) + b2_e)   (+ the residual, if given).
- * x float32 [H]; W1 MXFP4 [E, 2I, H/32, 16] with scales; b1 float32 [E, 2I]; W2 MXFP4 [E, H, I/32, 16]; b2 [E, H].
+/* The MoE block of T tokens in one call, so no Python runs between its products:
+ * y[t] = sum over token t's chosen experts e (ascending, as the reference path adds them) of
+ *        weight_te * (W2_e @ swiglu(W1_e @ x[t] + b1_e) + b2_e)   (+ residual[t], if given).
+ * x float32 [T, H]; W1 MXFP4 [E, 2I, H/32, 16] with scales; b1 float32 [E, 2I]; W2 MXFP4 [E, H, I/32, 16]; b2 [E, H];
+ * experts int64 [T, k], weights float32 [T, k].
  * round_bf16: the model runs in bf16, so the activation is rounded to bf16 before W2, as the reference does, and
  * y = bf16(residual + bf16(moe)), as its residual add rounds.
- * Two passes over the threads, none in between: every expert's W1 rows (each thread applies SwiGLU to its own
- * gate/up row pairs and writes the activation where W2's product reads it), then every expert's W2 rows (each
- * thread adds the experts up for its own rows). */
+ * Each expert any token chose is read once, for all the tokens that chose it (continuous batching: the decode
+ * steps of several sequences share the reads). A token's products are those of the same product kernels with it
+ * alone (their sums run per token in the same order whatever the token count), so a token's result does not
+ * depend on the others in the call.
+ * Two passes over the threads, none in between: every chosen expert's W1 rows (each thread applies SwiGLU to its
+ * own gate/up row pairs, for every token of that expert, and writes the activations where W2's product reads
+ * them), then the W2 rows (each thread adds each token's experts up for its own rows). */
 typedef struct {
-    job_t up[64], down[64];  /* per chosen expert, ascending: its W1 product (into h) and W2 product (into part) */
+    int64_t n, k, H, I, T; int bf16, permute; float alpha, limit;
+    job_t *up, *down;      /* per distinct chosen expert, ascending: its W1 product (into h) and W2 product (into part) */
     task_fn up_fn, down_fn;
-    int64_t k, H, I; int bf16, permute; float alpha, limit;
-    const float *wt, *residual;
-    float *act; uint16_t *actb;  /* [k, I] activations: float32, or bf16 in the avx512bf16 path's order */
+    float **act; uint16_t **actb;  /* per expert [T_e, I] activations: float32, or bf16 in the avx512bf16 order */
+    const int64_t *slot_expert, *slot_row;  /* [T, k] in ascending expert order: which expert, which of its rows */
+    const float *slot_wt, *residual;
     float *y;
 } moe_job_t;
 
 static void moe_up(const void *p, int64_t b, int64_t e) {
     const moe_job_t *m = p; int64_t rows = 2 * m->I;
-    for (int64_t n = b / rows; n < m->k && n * rows < e; n++) {
+    for (int64_t n = b / rows; n < m->n && n * rows < e; n++) {
         int64_t r0 = b > n * rows ? b - n * rows : 0, r1 = e < (n + 1) * rows ? e - n * rows : rows;
         m->up_fn(&m->up[n], r0, r1);  /* chunks start at multiples of an even grain: whole (gate, up) pairs */
-        const float *h = m->up[n].y;
-        for (int64_t i = r0 / 2; i < r1 / 2; i++) {  /* clamped SwiGLU on interleaved (gate, up) */
-            float gate = h[2 * i], up = h[2 * i + 1];
-            gate = gate > m->limit ? m->limit : gate;
-            up = up > m->limit ? m->limit : (up < -m->limit ? -m->limit : up);
-            float a = gate * (1.f / (1.f + expf(-(m->alpha * gate)))) * (up + 1.f);
-            if (m->permute) m->actb[n * m->I + permuted_pos(i, m->I)] = f32_to_bf16(a);
-            else m->act[n * m->I + i] = m->bf16 ? rbf(a) : a;
+        for (int64_t t = 0; t < m->up[n].T; t++) {
+            const float *h = m->up[n].y + t * rows;
+            for (int64_t i = r0 / 2; i < r1 / 2; i++) {  /* clamped SwiGLU on interleaved (gate, up) */
+                float gate = h[2 * i], up = h[2 * i + 1];
+                gate = gate > m->limit ? m->limit : gate;
+                up = up > m->limit ? m->limit : (up < -m->limit ? -m->limit : up);
+                float a = gate * (1.f / (1.f + expf(-(m->alpha * gate)))) * (up + 1.f);
+                if (m->permute) m->actb[n][t * m->I + permuted_pos(i, m->I)] = f32_to_bf16(a);
+                else m->act[n][t * m->I + i] = m->bf16 ? rbf(a) : a;
+            }
         }
     }
 }
 
 static void moe_down(const void *p, int64_t b, int64_t e) {
     const moe_job_t *m = p;
-    for (int64_t n = 0; n < m->k; n++) m->down_fn(&m->down[n], b, e);
-    for (int64_t r = b; r < e; r++) {
-        float acc = 0.f;
-        for (int64_t n = 0; n < m->k; n++) acc += m->down[n].y[r] * m->wt[n];
-        if (m->residual) acc = m->bf16 ? rbf(m->residual[r] + rbf(acc)) : m->residual[r] + acc;
-        m->y[r] = acc;
-    }
+    for (int64_t n = 0; n < m->n; n++) m->down_fn(&m->down[n], b, e);
+    for (int64_t t = 0; t < m->T; t++)
+        for (int64_t r = b; r < e; r++) {
+            float acc = 0.f;
+            for (int64_t j = t * m->k; j < (t + 1) * m->k; j++)
+                acc += m->down[m->slot_expert[j]].y[m->slot_row[j] * m->H + r] * m->slot_wt[j];
+            if (m->residual) acc = m->bf16 ? rbf(m->residual[t * m->H + r] + rbf(acc)) : m->residual[t * m->H + r] + acc;
+            m->y[t * m->H + r] = acc;
+        }
 }
 
 static PyObject *py_moe(PyObject *self __attribute__((unused)), PyObject *args) {
-    unsigned long long x, w1b, w1s, b1, w2b, w2s, b2, experts, weights, y, res; long long k, H, I; int bf16;
+    unsigned long long x, w1b, w1s, b1, w2b, w2s, b2, experts, weights, y, res; long long T, k, H, I, E; int bf16;
     float alpha, limit;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKKKLLLpffK", &x, &w1b, &w1s, &b1, &w2b, &w2s, &b2, &experts, &weights, &y, &k,
-                          &H, &I, &bf16, &alpha, &limit, &res)) return NULL;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKKLLLLLpffK", &x, &w1b, &w1s, &b1, &w2b, &w2s, &b2, &experts, &weights, &y,
+                          &T, &k, &H, &I, &E, &bf16, &alpha, &limit, &res)) return NULL;
     if (H % 32 || I % 32) { PyErr_SetString(PyExc_ValueError, "hidden and intermediate sizes must be multiples of 32"); return NULL; }
-    if (k < 1 || k > 64) { PyErr_SetString(PyExc_ValueError, "1 to 64 experts per token"); return NULL; }
-    moe_job_t *m = calloc(1, sizeof(moe_job_t));
-    float *h = malloc(sizeof(float) * k * 2 * I), *act = malloc(sizeof(float) * k * I),
-          *part = malloc(sizeof(float) * k * H);
-    uint16_t *xb = malloc(sizeof(uint16_t) * (H + k * I));
-    int rc = !m || !h || !act || !part || !xb;
+    if (T < 1 || k < 1 || E < 1) { PyErr_SetString(PyExc_ValueError, "T, k and E must be >= 1"); return NULL; }
+    const int64_t *ex = (const int64_t *)experts; const float *wts = (const float *)weights;
+    for (int64_t j = 0; j < T * k; j++)
+        if (ex[j] < 0 || ex[j] >= E) { PyErr_SetString(PyExc_ValueError, "expert id out of range"); return NULL; }
+    moe_job_t m = {0};
+    int64_t *count = calloc(E, sizeof(int64_t)), *index = malloc(sizeof(int64_t) * E), *order = malloc(sizeof(int64_t) * k),
+            *slot_expert = malloc(sizeof(int64_t) * T * k), *slot_row = malloc(sizeof(int64_t) * T * k);
+    float *slot_wt = malloc(sizeof(float) * T * k);
+    int rc = !count || !index || !order || !slot_expert || !slot_row || !slot_wt;
+    float *xg = NULL, *h = NULL, *actf = NULL, *part = NULL; uint16_t *xb = NULL, *actbuf = NULL;
     if (!rc) {
-        int64_t ex[64]; float wt[64];
-        for (int64_t n = 0; n < k; n++) {  /* in ascending expert order, as the reference path adds them */
-            int64_t e = ((const int64_t *)experts)[n]; float w = ((const float *)weights)[n]; int64_t j = n;
-            for (; j > 0 && ex[j - 1] > e; j--) { ex[j] = ex[j - 1]; wt[j] = wt[j - 1]; }
-            ex[j] = e; wt[j] = w;
+        for (int64_t j = 0; j < T * k; j++) count[ex[j]]++;
+        int64_t n = 0, rows = 0;
+        for (int64_t e = 0; e < E; e++) if (count[e]) { index[e] = n++; rows += count[e]; }
+        m.n = n; m.k = k; m.H = H; m.I = I; m.T = T; m.bf16 = bf16; m.alpha = alpha; m.limit = limit;
+        m.up = calloc(n, sizeof(job_t)); m.down = calloc(n, sizeof(job_t));
+        m.act = calloc(n, sizeof(float *)); m.actb = calloc(n, sizeof(uint16_t *));
+        xg = malloc(sizeof(float) * rows * H); xb = malloc(sizeof(uint16_t) * rows * H);
+        h = malloc(sizeof(float) * rows * 2 * I); actf = malloc(sizeof(float) * rows * I);
+        actbuf = malloc(sizeof(uint16_t) * rows * I); part = malloc(sizeof(float) * rows * H);
+        rc = !m.up || !m.down || !m.act || !m.actb || !xg || !xb || !h || !actf || !actbuf || !part;
+        if (!rc) {
+            m.permute = choose_path(0, bf16, 1, &m.up_fn) == PATH_AVX512BF16;
+            m.down_fn = m.up_fn;
+            /* each expert's rows (its tokens, in token order) start after the previous experts' */
+            int64_t off = 0;
+            for (int64_t e = 0; e < E; e++) if (count[e]) {
+                int64_t i = index[e], c = count[e];
+                m.up[i] = (job_t){xg + off * H, xb + off * H, (const uint8_t *)w1b + e * 2 * I * (H / 32) * 16,
+                                  (const uint8_t *)w1s + e * 2 * I * (H / 32), NULL, (const float *)b1 + e * 2 * I,
+                                  h + off * 2 * I, 0, 2 * I, H};
+                m.act[i] = actf + off * I; m.actb[i] = actbuf + off * I;
+                m.down[i] = (job_t){m.act[i], m.actb[i], (const uint8_t *)w2b + e * H * (I / 32) * 16,
+                                    (const uint8_t *)w2s + e * H * (I / 32), NULL, (const float *)b2 + e * H,
+                                    part + off * H, c, H, I};
+                off += c;
+            }
+            const float *xf = (const float *)x;
+            for (int64_t t = 0; t < T; t++) {
+                for (int64_t a = 0; a < k; a++) order[a] = a;  /* this token's choices in ascending expert order */
+                for (int64_t a = 1; a < k; a++)
+                    for (int64_t b = a; b > 0 && ex[t * k + order[b - 1]] > ex[t * k + order[b]]; b--) {
+                        int64_t tmp = order[b]; order[b] = order[b - 1]; order[b - 1] = tmp;
+                    }
+                for (int64_t a = 0; a < k; a++) {
+                    int64_t e = ex[t * k + order[a]], i = index[e];
+                    job_t *u = &m.up[i];
+                    int64_t row = u->T++;  /* this token's row in the expert's products */
+                    float *dst = xg + (u->x - xg) + row * H;  /* u->x points into xg, which this call owns */
+                    memcpy(dst, xf + t * H, sizeof(float) * H);
+                    if (m.permute)
+                        for (int64_t c = 0; c < H; c++) xb[(u->xb - xb) + row * H + permuted_pos(c, H)] = f32_to_bf16(dst[c]);
+                    slot_expert[t * k + a] = i; slot_row[t * k + a] = row; slot_wt[t * k + a] = wts[t * k + order[a]];
+                }
+            }
+            m.slot_expert = slot_expert; m.slot_row = slot_row; m.slot_wt = slot_wt;
+            m.residual = (const float *)res; m.y = (float *)y;
+            Py_BEGIN_ALLOW_THREADS
+            pthread_mutex_lock(&call_mu);
+            parallel_for(moe_up, &m, n * 2 * I, 16);
+            parallel_for(moe_down, &m, H, 16);
+            pthread_mutex_unlock(&call_mu);
+            Py_END_ALLOW_THREADS
         }
-        m->permute = choose_path(0, bf16, 1, &m->up_fn) == PATH_AVX512BF16;
-        m->down_fn = m->up_fn;
-        m->k = k; m->H = H; m->I = I; m->bf16 = bf16; m->alpha = alpha; m->limit = limit;
-        m->wt = wt; m->residual = (const float *)res; m->act = act; m->actb = xb + H; m->y = (float *)y;
-        const float *xf = (const float *)x;
-        if (m->permute)
-            for (int64_t i = 0; i < H; i++) xb[permuted_pos(i, H)] = f32_to_bf16(xf[i]);
-        for (int64_t n = 0; n < k; n++) {
-            int64_t e = ex[n];
-            m->up[n] = (job_t){xf, xb, (const uint8_t *)w1b + e * 2 * I * (H / 32) * 16,
-                               (const uint8_t *)w1s + e * 2 * I * (H / 32), NULL, (const float *)b1 + e * 2 * I,
-                               h + n * 2 * I, 1, 2 * I, H};
-            m->down[n] = (job_t){act + n * I, xb + H + n * I, (const uint8_t *)w2b + e * H * (I / 32) * 16,
-                                 (const uint8_t *)w2s + e * H * (I / 32), NULL, (const float *)b2 + e * H,
-                                 part + n * H, 1, H, I};
-        }
-        Py_BEGIN_ALLOW_THREADS
-        pthread_mutex_lock(&call_mu);
-        parallel_for(moe_up, m, k * 2 * I, 16);
-        parallel_for(moe_down, m, H, 16);
-        pthread_mutex_unlock(&call_mu);
-        Py_END_ALLOW_THREADS
     }
-    free(m); free(h); free(act); free(part); free(xb);
+    free(count); free(index); free(order); free(slot_expert); free(slot_row); free(slot_wt);
+    free(m.up); free(m.down); free(m.act); free(m.actb); free(xg); free(xb); free(h); free(actf); free(actbuf); free(part);
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -924,7 +973,7 @@ static PyObject *py_path(PyObject *self __attribute__((unused)), PyObject *args 
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "y = x @ W.T + bias for an MXFP4 (kind 0) or bf16 (kind 1) weight"},
-    {"moe", py_moe, METH_VARARGS, "the MoE block of one token: experts' products, SwiGLU and weighted sum"},
+    {"moe", py_moe, METH_VARARGS, "the MoE block of T tokens: experts' products, SwiGLU and weighted sums"},
     {"attention_block", py_attention_block, METH_VARARGS, "the attention block of one token of a bf16 model"},
     {"attention", py_attention, METH_VARARGS, "attention of one query over the KV cache, with sinks"},
     {"attention_prefill", py_attention_prefill, METH_VARARGS, "causal attention of a block of queries, with sinks"},

@@ -136,9 +136,10 @@ def run_bench(llm: LLM, prompt_tokens: int = 64, gen_tokens: int = 32, runs: int
         # gen_tokens decode steps after the prompt's (the first token comes with the prefill)
         seq = Sequence(prompt, SamplingParams(max_tokens=gen_tokens + 1, temperature=0, stop_token_ids=[]))
         t0 = time.perf_counter()
-        while seq.prefilling:
-            tokens = llm.runner.run([seq])
-        seq.append(tokens[0])
+        (tok,) = llm.runner.run([seq])  # the whole prompt: prompt_tokens <= prefill_chunk
+        while tok is None:
+            (tok,) = llm.runner.run([seq])
+        seq.append(tok)
         t_prefill = time.perf_counter() - t0
         t0 = time.perf_counter()
         while not seq.finished:

@@ -35,9 +35,11 @@ class LLM:
 
     model: a local folder (Hugging Face layout, the original layout, or a repo folder holding both) or a
     Hugging Face repo id such as "openai/gpt-oss-20b". backend: "auto" (default), "cpu" (ossie's C kernels)
-    or "torch" (the reference), or a Backend object. prefill_chunk: prompt tokens read per forward pass.
-    enable_prefix_caching: keep the KV of computed tokens (up to kv_cache_gb GiB) so that a prompt that starts
-    like an earlier one computes only the rest.
+    or "torch" (the reference), or a Backend object. prefill_chunk: tokens computed per step (a prompt chunk;
+    in the server, the step's budget for all requests together). kv_cache_gb: KV memory for the running
+    requests and cached prefixes together (the server preempts and evicts to stay within it).
+    enable_prefix_caching: keep the KV of computed tokens so that a prompt that starts like an earlier one
+    computes only the rest.
     """
 
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "bfloat16", layout: str | None = None,
@@ -57,8 +59,9 @@ class LLM:
         self.backend = backend if isinstance(backend, Backend) else select_backend(self.device, backend)
         weights = load_weights(folder, self.layout, self.config, self.dtype, self.device, progress=progress)
         self.model = Transformer(self.config, weights, self.dtype, self.backend)
-        prefix_cache = PrefixCache(self.config, int(kv_cache_gb * 2**30)) if enable_prefix_caching else None
-        self.runner = ModelRunner(self.model, prefill_chunk, prefix_cache)
+        budget = int(kv_cache_gb * 2**30)
+        prefix_cache = PrefixCache(self.config, budget) if enable_prefix_caching else None
+        self.runner = ModelRunner(self.model, prefill_chunk, prefix_cache, kv_budget=budget)
         self.load_seconds = time.perf_counter() - t0
         log.info("loaded %s (%s layout, %d layers, %d experts, %s backend) in %.1f s", folder, self.layout,
                  self.config.num_layers, self.config.num_experts, self.backend.name, self.load_seconds)

@@ -22,20 +22,29 @@ DEFAULT_TURN = "<|channel|>final<|message|><|return|>"
 class ScriptedRunner:
     def __init__(self, runner: ModelRunner, script: list[str | dict]):
         self.config, self.device = runner.config, runner.device
-        self.prefix_cache = None
+        self.prefix_cache, self.kv_budget, self.prefill_chunk = None, None, runner.prefill_chunk
         self.script, self.turn = script, 0
         self.completions: dict[int, list[int]] = {}  # sequence id -> its scripted completion
 
-    def run(self, batch: list[Sequence]) -> list[int | None]:
-        return [self._next(seq) for seq in batch]
+    def allocate(self, seq: Sequence) -> None:
+        pass
+
+    def cache_bytes(self, seq: Sequence) -> int:
+        return 0
+
+    def running_bytes(self, seqs: list[Sequence]) -> int:
+        return 0
 
     def free(self, seq: Sequence) -> None:
         self.completions.pop(seq.id, None)
 
+    def run(self, batch: list[Sequence], sizes: list[int] | None = None) -> list[int | None]:
+        return [self._next(seq) for seq in batch]
+
     def _next(self, seq: Sequence) -> int:
+        seq.num_computed = seq.num_tokens  # as if the model had read it all
         if seq.id not in self.completions:
             self.completions[seq.id] = self._choose(seq.prompt)
-            seq.num_prefilled = len(seq.prompt)
         completion = self.completions[seq.id]
         want = completion[len(seq.output)] if len(seq.output) < len(completion) else RETURN
         if seq.steering is None:

@@ -12,20 +12,9 @@ from ossie.engine import ModelRunner, SamplingParams, Sequence, sample
 from ossie.model.config import ModelConfig
 from ossie.special_tokens import CALL, N_ORDINARY
 from ossie.synth import write_checkpoint
+from tests.helpers import RecordingRunner
 
 PROMPT = torch.randint(0, N_ORDINARY, (300,), generator=torch.Generator().manual_seed(3)).tolist()
-
-
-class RecordingRunner(ModelRunner):
-    """The model runner, keeping the logits every token was sampled from."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seen: list[torch.Tensor] = []
-
-    def sample(self, seq, logits):
-        self.seen.append(logits.float().clone())
-        return super().sample(seq, logits)
 
 
 def run_greedy(runner: ModelRunner, prompt: list[int], steps: int) -> tuple[Sequence, int]:

@@ -84,6 +84,19 @@ def test_bf16_matmul_matches_torch(path, out, n_in, tokens):
     close(y.double(), ref)
 
 
+def test_products_of_tokens_together_equal_each_alone(path):
+    """Continuous batching reads each weight once for several sequences' tokens: the products must give each token
+    exactly, bit for bit, what it gets alone (each token's sum runs in the same order whatever the token count)."""
+    gen = torch.Generator().manual_seed(4)
+    w, bias = torch.randn(300, 2880, generator=gen).bfloat16(), torch.randn(300, generator=gen)
+    blocks, scales = random_mxfp4(300, 2880, gen)
+    x = torch.randn(7, 2880, generator=gen).bfloat16().float()
+    together = kernels.bf16_matmul(x, w, bias), kernels.mxfp4_matmul(x, blocks, scales, bias, True)
+    alone = (torch.cat([kernels.bf16_matmul(x[t:t + 1], w, bias) for t in range(7)]),
+             torch.cat([kernels.mxfp4_matmul(x[t:t + 1], blocks, scales, bias, True) for t in range(7)]))
+    assert torch.equal(together[0], alone[0]) and torch.equal(together[1], alone[1])
+
+
 def test_threads_do_not_change_results():
     gen = torch.Generator().manual_seed(3)
     blocks, scales = random_mxfp4(777, 2880, gen)
@@ -137,37 +150,60 @@ def test_moe_experts_match_reference():
     assert ((fused - ref).norm() / ref.norm()).item() < 1e-2
 
 
+def random_experts(gen: torch.Generator, e: int = 6, h: int = 320, i: int = 192):
+    w1b, w1s = random_mxfp4(e * 2 * i, h, gen)
+    w2b, w2s = random_mxfp4(e * h, i, gen)
+    return (w1b.view(e, 2 * i, h // 32, 16), w1s.view(e, 2 * i, h // 32), torch.randn(e, 2 * i, generator=gen),
+            w2b.view(e, h, i // 32, 16), w2s.view(e, h, i // 32), torch.randn(e, h, generator=gen))
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_moe_one_token_matches_reference(path, bf16):
-    """The decode MoE call against a float64 reference of the same math, with the residual add: hidden and
+    """The MoE call for one token against a float64 reference of the same math, with the residual add: hidden and
     intermediate sizes whose group counts have both 4-group chunks (the permuted avx512bf16 order) and tails;
     experts given out of order; threads splitting one expert's rows."""
     gen = torch.Generator().manual_seed(11 + bf16)
-    e, h, i, alpha, limit = 6, 320, 192, 1.702, 7.0
-    w1b, w1s = random_mxfp4(e * 2 * i, h, gen)
-    w2b, w2s = random_mxfp4(e * h, i, gen)
-    w1b, w1s, w2b, w2s = w1b.view(e, 2 * i, h // 32, 16), w1s.view(e, 2 * i, h // 32), w2b.view(e, h, i // 32, 16), \
-        w2s.view(e, h, i // 32)
-    b1, b2 = torch.randn(e, 2 * i, generator=gen), torch.randn(e, h, generator=gen)
-    x, residual = torch.randn(h, generator=gen), torch.randn(h, generator=gen)
+    h, alpha, limit = 320, 1.702, 7.0
+    weights_ = random_experts(gen)
+    w1b, w1s, b1, w2b, w2s, b2 = weights_
+    x, residual = torch.randn(1, h, generator=gen), torch.randn(1, h, generator=gen)
     if bf16:
         x, residual = x.bfloat16().float(), residual.bfloat16().float()
-    experts, weights = torch.tensor([4, 0, 3]), torch.softmax(torch.randn(3, generator=gen), 0)
-    y = kernels.moe_one_token(x, w1b, w1s, b1, w2b, w2s, b2, experts, weights, alpha, limit, bf16, residual=residual)
-    plain = kernels.moe_one_token(x, w1b, w1s, b1, w2b, w2s, b2, experts, weights, alpha, limit, bf16)
-    ref = torch.zeros(h, dtype=torch.float64)
-    for n in experts.argsort().tolist():  # ascending experts, as the kernel adds them
-        ex = int(experts[n])
-        up = mxfp4_linear(x.double()[None], w1b[ex], w1s[ex], b1[ex].double())
+    experts, weights = torch.tensor([[4, 0, 3]]), torch.softmax(torch.randn(1, 3, generator=gen), -1)
+    y = kernels.moe(x, *weights_, experts, weights, alpha, limit, bf16, residual=residual)
+    plain = kernels.moe(x, *weights_, experts, weights, alpha, limit, bf16)
+    ref = torch.zeros(1, h, dtype=torch.float64)
+    for n in experts[0].argsort().tolist():  # ascending experts, as the kernel adds them
+        ex = int(experts[0, n])
+        up = mxfp4_linear(x.double(), w1b[ex], w1s[ex], b1[ex].double())
         act = swiglu(up, alpha, limit)
         if bf16:  # the activation is a bf16 tensor in a bf16 model
             act = act.float().bfloat16().double()
-        ref += weights[n].double() * mxfp4_linear(act, w2b[ex], w2s[ex], b2[ex].double())[0]
+        ref += weights[0, n].double() * mxfp4_linear(act, w2b[ex], w2s[ex], b2[ex].double())
     close(plain.double(), ref)
     if bf16:  # a bf16 model's residual add: bf16(residual + bf16(moe)), as torch computes it on bf16 tensors
         assert torch.equal(y, (residual.bfloat16() + plain.bfloat16()).float())
     else:
         close(y.double(), residual.double() + ref)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_moe_tokens_together_equal_each_alone(path, bf16):
+    """Continuous batching's MoE: 7 tokens in one call (sharing some experts, each expert read once) give every
+    token exactly, bit for bit, what it gets alone."""
+    gen = torch.Generator().manual_seed(21 + bf16)
+    weights_ = random_experts(gen)
+    x, residual = torch.randn(7, 320, generator=gen), torch.randn(7, 320, generator=gen)
+    if bf16:
+        x, residual = x.bfloat16().float(), residual.bfloat16().float()
+    experts = torch.stack([torch.randperm(6, generator=gen)[:3] for _ in range(7)])
+    experts[1] = experts[0]  # two tokens with the same experts, in the same order
+    weights = torch.softmax(torch.randn(7, 3, generator=gen), -1)
+    together = kernels.moe(x, *weights_, experts, weights, 1.702, 7.0, bf16, residual=residual)
+    for t in range(7):
+        alone = kernels.moe(x[t:t + 1], *weights_, experts[t:t + 1], weights[t:t + 1], 1.702, 7.0, bf16,
+                            residual=residual[t:t + 1])
+        assert torch.equal(together[t:t + 1], alone), t
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -241,17 +277,18 @@ def test_wrong_calls_raise_instead_of_corrupting_memory(tiny_repo):
     e, h, i = 4, 64, 32
     w1b, w1s = random_mxfp4(e * 2 * i, h, gen)
     w2b, w2s = random_mxfp4(e * h, i, gen)
-    args = [torch.randn(h), w1b.view(e, 2 * i, h // 32, 16), w1s.view(e, 2 * i, h // 32), torch.randn(e, 2 * i),
-            w2b.view(e, h, i // 32, 16), w2s.view(e, h, i // 32), torch.randn(e, h), torch.tensor([0, 3]),
-            torch.tensor([0.5, 0.5])]
-    kernels.moe_one_token(*args, 1.702, 7.0, False)  # the right call works
-    for n, bad, match in [(7, torch.tensor([0, 4]), "outside"), (8, torch.tensor([1.0]), "weights"),
-                          (3, torch.randn(e, 2 * i).bfloat16(), "w1_bias"), (0, torch.randn(h + 32), "x must be"),
-                          (5, w2s.view(e, h, i // 32)[:, :-1], "w2_scales")]:
+    args = [torch.randn(1, h), w1b.view(e, 2 * i, h // 32, 16), w1s.view(e, 2 * i, h // 32), torch.randn(e, 2 * i),
+            w2b.view(e, h, i // 32, 16), w2s.view(e, h, i // 32), torch.randn(e, h), torch.tensor([[0, 3]]),
+            torch.tensor([[0.5, 0.5]])]
+    kernels.moe(*args, 1.702, 7.0, False)  # the right call works
+    for n, bad, match in [(7, torch.tensor([[0, 4]]), "outside"), (8, torch.tensor([[1.0]]), "weights"),
+                          (3, torch.randn(e, 2 * i).bfloat16(), "w1_bias"), (0, torch.randn(1, h + 32), "x must be"),
+                          (5, w2s.view(e, h, i // 32)[:, :-1], "w2_scales"), (7, torch.tensor([0, 3]), "experts"),
+                          (0, torch.randn(h), "x must be")]:
         wrong = list(args)
         wrong[n] = bad
         with pytest.raises(ValueError, match=match):
-            kernels.moe_one_token(*wrong, 1.702, 7.0, False)
+            kernels.moe(*wrong, 1.702, 7.0, False)
 
     llm = ossie.LLM(tiny_repo, dtype="bfloat16", progress=False)
     cfg, lw = llm.config, llm.model.w.layers[0]

@@ -1,8 +1,9 @@
 """The CPU backend: ossie's C kernels (cpu_kernels) where they apply, the torch reference elsewhere.
 
-- Decoding a bf16 model (one token): each layer is two C calls, the attention block (which also normalizes for
-  the MoE and computes the router's logits) and the MoE block with its residual add, with torch's top-k between
-  them so that ties among the router's bf16 logits are broken as the peers break them.
+- Decoding one sequence of a bf16 model (one token): each layer is two C calls, the attention block (which also
+  normalizes for the MoE and computes the router's logits) and the MoE block with its residual add, with torch's
+  top-k between them so that ties among the router's bf16 logits are broken as the peers break them. Several
+  sequences (continuous batching) go op by op, every product over all their rows.
 - Products: the bf16 kernel for the few rows of decoding (memory-bound: it reads each weight once); torch's GEMM
   on every core for prefill's many rows (compute-bound). MXFP4 experts are read packed, never decoded to bf16.
 - Attention: one C call for a single query over the cache (any row order); prefill's queries each over the keys
@@ -51,19 +52,19 @@ class CpuBackend(TorchBackend):
         return K.torch_threads(1)
 
     def layers(self, model: Transformer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               cache: KVCache) -> torch.Tensor:
+               caches: list[KVCache], sizes: list[int]) -> torch.Tensor:
         if not (self.fused_decode and x.shape[0] == 1 and x.dtype == torch.bfloat16):
-            return super().layers(model, x, cos, sin, cache)
-        cfg = model.cfg
+            return super().layers(model, x, cos, sin, caches, sizes)
+        cfg, (cache,) = model.cfg, caches
         cos2, sin2 = cos[0].float(), sin[0].float()
         x = x[0].float()  # float32 holding bf16 values, as the kernels take and give them
         for i, lw in enumerate(model.w.layers):
             slot, n_keys = cache.decode_slot(i)
             x, h, logits = K.attention_block_one_token(x, lw, cos2, sin2, cache.k[i], cache.v[i], slot, n_keys,
                                                        cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps)
-            chosen, weight = route(logits, cfg.experts_per_token)
-            x = K.moe_one_token(h, lw.w1_blocks, lw.w1_scales, lw.w1_bias, lw.w2_blocks, lw.w2_scales, lw.w2_bias,
-                                chosen, weight, cfg.swiglu_alpha, cfg.swiglu_limit, True, residual=x)
+            chosen, weight = route(logits.view(1, -1), cfg.experts_per_token)
+            x = K.moe(h.view(1, -1), lw.w1_blocks, lw.w1_scales, lw.w1_bias, lw.w2_blocks, lw.w2_scales, lw.w2_bias,
+                      chosen, weight, cfg.swiglu_alpha, cfg.swiglu_limit, True, residual=x.view(1, -1))[0]
         return x.to(torch.bfloat16).view(1, -1)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,11 +87,14 @@ class CpuBackend(TorchBackend):
 
     def experts(self, x: torch.Tensor, lw: LayerWeights, chosen: torch.Tensor, weight: torch.Tensor,
                 cfg: ModelConfig) -> torch.Tensor:
+        # one C call for all tokens: each chosen expert read once for the tokens that chose it (decoding, and the
+        # decode steps of a batch); a prompt's many tokens go expert by expert through the products instead, which
+        # keeps the activations of one expert's tokens at a time
         bf16 = x.dtype == torch.bfloat16
-        if x.shape[0] == 1:  # one token: the whole block in one C call
-            y = K.moe_one_token(x, lw.w1_blocks, lw.w1_scales, lw.w1_bias, lw.w2_blocks, lw.w2_scales, lw.w2_bias,
-                                chosen[0], weight[0], cfg.swiglu_alpha, cfg.swiglu_limit, bf16)
-            return y.view(1, -1).to(x.dtype)
+        if x.shape[0] <= SMALL_BATCH:
+            y = K.moe(x, lw.w1_blocks, lw.w1_scales, lw.w1_bias, lw.w2_blocks, lw.w2_scales, lw.w2_bias, chosen,
+                      weight, cfg.swiglu_alpha, cfg.swiglu_limit, bf16)
+            return y.to(x.dtype)
         out = torch.zeros(x.shape, dtype=torch.float32)
         for e, tok, slot in tokens_by_expert(chosen):  # the packed weights read directly
             h = K.mxfp4_matmul(x[tok], lw.w1_blocks[e], lw.w1_scales[e], lw.w1_bias[e], bf16)

@@ -118,38 +118,42 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
-def moe_one_token(x: torch.Tensor, w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
-                  w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor, experts: torch.Tensor,
-                  weights: torch.Tensor, alpha: float, limit: float, bf16: bool,
-                  residual: torch.Tensor | None = None) -> torch.Tensor:
-    """The MoE block for one token in one C call: sum over `experts` (int64 [k]) of weights (float32 [k]) *
-    expert(x); float32 [hidden]. Stacked expert weights as loaded (w1 [E, 2I, H/32, 16], biases float32); the
-    experts are added in ascending order, as the reference path adds them. With `residual` (float32 [hidden]),
-    returns residual + that sum, rounded as a bf16 model's residual add rounds when bf16."""
-    fn = "moe_one_token"
-    if w2_blocks.dim() != 4:
-        raise ValueError(f"{fn}: w2_blocks must be [experts, hidden, intermediate/32, 16], got "
-                         f"{tuple(w2_blocks.shape)}")
+def moe(x: torch.Tensor, w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
+        w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor, experts: torch.Tensor,
+        weights: torch.Tensor, alpha: float, limit: float, bf16: bool,
+        residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The MoE block of T tokens x [T, hidden] in one C call: for each token, the sum over its `experts` (int64
+    [T, k]) of weights (float32 [T, k]) * expert(x); float32 [T, hidden]. Each chosen expert is read once for all
+    the tokens that chose it, and a token's result is what it gets alone. Stacked expert weights as loaded
+    (w1 [E, 2I, H/32, 16], biases float32); a token's experts are added in ascending order, as the reference path
+    adds them. With `residual` (float32 [T, hidden]), returns residual + that sum, rounded as a bf16 model's
+    residual add rounds when bf16."""
+    fn = "moe"
+    if w2_blocks.dim() != 4 or x.dim() != 2:
+        raise ValueError(f"{fn}: x must be [tokens, hidden] and w2_blocks [experts, hidden, intermediate/32, 16], "
+                         f"got {tuple(x.shape)} and {tuple(w2_blocks.shape)}")
     e, h, i = w2_blocks.shape[0], w2_blocks.shape[1], w2_blocks.shape[2] * 32
-    x, weights, residual = _f32(x.reshape(-1)), _f32(weights.reshape(-1)), _f32(residual)
-    experts = experts.reshape(-1).contiguous()
-    k = experts.numel()
-    _expect(fn, "x", x, (h,), *F32)
+    t = x.shape[0]
+    x, weights, residual = _f32(x), _f32(weights), _f32(residual)
+    experts = experts.contiguous()
+    k = experts.shape[-1] if experts.dim() == 2 else 0
+    _expect(fn, "x", x, (t, h), *F32)
     _expect(fn, "w1_blocks", w1_blocks, (e, 2 * i, h // 32, 16), *U8)
     _expect(fn, "w1_scales", w1_scales, (e, 2 * i, h // 32), *U8)
     _expect(fn, "w1_bias", w1_bias, (e, 2 * i), *F32)
     _expect(fn, "w2_blocks", w2_blocks, (e, h, i // 32, 16), *U8)
     _expect(fn, "w2_scales", w2_scales, (e, h, i // 32), *U8)
     _expect(fn, "w2_bias", w2_bias, (e, h), *F32)
-    _expect(fn, "experts", experts, (k,), torch.int64)
-    _expect(fn, "weights", weights, (k,), *F32)
+    _expect(fn, "experts", experts, (t, max(k, 1)), torch.int64)
+    _expect(fn, "weights", weights, (t, k), *F32)
     if residual is not None:
-        _expect(fn, "residual", residual, (h,), *F32)
-    if any(not 0 <= j < e for j in experts.tolist()):
+        _expect(fn, "residual", residual, (t, h), *F32)
+    if any(not 0 <= j < e for j in experts.flatten().tolist()):
         raise ValueError(f"{fn}: expert ids {experts.tolist()} outside [0, {e})")
-    y = torch.empty(h, dtype=torch.float32)
+    y = torch.empty(t, h, dtype=torch.float32)
     _kernels.moe(_ptr(x), _ptr(w1_blocks), _ptr(w1_scales), _ptr(w1_bias), _ptr(w2_blocks), _ptr(w2_scales),
-                 _ptr(w2_bias), _ptr(experts), _ptr(weights), _ptr(y), k, h, i, bf16, alpha, limit, _ptr(residual))
+                 _ptr(w2_bias), _ptr(experts), _ptr(weights), _ptr(y), t, k, h, i, e, bf16, alpha, limit,
+                 _ptr(residual))
     return y
 
 

@@ -77,10 +77,10 @@ class TorchBackend:
         return contextlib.nullcontext()
 
     def layers(self, model: Transformer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               cache: KVCache) -> torch.Tensor:
-        """Every layer of `model` on x [T, hidden], in order."""
+               caches: list[KVCache], sizes: list[int]) -> torch.Tensor:
+        """Every layer of `model` on x [T, hidden] (sizes[b] rows of each sequence b), in order."""
         for i in range(len(model.w.layers)):
-            x = model.layer(i, x, cos, sin, cache)
+            x = model.layer(i, x, cos, sin, caches, sizes)
         return x
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -82,6 +82,7 @@ class EngineStats:
     finished: int = 0
     cancelled: int = 0
     failed: int = 0
+    preempted: int = 0  # times a running request gave its KV memory back and waited to compute again
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     generated_tokens: int = 0
@@ -93,7 +94,8 @@ class EngineStats:
 class Engine:
     def __init__(self, runner: ModelRunner, max_running: int = 16):
         self.runner = runner
-        self.scheduler = Scheduler(max_running)
+        align = runner.prefix_cache.block_size if runner.prefix_cache is not None else 1
+        self.scheduler = Scheduler(max_running, runner.prefill_chunk, align)
         self.intake: queue.Queue[Handle | None] = queue.Queue()
         self.handles: dict[int, Handle] = {}  # sequence id -> handle, for the sequences in the scheduler
         self.stats = EngineStats()
@@ -111,6 +113,7 @@ class Engine:
         handle = Handle(seq, on_event)
         with self._lock:
             self.stats.waiting += 1
+            self.stats.prompt_tokens += len(seq.prompt)
         self.intake.put(handle)
         return handle
 
@@ -146,15 +149,12 @@ class Engine:
         for seq in list(self.scheduler.waiting) + self.scheduler.running:
             if self.handles[seq.id].cancelled.is_set():
                 self._end(seq, Cancelled())
-        admitted, batch = self.scheduler.schedule()
-        with self._lock:
-            self.stats.waiting -= len(admitted)
-            self.stats.running += len(admitted)
-            self.stats.prompt_tokens += sum(len(s.prompt) for s in admitted)
+        self._admit()
+        batch, sizes = self.scheduler.schedule()
         if not batch:
             return
         try:
-            tokens = self.runner.run(batch)
+            tokens = self.runner.run(batch, sizes)
         except Exception as e:  # a failed step fails the requests in it; the engine goes on serving
             log.exception("a step of requests %s failed", [s.id for s in batch])
             for seq in batch:
@@ -176,10 +176,52 @@ class Engine:
             self.handles[seq.id].on_event(Token(tok))
             if seq.finished:
                 self._end(seq, Finished(seq.finish_reason))
+        self._fit_memory()
         self._measure_kv()
 
+    def _admit(self) -> None:
+        budget = self.runner.kv_budget
+        used = self.runner.running_bytes(self.scheduler.running)
+
+        def fits(seq: Sequence) -> bool:  # its first KV cache within the budget, beside the running ones'
+            nonlocal used
+            need = self.runner.cache_bytes(seq)
+            if budget is not None and used + need > budget:
+                return False
+            used += need
+            return True
+
+        for seq in self.scheduler.admit(fits):
+            with self._lock:
+                self.stats.waiting -= 1
+                self.stats.running += 1
+            try:
+                self.runner.allocate(seq)  # here, so that the prompt tokens it reads from the prefix cache are known
+            except Exception as e:
+                log.exception("request %d failed", seq.id)
+                self._end(seq, Failed(e))
+
+    def _fit_memory(self) -> None:
+        """Keep the running sequences' KV caches and the cached prefixes within the runner's budget: drop cached
+        blocks first, then preempt the sequences admitted last (never the only one running: it must progress)."""
+        budget = self.runner.kv_budget
+        if budget is None:
+            return
+        running = self.runner.running_bytes(self.scheduler.running)
+        while running > budget and len(self.scheduler.running) > 1:
+            seq = self.scheduler.preempt()
+            self.runner.free(seq)
+            log.info("request %d preempted for KV memory; it will compute its tokens again", seq.id)
+            running = self.runner.running_bytes(self.scheduler.running)
+            with self._lock:
+                self.stats.running -= 1
+                self.stats.waiting += 1
+                self.stats.preempted += 1
+        if self.runner.prefix_cache is not None:
+            self.runner.prefix_cache.evict(max(0, budget - running))
+
     def _measure_kv(self) -> None:
-        running = sum(s.cache.nbytes() for s in self.scheduler.running if s.cache is not None)
+        running = self.runner.running_bytes(self.scheduler.running)
         cached = self.runner.prefix_cache.stats if self.runner.prefix_cache is not None else None
         with self._lock:
             self.stats.kv_running_bytes = running

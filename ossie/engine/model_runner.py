@@ -1,10 +1,11 @@
 """`ModelRunner`: owns the model and the KV memory, and turns a batch of sequences into their next tokens.
 
-A step gives each sequence of the batch one forward pass: the next chunk of its prompt (at most
-`prefill_chunk` tokens, which bounds activation memory and how long the other sequences wait), or its last
-token. A sequence whose prompt is read samples a token from the last position's logits, through its steering.
+A step computes the next tokens of every sequence of the batch in one forward pass, so each weight is read
+once for all of them: one token of each decoding sequence, and the next chunk of each prompt being read (at
+most `prefill_chunk` tokens, which bounds activation memory and how long the others wait). A sequence whose
+tokens are all computed samples the next one from the last position's logits, through its steering.
 
-With a prefix cache, a new sequence starts from the longest cached prefix of its prompt, and every block of
+With a prefix cache, a new sequence starts from the longest cached prefix of its tokens, and every block of
 positions it computes is kept as soon as it is complete (prompt and completion alike), so the next request of
 a conversation or an agent loop reads only what is new.
 """
@@ -19,71 +20,89 @@ from .prefix_cache import PrefixCache
 from .sampling import sample
 from .sequence import Sequence
 
-PREFILL_CHUNK = 512  # prompt tokens per forward pass (the default of ModelRunner's prefill_chunk)
+PREFILL_CHUNK = 512  # tokens computed per step (a prompt chunk; with several sequences, all of theirs together)
 INITIAL_ROOM = 256  # KV positions reserved past the prompt at first; the cache grows by doubling after that
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, prefill_chunk: int = PREFILL_CHUNK, prefix_cache: PrefixCache | None = None):
+    """prefill_chunk: the most tokens one step computes for a sequence. prefix_cache: where computed blocks are
+    kept and looked up. kv_budget: bytes of KV memory for the running sequences and the cached prefixes together
+    (the engine preempts and evicts to stay within it; None: no limit)."""
+
+    def __init__(self, model: Transformer, prefill_chunk: int = PREFILL_CHUNK, prefix_cache: PrefixCache | None = None,
+                 kv_budget: int | None = None):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.prefill_chunk, self.prefix_cache = model, prefill_chunk, prefix_cache
+        self.kv_budget = kv_budget
         self.config, self.device = model.cfg, model.device
 
     # ---- KV memory ------------------------------------------------------------------------------------------
     def new_cache(self, capacity: int = INITIAL_ROOM) -> KVCache:
         return KVCache(self.config, self.model.dtype, self.device, capacity)
 
+    def _capacity(self, seq: Sequence) -> int:
+        # its tokens and a little room, not max_tokens (which defaults to the rest of a 131k context: gigabytes of
+        # KV cache nobody may use); full-attention layers grow as tokens come
+        return seq.num_tokens + min(seq.params.max_tokens - len(seq.output), INITIAL_ROOM)
+
+    def cache_bytes(self, seq: Sequence) -> int:
+        """The KV memory `allocate` would give a sequence now."""
+        cfg = self.config
+        row = 2 * cfg.num_kv_heads * cfg.head_dim * self.model.dtype.itemsize
+        return row * sum(cfg.sliding_window if cfg.is_sliding(i) else self._capacity(seq)
+                         for i in range(cfg.num_layers))
+
+    def running_bytes(self, seqs: list[Sequence]) -> int:
+        return sum(seq.cache.nbytes() for seq in seqs if seq.cache is not None)
+
     def allocate(self, seq: Sequence) -> None:
-        # start from the prompt and a little room, not from max_tokens (which defaults to the rest of a 131k
-        # context: gigabytes of KV cache nobody may use); full-attention layers grow as tokens come
-        seq.cache = self.new_cache(len(seq.prompt) + min(seq.params.max_tokens, INITIAL_ROOM))
+        """Give a sequence its KV cache, starting from the longest cached prefix of its tokens."""
+        seq.cache = self.new_cache(self._capacity(seq))
+        seq.num_computed, seq.block_keys = 0, []
         if self.prefix_cache is not None:
-            chain = self.prefix_cache.match(seq.prompt)
-            seq.num_prefilled = seq.num_cached_tokens = self.prefix_cache.load(chain, seq.cache)
+            chain = self.prefix_cache.match(seq.tokens(0, seq.num_tokens))
+            seq.num_computed = self.prefix_cache.load(chain, seq.cache)
+            if not seq.output:
+                seq.num_cached_tokens = seq.num_computed
             seq.block_keys = [block.key for block in chain]
             seq.cache.keep_overwritten = True
 
     def free(self, seq: Sequence) -> None:
-        """Release a sequence's KV cache (finished, cancelled, or abandoned by its consumer)."""
+        """Release a sequence's KV cache (finished, cancelled, preempted, or abandoned by its consumer)."""
         seq.cache = None
 
     # ---- steps ------------------------------------------------------------------------------------------------
-    def run(self, batch: list[Sequence]) -> list[int | None]:
-        """One step of each sequence: its sampled token, or None while its prompt is still being read."""
-        return [self._step(seq) for seq in batch]
-
-    def _step(self, seq: Sequence) -> int | None:
-        if seq.cache is None:
-            self.allocate(seq)
-        if seq.prefilling:
-            start = seq.num_prefilled
-            chunk = seq.prompt[start:start + self.prefill_chunk]
-            logits = self._forward(chunk, seq)
-            seq.num_prefilled += len(chunk)
+    def run(self, batch: list[Sequence], sizes: list[int] | None = None) -> list[int | None]:
+        """One step: sizes[b] more tokens of each sequence b (default: the rest, up to prefill_chunk) in one forward
+        pass. Returns each sequence's sampled token, or None while it has tokens left to compute."""
+        for seq in batch:
+            if seq.cache is None:
+                self.allocate(seq)
+        if sizes is None:
+            sizes = [min(seq.pending, self.prefill_chunk) for seq in batch]
+        ids = [t for seq, n in zip(batch, sizes, strict=True)
+               for t in seq.tokens(seq.num_computed, seq.num_computed + n)]
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        logits = self.model.forward_batch(tokens, [seq.cache for seq in batch], sizes)
+        out: list[int | None] = []
+        for seq, n, row in zip(batch, sizes, logits, strict=True):
+            seq.num_computed += n
             self._keep_blocks(seq)
-            if seq.prefilling:
-                return None
-        else:
-            logits = self._forward(seq.output[-1:], seq)
-            self._keep_blocks(seq)
-        return self.sample(seq, logits)
+            out.append(self.sample(seq, row) if seq.pending == 0 else None)
+        return out
 
     def _keep_blocks(self, seq: Sequence) -> None:
         """Put the blocks the last step completed into the prefix cache."""
         if self.prefix_cache is None:
             return
-        b, tokens = self.prefix_cache.block_size, None
+        b = self.prefix_cache.block_size
         while (len(seq.block_keys) + 1) * b <= seq.cache.length:
             i = len(seq.block_keys)
-            tokens = tokens or seq.prompt + seq.output  # the tokens at positions 0..cache.length-1
             parent = seq.block_keys[-1] if seq.block_keys else None
-            seq.block_keys.append(self.prefix_cache.store(parent, tuple(tokens[i * b:(i + 1) * b]), seq.cache, i * b))
+            block = tuple(seq.tokens(i * b, (i + 1) * b))
+            seq.block_keys.append(self.prefix_cache.store(parent, block, seq.cache, i * b))
         seq.cache.overwritten.clear()
-
-    def _forward(self, token_ids: list[int], seq: Sequence) -> torch.Tensor:
-        tokens = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        return self.model.forward(tokens, seq.cache, last_only=True)[-1]
 
     def sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         logits = logits.float().cpu()

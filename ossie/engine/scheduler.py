@@ -1,22 +1,27 @@
-"""`Scheduler`: which sequences run in the next step.
+"""`Scheduler`: which sequences run in the next step, and how many tokens each computes.
 
-Sequences wait in arrival order; up to `max_running` run at once, and every running sequence advances one
-step per round (a prompt chunk or a token), so a new request starts at the next step instead of waiting for
-the others to finish.
+Sequences wait in arrival order; up to `max_running` run at once. A step takes one token of every decoding
+sequence first, then prompt chunks in admission order with what is left of `max_tokens` (a per-step budget):
+a long prompt is read a chunk per step while the others keep decoding, instead of stopping them for its whole
+length. When KV memory runs out, the sequence admitted last is preempted: it goes back to the front of the
+queue and computes its tokens again when it returns (most of them from the prefix cache).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from .sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, max_running: int = 16):
-        if max_running < 1:
-            raise ValueError(f"max_running must be >= 1, got {max_running}")
-        self.max_running = max_running
+    def __init__(self, max_running: int = 16, max_tokens: int = 512, align: int = 1):
+        """align: prompt chunks that stop short of a prompt's end stop at a multiple of it (the prefix cache's
+        block size: a block computed in two steps may lose its sliding-window rows in between)."""
+        if max_running < 1 or max_tokens < 1:
+            raise ValueError(f"max_running and max_tokens must be >= 1, got {max_running} and {max_tokens}")
+        self.max_running, self.max_tokens, self.align = max_running, max_tokens, align
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -26,15 +31,39 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
-        """(the sequences admitted now, the batch of the next step: every running sequence)."""
+    def admit(self, fits: Callable[[Sequence], bool] = lambda seq: True) -> list[Sequence]:
+        """Move waiting sequences to running, in order, while there is room (`fits` says whether the next one's
+        KV memory does; the first always gets in when nothing runs)."""
         admitted = []
-        while self.waiting and len(self.running) < self.max_running:
+        while self.waiting and len(self.running) < self.max_running and (not self.running or fits(self.waiting[0])):
             seq = self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             admitted.append(seq)
-        return admitted, list(self.running)
+        return admitted
+
+    def schedule(self) -> tuple[list[Sequence], list[int]]:
+        """The next step's batch and the tokens each sequence computes in it."""
+        batch = [seq for seq in self.running if seq.pending == 1]
+        sizes = [1] * len(batch)
+        budget = self.max_tokens - len(batch)
+        for seq in self.running:
+            if seq.pending > 1 and budget > 0:
+                n = min(seq.pending, budget)
+                if n < seq.pending and self.align > 1:
+                    aligned = (seq.num_computed + n) // self.align * self.align - seq.num_computed
+                    n = aligned if aligned > 0 else n
+                batch.append(seq)
+                sizes.append(n)
+                budget -= n
+        return batch, sizes
+
+    def preempt(self) -> Sequence:
+        """Send the sequence admitted last back to the front of the queue."""
+        seq = self.running.pop()
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        return seq
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out, waiting or running (finished, cancelled or failed)."""

@@ -39,9 +39,11 @@ def check_prompt(token_ids: Seq[int] | torch.Tensor, vocab_size: int) -> list[in
 
 @dataclass(eq=False)
 class Sequence:
-    """A prompt and what has been generated for it. The runner reads the prompt in chunks (`num_prefilled`),
-    then every step samples one token, which `append` records; the sequence finishes at a stop token
-    ("stop") or at max_tokens ("length"). `cache` is the KV memory the runner gave it while it runs."""
+    """A prompt and what has been generated for it. The runner computes its tokens' KV (`num_computed` of them
+    so far: the prompt in chunks, then each sampled token in the step after), and once every token is computed
+    samples the next one, which `append` records; the sequence finishes at a stop token ("stop") or at
+    max_tokens ("length"). `cache` is the KV memory the runner gave it while it runs. A sequence preempted for
+    memory loses its cache and computes its tokens again (`num_computed` back to what the prefix cache holds)."""
 
     prompt: list[int]
     params: SamplingParams
@@ -50,7 +52,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" once finished
-    num_prefilled: int = 0
+    num_computed: int = 0  # tokens (prompt, then output) whose keys and values are in `cache`
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     cache: KVCache | None = None
     block_keys: list[int] = field(default_factory=list)  # prefix-cache keys of its complete blocks, in order
@@ -69,8 +71,23 @@ class Sequence:
         return self.status is Status.FINISHED
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def pending(self) -> int:
+        """Tokens to compute before the next one can be sampled (1 while decoding)."""
+        return self.num_tokens - self.num_computed
+
+    @property
     def prefilling(self) -> bool:
-        return self.num_prefilled < len(self.prompt)
+        """Whether more than one token is to be computed (its prompt, or everything again after preemption)."""
+        return self.pending > 1
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """The tokens at positions start..end-1 of prompt + output."""
+        n = len(self.prompt)
+        return self.prompt[start:end] + self.output[max(0, start - n):max(0, end - n)]
 
     def append(self, token: int) -> None:
         """Record a sampled token (steering sees it too); finish at a stop token or at max_tokens."""

@@ -66,35 +66,52 @@ class Transformer:
         inv_freq, self.concentration = yarn_inv_freq(cfg)
         self.inv_freq = inv_freq.to(self.device)
 
-    def rope(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, cos) and (-sin, sin) for positions start.., scaled by YaRN's concentration; see apply_rope."""
-        freqs = torch.arange(start, start + n, device=self.device, dtype=torch.float32)[:, None] * self.inv_freq
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, cos) and (-sin, sin) for `positions` [T], scaled by YaRN's concentration; see apply_rope."""
+        freqs = positions.to(device=self.device, dtype=torch.float32)[:, None] * self.inv_freq
         cos, sin = (freqs.cos() * self.concentration).to(self.dtype), (freqs.sin() * self.concentration).to(self.dtype)
         return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
-    @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
-        """Run `tokens` [T] at positions cache.length..; returns float32 logits [T, vocab] (or [1, vocab])."""
+        """One sequence: `tokens` [T] at positions cache.length..; float32 logits [T, vocab] (or [1, vocab])."""
+        if last_only:
+            return self.forward_batch(tokens, [cache], [tokens.shape[0]])
+        return self.forward_batch(tokens, [cache], [tokens.shape[0]], all_logits=True)
+
+    @torch.inference_mode()
+    def forward_batch(self, tokens: torch.Tensor, caches: list[KVCache], sizes: list[int],
+                      all_logits: bool = False) -> torch.Tensor:
+        """Several sequences in one pass: `tokens` [T] are sizes[b] tokens of each sequence b in turn, at positions
+        caches[b].length..; every weight is read once for all of them. Returns float32 logits at the last token
+        of each sequence [len(caches), vocab] (with all_logits, at every token [T, vocab])."""
         cfg = self.cfg
         with self.ops.running():
-            cos, sin = self.rope(cache.length, tokens.shape[0])
+            positions = torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(caches, sizes, strict=True)])
+            cos, sin = self.rope(positions)
             x = F.embedding(tokens, self.w.embedding).to(self.dtype)
-            x = self.ops.layers(self, x, cos, sin, cache)
-            cache.advance(tokens.shape[0])
-            if last_only:
-                x = x[-1:]
+            x = self.ops.layers(self, x, cos, sin, caches, sizes)
+            for cache, n in zip(caches, sizes, strict=True):
+                cache.advance(n)
+            if not all_logits:
+                x = x[torch.tensor(sizes).cumsum(0) - 1]
             return self.ops.linear(rms_norm(x, self.w.norm, cfg.rms_norm_eps), self.w.unembedding).float()
 
-    def layer(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Layer i on x [T, hidden] at positions cache.length..: x + Attn(RMSNorm(x)), then + MoE(RMSNorm(x))."""
+    def layer(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache],
+              sizes: list[int]) -> torch.Tensor:
+        """Layer i on x [T, hidden] (sizes[b] rows of each sequence b in turn): x + Attn(RMSNorm(x)), then
+        + MoE(RMSNorm(x)). Products and the experts see all rows at once; attention each sequence's own."""
         cfg, lw, ops = self.cfg, self.w.layers[i], self.ops
         n_q, n_kv, d, t = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, x.shape[0]
         qkv = ops.linear(rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), lw.qkv_w, lw.qkv_b)
         qk = apply_rope(qkv[:, :(n_q + n_kv) * d].view(t, n_q + n_kv, d), cos, sin)  # q and k heads at once
-        q, k = qk[:, :n_q], qk[:, n_q:]
-        keys, values, k_start = cache.update(i, k, qkv[:, (n_q + n_kv) * d:].view(t, n_kv, d))
+        q, k, v = qk[:, :n_q], qk[:, n_q:], qkv[:, (n_q + n_kv) * d:].view(t, n_kv, d)
         window = cfg.sliding_window if cfg.is_sliding(i) else 0
-        a = ops.attention(q, keys, values, lw.sinks, cache.length, k_start, window)
+        parts, row = [], 0
+        for cache, n in zip(caches, sizes, strict=True):
+            keys, values, k_start = cache.update(i, k[row:row + n], v[row:row + n])
+            parts.append(ops.attention(q[row:row + n], keys, values, lw.sinks, cache.length, k_start, window))
+            row += n
+        a = parts[0] if len(parts) == 1 else torch.cat(parts)
         x = x + ops.linear(a, lw.out_w, lw.out_b)
         h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
         chosen, weight = route(ops.linear(h, lw.gate_w, lw.gate_b), cfg.experts_per_token)

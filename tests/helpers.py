@@ -1,0 +1,56 @@
+"""What several test files use to drive the engine: a runner that records logits, and the engine run to its end."""
+
+import threading
+
+import torch
+
+from ossie.engine import Engine, Finished, ModelRunner, SamplingParams, Sequence, Token
+
+
+class RecordingRunner(ModelRunner):
+    """The model runner, keeping the logits every token was sampled from (per sequence id)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[torch.Tensor] = []
+        self.by_sequence: dict[int, list[torch.Tensor]] = {}
+
+    def sample(self, seq, logits):
+        self.seen.append(logits.float().clone())
+        self.by_sequence.setdefault(seq.id, []).append(self.seen[-1])
+        return super().sample(seq, logits)
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=kw.pop("temperature", 0), stop_token_ids=[], **kw)
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams,
+               on_token=None) -> tuple[list[list[int]], list]:
+    """Submit the prompts at once; (their tokens, their handles) when every one has ended. on_token(i, n, handles)
+    is called on the engine thread after request i's n-th token."""
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    done, out, ended, handles = threading.Event(), [[] for _ in prompts], [], []
+
+    def record(i, event):
+        if isinstance(event, Token):
+            out[i].append(event.id)
+            if on_token is not None:
+                on_token(i, len(out[i]), handles)
+        else:
+            ended.append((i, event))
+            if len(ended) == len(prompts):
+                done.set()
+
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        handles.append(engine.submit(prompt, p, None, lambda event, i=i: record(i, event)))
+    assert done.wait(300), "the engine did not finish"
+    assert all(isinstance(e, Finished) for _, e in ended) or on_token is not None, ended
+    return out, handles
+
+
+def alone(runner: ModelRunner, prompt: list[int], params: SamplingParams) -> list[int]:
+    """What a prompt gives by itself (its own sequence stepped to its end)."""
+    from ossie.engine import stream
+
+    return list(stream(runner, Sequence(list(prompt), params)))

@@ -1,0 +1,115 @@
+"""Continuous batching: the decode steps of all running sequences in one forward pass, prompts read in chunks under a
+per-step token budget, preemption when KV memory runs out, cancelling one sequence of a batch. A sequence decoded
+in a batch produces what it produces alone."""
+
+import pytest
+import torch
+
+import ossie
+from ossie.backends.cpu_kernels import available as kernels_built
+from ossie.engine import Engine, ModelRunner, Sequence
+from ossie.special_tokens import N_ORDINARY
+from tests.helpers import RecordingRunner, alone, greedy, run_engine
+
+GEN = torch.Generator().manual_seed(5)
+PROMPTS = [torch.randint(0, N_ORDINARY, (n,), generator=GEN).tolist() for n in (20, 45, 130, 7)]
+
+
+def step_together(runner: ModelRunner, seqs: list[Sequence]) -> None:
+    """Step sequences as one batch (each computing all it has left) until every one has finished."""
+    while any(not s.finished for s in seqs):
+        batch = [s for s in seqs if not s.finished]
+        for seq, tok in zip(batch, runner.run(batch), strict=True):
+            if tok is not None:
+                seq.append(tok)
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.0, seed=3)])
+def test_batched_sequences_equal_each_alone(tiny_llm, sampling):
+    """Four sequences (prompts of 7 to 130 tokens, so prompt chunks and decode steps share forward passes) step
+    together: each produces the tokens it produces alone, greedy or sampled with a seed, from the same logits up to
+    float32 rounding (the model's float32 products are torch's, whose sums may depend on the row count)."""
+    runner = RecordingRunner(tiny_llm.model)
+    seqs = [Sequence(p, greedy(16 + 3 * i, **sampling)) for i, p in enumerate(PROMPTS)]
+    step_together(runner, seqs)
+    for seq in seqs:
+        solo = RecordingRunner(tiny_llm.model)
+        assert alone(solo, seq.prompt, greedy(seq.params.max_tokens, **sampling)) == seq.output
+        together, by_itself = torch.stack(runner.by_sequence[seq.id]), torch.stack(solo.seen)
+        assert torch.allclose(together, by_itself, rtol=1e-5, atol=1e-5), (together - by_itself).abs().max()
+
+
+@pytest.mark.skipif(not kernels_built(), reason="the C kernels were not built (no C compiler at install)")
+def test_batched_bf16_decoding_equals_alone(tiny_repo):
+    """bf16 on the CPU: a sequence alone decodes through the fused attention block (one C call a layer); in a batch
+    the attention block goes op by op over all rows. The products and the MoE give each row exactly what it gets
+    alone (tests/test_kernels.py); what differs is the fused block's float32 sums, as in the fused-vs-op-by-op
+    test: the same tokens, logits within 1e-3 relative."""
+    llm = ossie.LLM(tiny_repo, dtype="bfloat16", progress=False)
+    runner = RecordingRunner(llm.model)
+    seqs = [Sequence(p, greedy(24)) for p in PROMPTS[:3]]
+    step_together(runner, seqs)
+    for seq in seqs:
+        solo = RecordingRunner(llm.model)
+        assert alone(solo, seq.prompt, greedy(24)) == seq.output
+        together, by_itself = torch.stack(runner.by_sequence[seq.id][1:]), torch.stack(solo.seen[1:])
+        err = (together - by_itself).norm(dim=-1) / by_itself.norm(dim=-1)
+        assert err.max() < 1e-3, err
+
+
+def test_long_prompt_does_not_stop_the_others(tiny_llm):
+    """A per-step budget of 32 tokens: two sequences decode while a 300-token prompt is read 30 tokens a step
+    beside them (the decoding ones go first), so they get a token every step meanwhile; everyone produces what it
+    produces alone."""
+    runner = ModelRunner(tiny_llm.model, prefill_chunk=32)
+    long = torch.randint(0, N_ORDINARY, (300,), generator=GEN).tolist()
+    order: list[int] = []
+    engine = Engine(runner)
+    try:
+        def on_token(i, n, handles):
+            order.append(i)
+
+        out, _ = run_engine(engine, [PROMPTS[0], PROMPTS[3], long], greedy(20), on_token)
+    finally:
+        engine.shutdown()
+    first_of_long = order.index(2)
+    assert order[:first_of_long].count(0) >= 8 and order[:first_of_long].count(1) >= 8  # ~300/30 steps of reading
+    for prompt, tokens in zip([PROMPTS[0], PROMPTS[3], long], out, strict=True):
+        assert tokens == alone(ModelRunner(tiny_llm.model), prompt, greedy(20))
+
+
+def test_cancelling_one_sequence_leaves_the_others(tiny_llm):
+    runner = ModelRunner(tiny_llm.model)
+    engine = Engine(runner)
+    try:
+        def on_token(i, n, handles):
+            if i == 1 and n == 3:
+                handles[1].cancel()
+
+        out, handles = run_engine(engine, PROMPTS[:3], greedy(20), on_token)
+    finally:
+        engine.shutdown()
+    assert len(out[1]) < 20 and handles[1].sequence.cache is None
+    for i in (0, 2):
+        assert out[i] == alone(ModelRunner(tiny_llm.model), PROMPTS[i], greedy(20))
+    assert engine.snapshot().cancelled == 1 and engine.snapshot().finished == 2
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.0, seed=9)])
+def test_preempted_when_kv_memory_runs_out(tiny_llm, sampling):
+    """A KV budget of 2.5 times one sequence's first cache: two of three sequences are admitted (the third waits),
+    and when their caches grow (past the room they started with) the one admitted last is preempted and computes its
+    tokens again later. Nothing fails, and everyone produces what it produces alone, greedy or with a seed."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]
+    first_cache = ModelRunner(tiny_llm.model).cache_bytes(Sequence(prompts[1], greedy(300)))
+    runner = ModelRunner(tiny_llm.model, kv_budget=int(2.5 * first_cache))
+    engine = Engine(runner)
+    try:
+        out, _ = run_engine(engine, prompts, [greedy(300, **sampling) for _ in prompts])
+    finally:
+        engine.shutdown()
+    stats = engine.snapshot()
+    assert stats.finished == 3 and stats.failed == 0 and stats.running == 0 and stats.waiting == 0
+    assert stats.preempted >= 1
+    for prompt, tokens in zip(prompts, out, strict=True):
+        assert tokens == alone(ModelRunner(tiny_llm.model), prompt, greedy(300, **sampling))
