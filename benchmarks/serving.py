@@ -24,6 +24,7 @@ import torch
 
 from ossie import LLM
 from ossie.bench import bytes_per_token, measure_bandwidth, peak_rss_gib
+from ossie.chat import harmony
 from ossie.engine import Engine, Finished, SamplingParams, Sequence, Token, stream
 from ossie.special_tokens import N_ORDINARY
 
@@ -51,6 +52,9 @@ def warm_up(llm: LLM) -> None:
 
 
 def chat(llm: LLM, turns: int, completion: int) -> None:
+    """Turns of a harmony chat: each prompt is rendered from the conversation so far, as a chat client sends it;
+    the time to the first token is measured on the token stream (a random model's text may show no harmony
+    channel until its end, so the parsed answer is not the measure)."""
     system = "You are a careful assistant for a shipping company. " * 90  # ~1,000 tokens
     questions = [f"Question {i}: where is container {1000 + i}, and when will it arrive? " * 3 for i in range(turns)]
     cache = llm.runner.prefix_cache
@@ -62,12 +66,13 @@ def chat(llm: LLM, turns: int, completion: int) -> None:
         for question in questions:
             messages.append({"role": "user", "content": question})
             bw = measure_bandwidth(llm.model.w.unembedding, repeats=3)
-            t0 = time.perf_counter()
-            deltas = llm.chat(messages, max_tokens=completion, temperature=0, stream=True)
-            next(deltas)
-            ttft = time.perf_counter() - t0
-            result = [d for d in deltas if d.kind == "finish"][0].result
-            rows.append((result.prompt_tokens, result.cached_tokens, ttft, bw))
+            prompt = llm.render(messages)
+            ttft, out, cached = first_token_s(llm, prompt, completion)
+            parser = harmony.ChatParser(prompt_tokens=len(prompt))
+            for tok in out:
+                parser.feed(tok)
+            result = [d for d in parser.finish() if d.kind == "finish"][0].result
+            rows.append((len(prompt), cached, ttft, bw))
             messages.append({"role": "assistant", "content": result.content or "(no answer)",
                              "reasoning_content": result.reasoning})
         print(f"harmony chat, {mode}:")
