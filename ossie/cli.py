@@ -23,12 +23,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="cpu: ossie's C kernels (the default on a CPU); torch: the reference ops "
                         "(default: $OSSIE_KERNELS, else auto)")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
-                   help="prompt tokens read per forward pass (default: ossie.engine.PREFILL_CHUNK)")
+                   help="tokens computed per step: a prompt chunk, and in the server the budget of all requests "
+                        "together, decoding ones first (default: ossie.engine.PREFILL_CHUNK)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the KV of computed tokens so that a prompt that starts like an earlier one (a "
                         "conversation, an agent loop) computes only the rest (default: on)")
     p.add_argument("--kv-cache-gb", type=float, default=None, metavar="GB",
-                   help="memory for cached prefixes, in GiB (default: ossie.engine.DEFAULT_BUDGET_GB)")
+                   help="KV memory in GiB for the running requests and cached prefixes together (default: "
+                        "ossie.engine.DEFAULT_BUDGET_GB)")
 
 
 def load_llm(args: argparse.Namespace):
@@ -193,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model name clients must ask for (default: MODEL as given); repeat for aliases")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (also: $OSSIE_API_KEY)")
     p.add_argument("--max-running", type=int, default=16,
-                   help="requests generating at once; more wait in a queue (default 16)")
+                   help="requests generating at once, batched into one forward pass a step; more wait in a "
+                        "queue (default 16)")
     p.set_defaults(func=cmd_serve)
     return parser
 
