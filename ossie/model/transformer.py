@@ -93,7 +93,7 @@ class Transformer:
             for cache, n in zip(caches, sizes, strict=True):
                 cache.advance(n)
             if not all_logits:
-                x = x[torch.tensor(sizes).cumsum(0) - 1]
+                x = x[torch.tensor(sizes, device=x.device).cumsum(0) - 1]  # each sequence's last row
             return self.ops.linear(rms_norm(x, self.w.norm, cfg.rms_norm_eps), self.w.unembedding).float()
 
     def layer(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache],
