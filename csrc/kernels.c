@@ -348,14 +348,16 @@ __attribute__((target(AVX512BF16), always_inline)) static inline void bf16_tile(
 
 __attribute__((target(AVX512BF16))) static void bf16_avx512bf16(const void *p, int64_t r0, int64_t r1) {
     const job_t *j = p;
-    for (int64_t o = r0; o < r1; o++)
+    /* blocks of rows (in L2) against tiles of tokens (their x in L1), as mxfp4_avx512bf16 */
+    for (int64_t ob = r0; ob < r1; ob += 32)
         for (int64_t t0 = 0; t0 < j->T; t0 += TT)
-            switch (j->T - t0 < TT ? j->T - t0 : TT) {
-            case 1: bf16_tile(j, o, t0, 1); break;
-            case 2: bf16_tile(j, o, t0, 2); break;
-            case 3: bf16_tile(j, o, t0, 3); break;
-            default: bf16_tile(j, o, t0, 4); break;
-            }
+            for (int64_t o = ob; o < r1 && o < ob + 32; o++)
+                switch (j->T - t0 < TT ? j->T - t0 : TT) {
+                case 1: bf16_tile(j, o, t0, 1); break;
+                case 2: bf16_tile(j, o, t0, 2); break;
+                case 3: bf16_tile(j, o, t0, 3); break;
+                default: bf16_tile(j, o, t0, 4); break;
+                }
 }
 
 /* One token (decode): four accumulators break the dot-product latency chain. */
