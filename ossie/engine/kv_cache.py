@@ -95,8 +95,10 @@ class KVCache:
         ring_start = min(end, max(start, self.length - self.window))  # the ring holds the last `window` positions
         slots = torch.arange(ring_start, end, device=self.k[layer].device) % self.window
         k, v = self.k[layer][slots], self.v[layer][slots]
-        if ring_start > start:
-            first, old_k, old_v = self.overwritten.get(layer, (start + 1, None, None))
+        if ring_start > start:  # the older rows: only what the last step overwrote in the ring, if it holds them
+            if layer not in self.overwritten:
+                return None
+            first, old_k, old_v = self.overwritten[layer]
             if not first <= start or ring_start > first + old_k.shape[0]:
                 return None
             k = torch.cat([old_k[start - first:ring_start - first], k])

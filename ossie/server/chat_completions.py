@@ -27,6 +27,7 @@ from .protocol import (
     ChatDelta,
     ChatMessage,
     FunctionCallDelta,
+    SamplingRequest,
     ToolCall,
     ToolCallDelta,
     Usage,
@@ -83,10 +84,11 @@ def reasoning_budget(max_tokens: int) -> int:
     return max(0, min(max_tokens // 2, max_tokens - 64))
 
 
-def start_chat(serving: Serving, messages: list[dict], tools: list[dict] | None, tool_choice: Any,
-               response_format: dict | None, effort: str, max_tokens: int | None, max_tokens_param: str,
-               req: Any, messages_param: str) -> Run:
-    """Render the conversation with what tool_choice and response_format demand, and start its generation."""
+def start_chat(serving: Serving, req: SamplingRequest, messages: list[dict], tools: list[dict] | None, *,
+               tool_choice: Any, response_format: dict | None, effort: str, max_tokens: int | None,
+               max_tokens_param: str, messages_param: str) -> Run:
+    """Render the conversation with what tool_choice and response_format demand, and start its generation with
+    the request's sampling. The *_param names are what a 400 error points at."""
     steering, instructions = chat_steering(tools, tool_choice, response_format)
     try:
         prompt = harmony.render(messages + instructions, tools, effort)
@@ -175,9 +177,11 @@ def chat_message(result: harmony.ChatResult) -> ChatMessage:
 async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     serving: Serving = request.app.state.serving
     serving.check_request(req)
-    run = start_chat(serving, list(req.messages), req.tools, req.tool_choice, req.response_format,
-                     req.reasoning_effort or "medium", req.max_completion_tokens or req.max_tokens,
-                     "max_completion_tokens" if req.max_completion_tokens else "max_tokens", req, "messages")
+    run = start_chat(serving, req, list(req.messages), req.tools, tool_choice=req.tool_choice,
+                     response_format=req.response_format, effort=req.reasoning_effort or "medium",
+                     max_tokens=req.max_completion_tokens or req.max_tokens,
+                     max_tokens_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
+                     messages_param="messages")
     cid, now = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
     stops = StopStrings(req.stop)
     if req.stream:

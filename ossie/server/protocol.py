@@ -56,7 +56,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Sampling(_Body):
+class SamplingRequest(_Body):
     """What every generating request has."""
     model: str
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -77,7 +77,7 @@ class _Sampling(_Body):
         return p
 
 
-class _Completions(_Sampling):
+class _Completions(SamplingRequest):
     """What chat completions and completions share."""
     stop: str | list[str] | None = None
     stream_options: StreamOptions | None = None
@@ -107,7 +107,7 @@ class CompletionRequest(_Completions):
     logprobs: int | None = None
 
 
-class ResponsesRequest(_Sampling):
+class ResponsesRequest(SamplingRequest):
     input: str | list[dict[str, Any]]
     instructions: str | None = None
     tools: list[dict[str, Any]] | None = None

@@ -238,8 +238,9 @@ async def create_response(req: ResponsesRequest, request: Request):
         + new_messages
     tools = function_tools(req.tools)
     choice, response_format, effort = chat_options(req)
-    run = start_chat(serving, messages, tools, choice, response_format, effort, req.max_output_tokens,
-                     "max_output_tokens", req, "input")
+    run = start_chat(serving, req, messages, tools, tool_choice=choice, response_format=response_format,
+                     effort=effort, max_tokens=req.max_output_tokens, max_tokens_param="max_output_tokens",
+                     messages_param="input")
     base = ResponseObject(
         id="resp_" + uuid.uuid4().hex, created_at=int(time.time()), model=req.model, instructions=req.instructions,
         tools=req.tools or [], tool_choice=req.tool_choice or "auto", temperature=req.temperature, top_p=req.top_p,
