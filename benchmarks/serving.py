@@ -138,7 +138,7 @@ def streams(llm: LLM, counts: list[int], prompt_tokens: int, gen_tokens: int) ->
     """Aggregate decode rate: the tokens produced while every stream is decoding (after the last stream's first
     token), over that time; per stream: the same divided among the streams."""
     gen = torch.Generator().manual_seed(1)
-    per_token = bytes_per_token(llm, prompt_tokens + gen_tokens // 2)
+    per_token = bytes_per_token(llm.config, llm.model.w, prompt_tokens + gen_tokens // 2)
     base = None
     print(f"concurrent streams ({prompt_tokens}-token prompts, {gen_tokens} greedy tokens each; one stream reads "
           f"{per_token / 1e9:.2f} GB a token):")

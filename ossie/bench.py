@@ -17,6 +17,7 @@ import torch
 from .backends import cpu_kernels
 from .engine import SamplingParams, Sequence
 from .llm import LLM
+from .model.checkpoint import Weights
 from .model.config import ModelConfig
 from .special_tokens import N_ORDINARY
 
@@ -29,10 +30,9 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def bytes_per_token(llm: LLM, context: int) -> int:
+def bytes_per_token(cfg: ModelConfig, w: Weights, context: int) -> int:
     """Bytes one decode step reads: every non-expert weight, k of the experts' packed weights per layer, one
     embedding row, the unembedding, and the KV cache it attends to (`context` positions)."""
-    cfg, w = llm.config, llm.model.w
     total = _nbytes(w.unembedding) + _nbytes(w.norm) + _nbytes(w.embedding[0])
     share = cfg.experts_per_token / cfg.num_experts
     for lw in w.layers:
@@ -157,7 +157,7 @@ def run_bench(llm: LLM, prompt_tokens: int = 64, gen_tokens: int = 32, runs: int
     res.peak_rss_gib = peak_rss_gib()
     res.bandwidth_gb_s = statistics.median(res.bandwidth_runs) if res.bandwidth_runs else \
         measure_bandwidth(llm.model.w.unembedding)
-    res.bytes_per_token = bytes_per_token(llm, prompt_tokens + gen_tokens // 2)
+    res.bytes_per_token = bytes_per_token(llm.config, llm.model.w, prompt_tokens + gen_tokens // 2)
     res.matmul_flop_s = measure_matmul_flops(llm.dtype)
     res.flops_per_token = matmul_flops_per_token(llm.config)
     return res

@@ -19,9 +19,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="non-expert weight dtype")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--backend", default=None, choices=["auto", "cpu", "torch"],
-                   help="cpu: ossie's C kernels (the default on a CPU); torch: the reference ops "
-                        "(default: $OSSIE_KERNELS, else auto)")
+    p.add_argument("--backend", default=None, choices=["auto", "cpu", "cuda", "torch"],  # = backends.BACKENDS
+                   help="cpu: ossie's C kernels (the default on a CPU); cuda: its Triton kernels and CUDA graphs "
+                        "(the default with --device cuda); torch: the reference ops (default: $OSSIE_KERNELS, "
+                        "else auto)")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="tokens computed per step: a prompt chunk, and in the server the budget of all requests "
                         "together, decoding ones first (default: ossie.engine.PREFILL_CHUNK)")

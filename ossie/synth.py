@@ -16,31 +16,47 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .model.checkpoint import global_specs, layer_specs, split_rows, tensor_names, write_index
+from .model.checkpoint import LayerWeights, Weights, global_specs, layer_specs, split_rows, tensor_names, write_index
 from .model.config import PRESETS, ModelConfig
 
 SHARD_BYTES = 5 * 2**30  # HF layout: ~5 GB shards, like the published repos
 _ST_DTYPE = {torch.bfloat16: "BF16", torch.uint8: "U8", torch.float32: "F32"}
 
 
-def _random(cfg: ModelConfig, canonical: str, layer: int | None, seed: int) -> torch.Tensor:
-    """The canonical tensor's values, determined by (seed, layer, name) alone."""
+def _random(cfg: ModelConfig, canonical: str, layer: int | None, seed: int,
+            device: torch.device | str = "cpu") -> torch.Tensor:
+    """The canonical tensor's values, determined by (seed, layer, name, device) alone."""
     key = f"{layer}.{canonical}"
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+    g = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
     shape, kind = (layer_specs(cfg) if layer is not None else global_specs(cfg))[canonical]
     if kind == "u8":
         if canonical.endswith("scales"):  # exponents around 2**-6: weights of a plausible magnitude
-            return torch.randint(119, 124, shape, generator=g, dtype=torch.uint8)
-        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+            return torch.randint(119, 124, shape, generator=g, dtype=torch.uint8, device=device)
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8, device=device)
     if canonical in ("attn_norm", "mlp_norm", "norm"):
-        t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        t = 1.0 + 0.1 * torch.randn(shape, generator=g, device=device)
     elif canonical == "sinks":
-        t = torch.randn(shape, generator=g)
+        t = torch.randn(shape, generator=g, device=device)
     else:
         fan_in = shape[-1] if len(shape) == 2 and canonical != "embedding" else 50.0
         std = 0.02 if canonical.endswith(("_b", "bias")) else 1.0 / fan_in**0.5
-        t = std * torch.randn(shape, generator=g)
+        t = std * torch.randn(shape, generator=g, device=device)
     return t.to(torch.bfloat16)
+
+
+def random_weights(cfg: ModelConfig | str, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                   seed: int = 0) -> Weights:
+    """A synthetic model made directly in memory on `device` (random numbers drawn there: a GPU builds the 20b in
+    seconds), in the dtypes a checkpoint loads to. For benchmarks; its values differ from write_checkpoint's."""
+    cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
+    target = {"u8": torch.uint8, "f32": torch.float32, "matrix": dtype}
+
+    def make(canonical: str, layer: int | None, kind: str) -> torch.Tensor:
+        return _random(cfg, canonical, layer, seed, device).to(target[kind])
+
+    layers = [LayerWeights(**{name: make(name, i, kind) for name, (_, kind) in layer_specs(cfg).items()})
+              for i in range(cfg.num_layers)]
+    return Weights(**{name: make(name, None, kind) for name, (_, kind) in global_specs(cfg).items()}, layers=layers)
 
 
 class _Entry:

@@ -86,8 +86,20 @@ class TorchBackend:
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int,
+               caches: list[KVCache], sizes: list[int]) -> torch.Tensor:
+        """Attention of a layer for sizes[b] rows of each sequence b: their new keys and values [T, KV, D] go into
+        the sequence's cache, and its queries [T, H, D] attend to the keys they see there. Returns [T, H*D]."""
+        parts, row = [], 0
+        for cache, n in zip(caches, sizes, strict=True):
+            keys, values, k_start = cache.update(layer, k[row:row + n], v[row:row + n])
+            parts.append(self.attention(q[row:row + n], keys, values, sinks, cache.length, k_start, window))
+            row += n
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_start: int,
                   k_start: int, window: int) -> torch.Tensor:
+        """One sequence's queries q [T, H, D] at positions q_start.. over keys k/v [S, KV, D] at k_start.."""
         return attention(q, k, v, sinks, q_start, k_start, window)
 
     def experts(self, x: torch.Tensor, lw: LayerWeights, chosen: torch.Tensor, weight: torch.Tensor,

@@ -106,12 +106,7 @@ class Transformer:
         qk = apply_rope(qkv[:, :(n_q + n_kv) * d].view(t, n_q + n_kv, d), cos, sin)  # q and k heads at once
         q, k, v = qk[:, :n_q], qk[:, n_q:], qkv[:, (n_q + n_kv) * d:].view(t, n_kv, d)
         window = cfg.sliding_window if cfg.is_sliding(i) else 0
-        parts, row = [], 0
-        for cache, n in zip(caches, sizes, strict=True):
-            keys, values, k_start = cache.update(i, k[row:row + n], v[row:row + n])
-            parts.append(ops.attention(q[row:row + n], keys, values, lw.sinks, cache.length, k_start, window))
-            row += n
-        a = parts[0] if len(parts) == 1 else torch.cat(parts)
+        a = ops.attend(i, q, k, v, lw.sinks, window, caches, sizes)
         x = x + ops.linear(a, lw.out_w, lw.out_b)
         h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
         chosen, weight = route(ops.linear(h, lw.gate_w, lw.gate_b), cfg.experts_per_token)
