@@ -40,7 +40,7 @@ def load_llm(args: argparse.Namespace):
     from .llm import LLM
 
     return LLM(args.model, device=args.device, dtype=args.dtype, layout=args.layout, num_threads=args.threads,
-               backend=args.backend, prefill_chunk=args.prefill_chunk or PREFILL_CHUNK,
+               progress=sys.stderr.isatty(), backend=args.backend, prefill_chunk=args.prefill_chunk or PREFILL_CHUNK,
                enable_prefix_caching=args.enable_prefix_caching,
                kv_cache_gb=DEFAULT_BUDGET_GB if args.kv_cache_gb is None else args.kv_cache_gb)
 
@@ -123,23 +123,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    import uvicorn
-
     from .bench import peak_rss_gib
-    from .server import create_app
+    from .server import ServerOptions, create_app, default_model_name, run_server
 
     llm = load_llm(args)
-    names = args.served_model_name or [args.model]
-    app = create_app(llm, names, api_key=args.api_key or os.environ.get("OSSIE_API_KEY"),
-                     max_running=args.max_running)
+    names = args.served_model_name or [default_model_name(llm)]
+    options = ServerOptions(
+        api_key=args.api_key or os.environ.get("OSSIE_API_KEY"), allowed_origins=tuple(args.allowed_origins or ()),
+        max_running=args.max_running, max_queued=args.max_queued, max_prompt_tokens=args.max_prompt_tokens,
+        default_max_tokens=args.default_max_tokens, request_timeout_s=args.request_timeout,
+        max_body_bytes=int(args.max_body_mb * 2**20), drain_s=args.shutdown_timeout)
+    app = create_app(llm, names, options)
     log = logging.getLogger("ossie")
     log.info("model %s (%s layout, %d layers, %d experts, %s), served as %s", llm.path, llm.layout,
              llm.config.num_layers, llm.config.num_experts, args.dtype, ", ".join(names))
     log.info("memory: %.2f GiB of weights, peak RSS %.2f GiB", llm.model.w.nbytes() / 2**30, peak_rss_gib())
-    log.info("serving the OpenAI API at http://%s:%d/v1 (chat/completions, responses, completions, models)",
-             args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if not args.verbose else "info",
-                timeout_graceful_shutdown=5)
+
+    def ready() -> None:
+        log.info("serving the OpenAI API at http://%s:%d/v1 (chat/completions, responses, completions, models)",
+                 args.host, args.port)
+
+    run_server(app, args.host, args.port, "info" if args.verbose else "warning", ready)
     return 0
 
 
@@ -198,6 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-running", type=int, default=16,
                    help="requests generating at once, batched into one forward pass a step; more wait in a "
                         "queue (default 16)")
+    p.add_argument("--max-queued", type=int, default=256,
+                   help="requests waiting beyond --max-running; more are answered 429 with Retry-After "
+                        "(default 256)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
+                   help="the longest prompt accepted, in tokens (default: the model's context)")
+    p.add_argument("--default-max-tokens", type=int, default=None, metavar="N",
+                   help="tokens a request that gives no max_tokens may generate (default: the rest of the context)")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                   help="seconds a request may take, waiting included; then it ends as at max_tokens "
+                        "(finish_reason length) (default: no limit)")
+    p.add_argument("--max-body-mb", type=float, default=16, metavar="MB",
+                   help="largest request body, in MiB; larger ones get 413 (default 16)")
+    p.add_argument("--shutdown-timeout", type=float, default=30, metavar="S",
+                   help="on SIGTERM or Ctrl-C, seconds requests in flight may take to finish; then streams end "
+                        "with an error event and other requests get 503 (default 30)")
+    p.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN",
+                   help="let browser apps from these origins call the server (CORS); '*' allows any")
     p.set_defaults(func=cmd_serve)
     return parser
 

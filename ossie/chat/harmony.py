@@ -130,14 +130,16 @@ def build_conversation(messages: Sequence[dict], tools: Sequence[dict] | None = 
                 out.append(Message.from_role_and_content(Role.ASSISTANT, _text(reasoning, where))
                            .with_channel("analysis"))
             calls = m.get("tool_calls") or []
+            if not isinstance(calls, list):
+                raise ChatFormatError(f"{where}.tool_calls must be a list of tool calls")
             content = _text(m.get("content"), where)
             if content:  # text beside a call is a preamble (commentary); alone it is the final answer
                 out.append(Message.from_role_and_content(Role.ASSISTANT, content)
                            .with_channel("commentary" if calls else "final"))
             for j, call in enumerate(calls):
                 fn = call.get("function") if isinstance(call, dict) else None
-                if not isinstance(fn, dict) or not fn.get("name"):
-                    raise ChatFormatError(f"{where}.tool_calls[{j}] needs function.name")
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                    raise ChatFormatError(f"{where}.tool_calls[{j}] needs function.name (a string)")
                 args = fn.get("arguments") or "{}"
                 if not isinstance(args, str):
                     args = json.dumps(args)

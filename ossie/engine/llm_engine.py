@@ -66,10 +66,11 @@ Event = Token | Finished | Failed | Cancelled
 class Handle:
     """The engine's side of one request. `cancel()` stops its generation at the next step and frees its cache."""
 
-    def __init__(self, seq: Sequence, on_event: Callable[[Event], None]):
+    def __init__(self, seq: Sequence, on_event: Callable[[Event], None], timeout_s: float | None = None):
         self.sequence, self.on_event = seq, on_event
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
+        self.deadline = None if timeout_s is None else self.submitted + timeout_s
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -101,16 +102,18 @@ class Engine:
         self.stats = EngineStats()
         self._lock = threading.Lock()
         self._stopping = False
+        self._abort: Exception | None = None
         self._thread = threading.Thread(target=self._loop, name="ossie-engine", daemon=True)
         self._thread.start()
 
     def submit(self, prompt: list[int], params: SamplingParams, steering: Steering | None,
-               on_event: Callable[[Event], None]) -> Handle:
+               on_event: Callable[[Event], None], timeout_s: float | None = None) -> Handle:
         """Queue a request; raises ValueError at once for a prompt outside the vocabulary or invalid params.
-        `on_event` is called on the engine thread."""
+        `on_event` is called on the engine thread. timeout_s: the request generates until then at most (counted
+        from now, waiting included) and then finishes as at its token budget ("length")."""
         params.validate()
         seq = Sequence(check_prompt(prompt, self.runner.config.vocab_size), params, steering)
-        handle = Handle(seq, on_event)
+        handle = Handle(seq, on_event, timeout_s)
         with self._lock:
             self.stats.waiting += 1
             self.stats.prompt_tokens += len(seq.prompt)
@@ -125,6 +128,11 @@ class Engine:
         self._stopping = True
         self.intake.put(None)
         self._thread.join(timeout=10)
+
+    def abort_all(self, error: Exception) -> None:
+        """End every request, waiting or running, with Failed(error) at the next step (a server that stops)."""
+        self._abort = error
+        self.intake.put(None)  # wake an idle engine
 
     # ---- the loop (engine thread) -------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -146,9 +154,16 @@ class Engine:
             self.scheduler.add(handle.sequence)
 
     def _step(self) -> None:
+        now = time.perf_counter()
         for seq in list(self.scheduler.waiting) + self.scheduler.running:
-            if self.handles[seq.id].cancelled.is_set():
+            handle = self.handles[seq.id]
+            if self._abort is not None:
+                self._end(seq, Failed(self._abort))
+            elif handle.cancelled.is_set():
                 self._end(seq, Cancelled())
+            elif handle.deadline is not None and now > handle.deadline:
+                seq.finish("length")
+                self._end(seq, Finished("length"))
         self._admit()
         batch, sizes = self.scheduler.schedule()
         if not batch:

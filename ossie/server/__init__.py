@@ -1,7 +1,9 @@
 """`ossie serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) for gpt-oss, split by endpoint as vLLM's
-entrypoints are: app (middleware, errors, routers), protocol (requests and responses), serving (what the
-endpoints share), streaming (running a generation from async code, SSE), and one module per endpoint."""
+entrypoints are: app (errors, routers, the uvicorn server), middleware (access log, API key, body limit),
+protocol (requests and responses), serving (the options and what the endpoints share), tokenizing (prompts off
+the event loop), streaming (running a generation from async code, SSE), and one module per endpoint."""
 
-from .app import create_app
+from .app import create_app, default_model_name, run_server
+from .serving import ServerOptions
 
-__all__ = ["create_app"]
+__all__ = ["ServerOptions", "create_app", "default_model_name", "run_server"]

@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
+from types import FrameType
 
+import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine
 from ..llm import LLM
 from . import chat_completions, completions, responses
+from .middleware import AccessLog, APIKeyCheck, BodyLimit
 from .protocol import APIError, ModelCard, ModelList, error_body
-from .serving import Serving
+from .serving import ServerOptions, Serving
+from .streaming import ServerShuttingDown
 
 log = logging.getLogger("ossie")
 
@@ -62,18 +68,21 @@ async def retrieve_model(model: str, request: Request) -> ModelCard:
     return serving.model_card(serving.check_model(model))
 
 
-def create_app(llm: LLM, served_model_names: Iterable[str] | None = None, api_key: str | None = None,
-               max_running: int = 16) -> FastAPI:
+def create_app(llm: LLM, served_model_names: Iterable[str] | None = None,
+               options: ServerOptions | None = None) -> FastAPI:
     """The server for `llm` (its runner serves every request through one Engine)."""
-    engine = Engine(llm.runner, max_running=max_running)
+    options = options or ServerOptions()
+    engine = Engine(llm.runner, max_running=options.max_running)
+    serving = Serving(engine, llm.config, list(served_model_names or [default_model_name(llm)]), options)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
         engine.shutdown()
+        serving.tokenizing.close()
 
     app = FastAPI(title="ossie", description="OpenAI-compatible server for gpt-oss", lifespan=lifespan)
-    app.state.serving = Serving(engine, llm.config, list(served_model_names or [str(llm.path)]))
+    app.state.serving = serving
     app.state.responses = responses.ResponseStore()
     for router in (info, chat_completions.router, completions.router, responses.router):
         app.include_router(router)
@@ -97,17 +106,63 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None, api_ke
         return JSONResponse(status_code=e.status_code, content=error_body(str(e.detail), code=str(e.status_code)))
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, e: Exception) -> JSONResponse:
-        log.exception("internal error")
-        return JSONResponse(status_code=500, content=error_body(f"internal error: {e}", "server_error"))
+    async def _internal(request: Request, e: Exception) -> JSONResponse:
+        rid = request.scope.get("state", {}).get("request_id", "")
+        log.exception("request %s: internal error", rid)
+        # uvicorn closes the connection after an unhandled error: say so, or the client's next request on it fails
+        return JSONResponse(status_code=500, headers={"Connection": "close"}, content=error_body(
+            f"internal error (request {rid}; the server's log has the details)", "server_error"))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if given != f"Bearer {api_key}":
-                return JSONResponse(status_code=401, content=error_body(
-                    "Incorrect API key provided", code="invalid_api_key"))
-        return await call_next(request)
-
+    # pure ASGI middleware (see middleware.py), innermost first: the body limit, the key check, CORS outermost
+    # (a browser's preflight carries no key), the access log around everything
+    app.add_middleware(BodyLimit, max_bytes=options.max_body_bytes)
+    if options.api_key:
+        app.add_middleware(APIKeyCheck, api_key=options.api_key)
+    if options.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["x-request-id", "retry-after"])
+    app.add_middleware(AccessLog)
     return app
+
+
+def default_model_name(llm: LLM) -> str:
+    """The served name when none is given: the checkpoint folder's name (a Hugging Face cache's snapshot is named
+    by its repo, "openai/gpt-oss-20b"), never the path as typed."""
+    path = llm.path.resolve()
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return path.parent.name if path.name == "original" else path.name
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, draining for `drain_s` on SIGTERM / Ctrl-C: new connections are refused at once, requests
+    in flight may finish; when the drain time is over the ones left are ended (streams with an error event,
+    non-streaming requests with a 503) before the connections close. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, drain_s: float, on_ready: Callable[[], None]):
+        super().__init__(config)
+        self.engine, self.drain_s, self.on_ready = engine, drain_s, on_ready
+        self._drain: threading.Timer | None = None
+
+    async def startup(self, sockets: list | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:  # the port is bound
+            self.on_ready()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain is None:
+            log.info("stopping: requests in flight have %.0f s to finish", self.drain_s)
+            self._drain = threading.Timer(self.drain_s, self.engine.abort_all,
+                                          [ServerShuttingDown("the server is shutting down")])
+            self._drain.daemon = True
+            self._drain.start()
+        super().handle_exit(sig, frame)
+
+
+def run_server(app: FastAPI, host: str, port: int, log_level: str, on_ready: Callable[[], None]) -> None:
+    """Serve `app` until SIGTERM or Ctrl-C, draining as _Server says; on_ready() once the port is bound."""
+    serving: Serving = app.state.serving
+    grace = serving.options.drain_s + 5  # after the drain, time for the cut requests to send their endings
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=grace)
+    _Server(config, serving.engine, serving.options.drain_s, on_ready).run()

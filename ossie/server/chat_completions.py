@@ -84,20 +84,22 @@ def reasoning_budget(max_tokens: int) -> int:
     return max(0, min(max_tokens // 2, max_tokens - 64))
 
 
-def start_chat(serving: Serving, req: SamplingRequest, messages: list[dict], tools: list[dict] | None, *,
-               tool_choice: Any, response_format: dict | None, effort: str, max_tokens: int | None,
-               max_tokens_param: str, messages_param: str) -> Run:
-    """Render the conversation with what tool_choice and response_format demand, and start its generation with
-    the request's sampling. The *_param names are what a 400 error points at."""
+async def start_chat(serving: Serving, request: Request, req: SamplingRequest, messages: list[dict],
+                     tools: list[dict] | None, *, tool_choice: Any, response_format: dict | None, effort: str,
+                     max_tokens: int | None, max_tokens_param: str, messages_param: str) -> Run:
+    """Render the conversation with what tool_choice and response_format demand (off the event loop when it is
+    large), and start its generation with the request's sampling. The *_param names are what a 400 points at."""
+    serving.check_capacity()
     steering, instructions = chat_steering(tools, tool_choice, response_format)
-    try:
-        prompt = harmony.render(messages + instructions, tools, effort)
-    except harmony.ChatFormatError as e:
-        raise APIError(400, str(e), messages_param) from None
-    budget = serving.budget(prompt, max_tokens, max_tokens_param)
+    size = int(request.headers.get("content-length") or 0)
+    prompt = await serving.tokenizing.render(size, messages + instructions, tools, effort, messages_param)
+    budget = serving.budget(prompt, max_tokens, max_tokens_param, messages_param)
     if steering is not None:
         steering.reasoning_budget = reasoning_budget(budget)
-    return Run(serving.engine, prompt, req.to_sampling_params(budget, list(STOP_TOKEN_IDS)), steering)
+    run = Run(serving.engine, prompt, req.to_sampling_params(budget, list(STOP_TOKEN_IDS)), steering,
+              serving.options.request_timeout_s)
+    request.state.run = run  # for the access log
+    return run
 
 
 async def chat_deltas(run: Run, stops: StopStrings) -> AsyncIterator[harmony.ChatDelta]:
@@ -144,6 +146,8 @@ async def chat_stream(run: Run, stops: StopStrings, cid: str, now: int, model_na
                                    choices=[ChatChunkChoice(delta=delta, finish_reason=finish)])
         return data(body, exclude=None if include_usage else {"usage"})  # OpenAI: usage: null until the last
 
+    async for comment in run.queued():
+        yield comment
     yield chunk(ChatDelta(role="assistant", content=""))
     async for d in chat_deltas(run, stops):
         if d.kind == "reasoning":
@@ -177,7 +181,7 @@ def chat_message(result: harmony.ChatResult) -> ChatMessage:
 async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     serving: Serving = request.app.state.serving
     serving.check_request(req)
-    run = start_chat(serving, req, list(req.messages), req.tools, tool_choice=req.tool_choice,
+    run = await start_chat(serving, request, req, list(req.messages), req.tools, tool_choice=req.tool_choice,
                      response_format=req.response_format, effort=req.reasoning_effort or "medium",
                      max_tokens=req.max_completion_tokens or req.max_tokens,
                      max_tokens_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",

@@ -18,16 +18,17 @@ from .streaming import Run, StopStrings, TextDecoder, cancel_on_disconnect, data
 router = APIRouter()
 
 
-def prompt_tokens(req: CompletionRequest, vocab_size: int) -> list[int]:
+async def prompt_tokens(serving: Serving, request: Request, req: CompletionRequest) -> list[int]:
     if isinstance(req.prompt, list) and req.prompt and all(isinstance(x, int) for x in req.prompt):
         prompt = list(req.prompt)
-        if any(not 0 <= t < vocab_size for t in prompt):
+        if any(not 0 <= t < serving.config.vocab_size for t in prompt):
             raise APIError(400, "prompt holds token ids outside the vocabulary", "prompt")
     else:
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(texts) != 1:
             raise APIError(400, "give one prompt (a string or a list of token ids)", "prompt")
-        prompt = list(harmony_encoding().encode(texts[0], allowed_special="all"))
+        size = int(request.headers.get("content-length") or 0)
+        prompt = await serving.tokenizing.encode(size, texts[0], "prompt")
     if not prompt:
         raise APIError(400, "the prompt is empty", "prompt")
     return prompt
@@ -56,10 +57,12 @@ async def completion_text(run: Run, stop: str | list[str] | None, echo: str) -> 
 async def create_completion(req: CompletionRequest, request: Request):
     serving: Serving = request.app.state.serving
     serving.check_request(req)
-    prompt = prompt_tokens(req, serving.config.vocab_size)
-    params = req.to_sampling_params(serving.budget(prompt, req.max_tokens, "max_tokens"),
+    serving.check_capacity()
+    prompt = await prompt_tokens(serving, request, req)
+    params = req.to_sampling_params(serving.budget(prompt, req.max_tokens, "max_tokens", "prompt"),
                                     [ENDOFTEXT, *STOP_TOKEN_IDS])
-    run = Run(serving.engine, prompt, params, None)
+    run = Run(serving.engine, prompt, params, None, serving.options.request_timeout_s)
+    request.state.run = run  # for the access log
     cid, now = "cmpl-" + uuid.uuid4().hex, int(time.time())
     echo = harmony_encoding().decode(prompt) if req.echo else ""
     pieces = completion_text(run, req.stop, echo)
@@ -70,6 +73,8 @@ async def create_completion(req: CompletionRequest, request: Request):
 
     if req.stream:
         async def stream() -> AsyncIterator[str]:
+            async for comment in run.queued():
+                yield comment
             async for text in pieces:
                 yield data(body([CompletionChoice(text=text)]), exclude={"usage"})
             yield data(body([CompletionChoice(text="", finish_reason=run.finish_reason)]), exclude={"usage"})

@@ -3,10 +3,11 @@ OpenAI-shaped error (`APIError`). Request bodies accept and ignore unknown field
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from ..chat import harmony
 from ..engine import SamplingParams
@@ -34,22 +35,105 @@ class APIError(Exception):
     """A request that cannot be served: its HTTP status and the OpenAI-style body that says why."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status, content=self.body())
+        return JSONResponse(status_code=self.status, content=self.body(), headers=self.headers)
 
 
 # ---- requests -------------------------------------------------------------------------------------------------
 
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+MAX_DESCRIPTION = 16384  # characters of a tool's description
+MAX_SCHEMA_DEPTH = 32  # nesting of a tool's parameters schema
+JSON_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+MAX_STOPS, MAX_STOP_CHARS = 16, 4096
+
+
+def check_schema(schema: Any, where: str, depth: int = 0) -> None:
+    """A JSON Schema as far as ossie reads it: objects all the way down, `type` a JSON type (or a list of them),
+    `properties` an object of schemas, `required` a list of names, bounded nesting."""
+    if not isinstance(schema, dict):
+        raise ValueError(f"{where} must be a JSON Schema object")
+    if depth > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"{where}: the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+    kind = schema.get("type")
+    kinds = kind if isinstance(kind, list) else [kind] if kind is not None else []
+    if not all(isinstance(k, str) and k in JSON_TYPES for k in kinds):
+        raise ValueError(f"{where}.type must be one of {sorted(JSON_TYPES)} (or a list of them), got {kind!r}")
+    if "required" in schema and not (isinstance(schema["required"], list)
+                                     and all(isinstance(r, str) for r in schema["required"])):
+        raise ValueError(f"{where}.required must be a list of property names")
+    props = schema.get("properties")
+    if props is not None:
+        if not isinstance(props, dict):
+            raise ValueError(f"{where}.properties must be an object")
+        for name, sub in props.items():
+            check_schema(sub, f"{where}.properties.{name}", depth + 1)
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(schema.get(key), dict):
+            check_schema(schema[key], f"{where}.{key}", depth + 1)
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        if key in schema:
+            if not isinstance(schema[key], list):
+                raise ValueError(f"{where}.{key} must be a list of schemas")
+            for i, sub in enumerate(schema[key]):
+                check_schema(sub, f"{where}.{key}[{i}]", depth + 1)
+    for key in ("$defs", "definitions"):
+        if isinstance(schema.get(key), dict):
+            for name, sub in schema[key].items():
+                check_schema(sub, f"{where}.{key}.{name}", depth + 1)
+
+
+def check_function(fn: Any, where: str) -> None:
+    """A function tool's definition: a valid name, a bounded description, a parameters schema."""
+    if not isinstance(fn, dict):
+        raise ValueError(f"{where} must be an object with a name")
+    name = fn.get("name")
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+        shown = name if not isinstance(name, str) or len(name) < 80 else name[:80] + "..."
+        raise ValueError(f"{where}.name must be 1-64 letters, digits, underscores or dashes, got {shown!r}")
+    description = fn.get("description")
+    if description is not None and not isinstance(description, str):
+        raise ValueError(f"{where}.description must be a string")
+    if description and len(description) > MAX_DESCRIPTION:
+        raise ValueError(f"{where}.description is longer than {MAX_DESCRIPTION} characters")
+    if fn.get("parameters") is not None:
+        check_schema(fn["parameters"], f"{where}.parameters")
+
+
+def check_tools(tools: list[Any] | None, nested: bool) -> list[Any] | None:
+    """Function tools as Chat Completions (`nested`: {"type": "function", "function": {...}}) or the Responses API
+    (the function's fields beside "type") declare them. Other tool types pass on (harmony refuses them)."""
+    for i, tool in enumerate(tools or []):
+        if not isinstance(tool, dict):
+            raise ValueError(f"tools[{i}] must be an object")
+        if tool.get("type", "function") == "function":
+            check_function(tool.get("function") if nested else tool, f"tools[{i}]" + (".function" if nested else ""))
+    return tools
+
+
+def check_tool_choice(choice: Any, nested: bool) -> Any:
+    if choice is None or choice in ("auto", "none", "required"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        fn = choice.get("function") if nested else choice
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            return choice
+    shape = '{"type": "function", "function": {"name": ...}}' if nested else '{"type": "function", "name": ...}'
+    raise ValueError(f"tool_choice must be 'auto', 'none', 'required' or {shape}")
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: "16" is not a number nor "yes" a boolean, and true is not 1 (pydantic's lax mode would take them)
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class StreamOptions(_Body):
@@ -63,7 +147,7 @@ class SamplingRequest(_Body):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], lt=SEED_RANGE[1])
     stream: bool = False
 
     def to_sampling_params(self, max_tokens: int, stop_token_ids: list[int] | None) -> SamplingParams:
@@ -83,6 +167,14 @@ class _Completions(SamplingRequest):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1)
 
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters")
+        return stop
+
     @property
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk."""
@@ -99,6 +191,31 @@ class ChatCompletionRequest(_Completions):
     response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
 
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, tools: list[Any] | None) -> list[Any] | None:
+        return check_tools(tools, nested=True)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, choice: Any) -> Any:
+        return check_tool_choice(choice, nested=True)
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, fmt: dict | None) -> dict | None:
+        if fmt is None:
+            return fmt
+        kind = fmt.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"response_format.type must be text, json_object or json_schema, got {kind!r}")
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict):
+                raise ValueError("response_format.json_schema must be an object with a schema")
+            check_schema(spec.get("schema"), "response_format.json_schema.schema")
+        return fmt
+
 
 class CompletionRequest(_Completions):
     prompt: str | list[str] | list[int]
@@ -108,7 +225,7 @@ class CompletionRequest(_Completions):
 
 
 class ResponsesRequest(SamplingRequest):
-    input: str | list[dict[str, Any]]
+    input: str | list[dict[str, Any]] = Field(min_length=1)
     instructions: str | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -118,6 +235,29 @@ class ResponsesRequest(SamplingRequest):
     store: bool = True
     text: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, tools: list[Any] | None) -> list[Any] | None:
+        return check_tools(tools, nested=False)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, choice: Any) -> Any:
+        return check_tool_choice(choice, nested=False)
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, text: dict | None) -> dict | None:
+        fmt = (text or {}).get("format")
+        if fmt is None:
+            return text
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"text.format.type must be text, json_object or json_schema, got {kind!r}")
+        if kind == "json_schema":
+            check_schema(fmt.get("schema"), "text.format.schema")
+        return text
 
 
 # ---- responses ------------------------------------------------------------------------------------------------

@@ -57,16 +57,27 @@ class ResponseStore:
 # ---- Responses items <-> chat messages ----------------------------------------------------------------------
 
 
+def _part_text(content: Any, where: str) -> str:
+    """Text of a list of content parts ({"type": "input_text" | "output_text" | ..., "text": ...})."""
+    if not isinstance(content, list) or not all(isinstance(p, dict) and isinstance(p.get("text", ""), str)
+                                                for p in content):
+        raise APIError(400, f"{where} must be a list of text parts", where)
+    return "".join(p.get("text", "") for p in content)
+
+
 def input_to_messages(items: str | list[dict]) -> list[dict]:
     """Responses `input` (a string, or message / reasoning / function_call / function_call_output items) as
-    Chat Completions messages, which harmony.render understands."""
+    Chat Completions messages, which harmony.render understands. An assistant message followed by function calls
+    is one turn: its text is the calls' preamble (harmony's commentary), as chat completions has it."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     messages: list[dict] = []
     reasoning: str | None = None  # a reasoning item belongs to the assistant turn that follows it
     for i, item in enumerate(items):
-        kind = item.get("type", "message")
         where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise APIError(400, f"{where} must be an object", where)
+        kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
@@ -77,19 +88,28 @@ def input_to_messages(items: str | list[dict]) -> list[dict]:
             messages.append(message)
         elif kind == "reasoning":
             parts = item.get("content") or item.get("summary") or []
-            reasoning = "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+            reasoning = _part_text(parts, f"{where}.content")
         elif kind == "function_call":
-            if not item.get("name") or not item.get("call_id"):
-                raise APIError(400, f"{where}: a function_call item needs name and call_id", where)
-            call = harmony.ToolCall(item["call_id"], item["name"], item.get("arguments") or "{}")
-            message = {"role": "assistant", "content": None, "tool_calls": [call.to_openai()]}
+            if not isinstance(item.get("name"), str) or not item["name"] or not isinstance(item.get("call_id"), str):
+                raise APIError(400, f"{where}: a function_call item needs name and call_id (strings)", where)
+            arguments = item.get("arguments") or "{}"
+            if not isinstance(arguments, str):
+                raise APIError(400, f"{where}.arguments must be a string of JSON", f"{where}.arguments")
+            call = harmony.ToolCall(item["call_id"], item["name"], arguments).to_openai()
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and not reasoning:  # the same assistant turn
+                last.setdefault("tool_calls", []).append(call)
+                continue
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
             if reasoning:
                 message["reasoning_content"], reasoning = reasoning, None
             messages.append(message)
         elif kind == "function_call_output":
-            if not item.get("call_id"):
-                raise APIError(400, f"{where}: a function_call_output item needs call_id", where)
+            if not isinstance(item.get("call_id"), str):
+                raise APIError(400, f"{where}: a function_call_output item needs call_id (a string)", where)
             output = item.get("output")
+            if isinstance(output, list):
+                output = _part_text(output, f"{where}.output")
             messages.append({"role": "tool", "tool_call_id": item["call_id"],
                              "content": output if isinstance(output, str) else json.dumps(output)})
         else:
@@ -119,12 +139,12 @@ class OutputItems:
         self.item: dict | None = None  # the item being streamed
         self.call_index: int | None = None
 
-    def _events_close(self) -> Iterable[tuple[str, dict]]:
+    def _events_close(self, status: str = "completed") -> Iterable[tuple[str, dict]]:
         item, self.item = self.item, None
         if item is None:
             return
         at = {"item_id": item["id"], "output_index": len(self.output) - 1}
-        item["status"] = "completed"
+        item["status"] = status
         if item["type"] in ("reasoning", "message"):
             part = item["content"][0]
             kind = "reasoning_text" if item["type"] == "reasoning" else "output_text"
@@ -172,8 +192,9 @@ class OutputItems:
                 yield "response.function_call_arguments.delta", {
                     "item_id": self.item["id"], "output_index": len(self.output) - 1, "delta": d.text}
 
-    def close(self) -> Iterable[tuple[str, dict]]:
-        yield from self._events_close()
+    def close(self, incomplete: bool = False) -> Iterable[tuple[str, dict]]:
+        """The last item's closing events; `incomplete`: the token budget cut it (OpenAI marks it so)."""
+        yield from self._events_close("incomplete" if incomplete else "completed")
 
 
 def function_tools(tools: list[dict] | None) -> list[dict]:
@@ -217,7 +238,7 @@ async def collect(run: Run) -> AsyncIterator[tuple[str, dict] | Answer]:
         else:
             for event in items.feed(d):
                 yield event
-    for event in items.close():
+    for event in items.close(incomplete=result.finish_reason == "length"):
         yield event
     yield Answer(items.output, result)
 
@@ -238,7 +259,7 @@ async def create_response(req: ResponsesRequest, request: Request):
         + new_messages
     tools = function_tools(req.tools)
     choice, response_format, effort = chat_options(req)
-    run = start_chat(serving, req, messages, tools, tool_choice=choice, response_format=response_format,
+    run = await start_chat(serving, request, req, messages, tools, tool_choice=choice, response_format=response_format,
                      effort=effort, max_tokens=req.max_output_tokens, max_tokens_param="max_output_tokens",
                      messages_param="input")
     base = ResponseObject(
@@ -288,6 +309,8 @@ async def responses_stream(run: Run, base: ResponseObject,
         seq += 1
         return named_event(kind, {"type": kind, "sequence_number": seq - 1, **fields})
 
+    async for comment in run.queued():
+        yield comment
     start = base.model_dump()
     yield event("response.created", response=start)
     yield event("response.in_progress", response=start)

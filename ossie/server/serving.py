@@ -1,14 +1,31 @@
-"""What every endpoint needs: the engine, the served model names and the checks they share (vLLM's
-`OpenAIServing`). One `Serving` lives on `app.state.serving`."""
+"""What every endpoint needs: the engine, the served model names, the server's options and the checks they share
+(vLLM's `OpenAIServing`). One `Serving` lives on `app.state.serving`."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 from ..engine import Engine
 from ..model.config import ModelConfig
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard
+from .tokenizing import Tokenizing
+
+
+@dataclass
+class ServerOptions:
+    """What `ossie serve`'s options set."""
+
+    api_key: str | None = None
+    allowed_origins: tuple[str, ...] = ()  # CORS: origins a browser app may call from ("*": any)
+    max_running: int = 16  # requests generating at once (one batch)
+    max_queued: int = 256  # requests waiting beyond those; more get 429 with Retry-After
+    max_prompt_tokens: int | None = None  # longest prompt accepted (None: the context less one token)
+    default_max_tokens: int | None = None  # for requests that give no max_tokens (None: the rest of the context)
+    request_timeout_s: float | None = None  # a request generates this long at most, then ends as at max_tokens
+    max_body_bytes: int = 16 * 2**20
+    drain_s: float = 30.0  # on SIGTERM, how long requests in flight may finish before they are cut
 
 
 @dataclass
@@ -16,6 +33,8 @@ class Serving:
     engine: Engine
     config: ModelConfig
     names: list[str]
+    options: ServerOptions = field(default_factory=ServerOptions)
+    tokenizing: Tokenizing = field(default_factory=Tokenizing)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def check_model(self, model: str) -> str:
@@ -32,15 +51,26 @@ class Serving:
         if req.logprobs:
             raise APIError(400, "logprobs are not supported", "logprobs")
 
-    def budget(self, prompt: list[int], requested: int | None, param: str) -> int:
-        """The tokens a request may generate: what it asks for (all the room left when None), if it fits."""
+    def check_capacity(self) -> None:
+        """A 429 when the queue is full, before any work is spent on the request."""
+        waiting = self.engine.snapshot().waiting
+        if waiting >= self.options.max_queued:
+            retry = max(1, math.ceil(waiting / max(1, self.options.max_running)))
+            raise APIError(429, f"the server is busy ({waiting} requests waiting); retry in {retry} s",
+                           code="server_busy", type="rate_limit_error", headers={"Retry-After": str(retry)})
+
+    def budget(self, prompt: list[int], requested: int | None, param: str, prompt_param: str = "messages") -> int:
+        """The tokens a request may generate: what it asks for (or the default, or all the room left), if the
+        prompt is within the prompt limit and the whole fits the context."""
         context = self.config.max_context
+        limit = min(self.options.max_prompt_tokens or context, context - 1)
+        if len(prompt) > limit:
+            which = "the prompt limit" if limit < context - 1 else "the model's context"
+            raise APIError(400, f"the prompt has {len(prompt)} tokens, more than {which} ({limit} tokens)",
+                           prompt_param, "context_length_exceeded")
         room = context - len(prompt)
-        if room < 1:
-            raise APIError(400, f"the prompt ({len(prompt)} tokens) fills the model's context of {context} tokens",
-                           "messages", "context_length_exceeded")
         if requested is None:
-            return room
+            return min(room, self.options.default_max_tokens or room)
         if requested > room:
             raise APIError(400, f"{param}={requested} plus the prompt ({len(prompt)} tokens) exceeds the model's "
                                 f"context of {context} tokens", param, "context_length_exceeded")

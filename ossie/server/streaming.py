@@ -15,24 +15,32 @@ from pydantic import BaseModel
 
 from ..chat.constraints import Steering
 from ..engine import Cancelled, Engine, Event, Failed, Finished, SamplingParams, Token
+from ..engine.sequence import Status
 from ..tokenizer import token_bytes
 from .protocol import APIError
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+QUEUED_POLL_S = 0.1  # how often a waiting stream checks whether it runs
+QUEUED_COMMENT_S = 5.0  # a waiting stream sends an SSE comment this often (clients see it is alive and waiting)
+
+
+class ServerShuttingDown(Exception):
+    """Ends the requests still in flight when the server's drain time after SIGTERM is over."""
 
 
 class Run:
     """One request in the engine, seen from the event loop: `async for tok in run.tokens()`; closing that iterator
     early (a disconnect, a stop string) cancels the generation, which frees its KV cache."""
 
-    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, steering: Steering | None):
+    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, steering: Steering | None,
+                 timeout_s: float | None = None):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" once over
         self.prompt_tokens = len(prompt)
         self.completion_tokens = 0
         try:
-            self.handle = engine.submit(prompt, params, steering, self._on_event)
+            self.handle = engine.submit(prompt, params, steering, self._on_event, timeout_s)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
@@ -43,6 +51,15 @@ class Run:
 
     def _on_event(self, event: Event) -> None:  # engine thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def queued(self) -> AsyncIterator[str]:
+        """SSE comments while the request waits for a free slot: a stream's first chunk comes when it runs."""
+        since = self.loop.time()
+        while self.handle.sequence.status is Status.WAITING and self.queue.empty():
+            await asyncio.sleep(QUEUED_POLL_S)
+            if self.loop.time() - since >= QUEUED_COMMENT_S:
+                since = self.loop.time()
+                yield ": waiting for a free slot\n\n"
 
     async def tokens(self) -> AsyncIterator[int]:
         try:
@@ -55,7 +72,10 @@ class Run:
                     self.finish_reason = event.reason
                     return
                 elif isinstance(event, Failed):
-                    raise APIError(500, f"generation failed: {event.error}", type="server_error")
+                    if isinstance(event.error, ServerShuttingDown):
+                        raise APIError(503, "the server is shutting down; retry elsewhere or later",
+                                       type="server_error", code="server_shutting_down")
+                    raise APIError(500, "generation failed (the server's log has the details)", type="server_error")
                 else:
                     assert isinstance(event, Cancelled)
                     self.finish_reason = "cancelled"
@@ -82,11 +102,28 @@ async def cancel_on_disconnect(run: Run, request: Request) -> AsyncIterator[None
         watcher.cancel()
 
 
+def _prefix_function(s: str) -> list[int]:
+    """Knuth-Morris-Pratt: for each i, the length of the longest proper prefix of s[:i+1] that is also its suffix."""
+    fail = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
 class StopStrings:
-    """Cuts text at the first stop string, holding back a tail that could be the start of one."""
+    """Cuts text at the first stop string to complete, holding back a tail that could be the start of one. Each
+    stop string is matched by its Knuth-Morris-Pratt automaton, so every character costs O(1) per stop string,
+    however long the strings (a quadratic check on every token stalled the event loop)."""
 
     def __init__(self, stop: str | list[str] | None):
         self.stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
+        self.fail = [_prefix_function(s) for s in self.stops]
+        self.matched = [0] * len(self.stops)  # characters of each stop string matched at the end of the text
         self.pending = ""
         self.hit = False
 
@@ -96,16 +133,25 @@ class StopStrings:
         if self.hit:
             return ""
         buf = self.pending + text
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.hit, self.pending = True, ""
-            return buf[:cut]
-        keep = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
+        start = len(self.pending)
+        for j, ch in enumerate(text):
+            for i, stop in enumerate(self.stops):
+                k = self.matched[i]
+                while k and stop[k] != ch:
+                    k = self.fail[i][k - 1]
+                if stop[k] == ch:
+                    k += 1
+                if k == len(stop):
+                    self.hit, self.pending = True, ""
+                    return buf[:start + j + 1 - k]
+                self.matched[i] = k
+        keep = max(self.matched)  # the held-back tail: the longest partial match
         self.pending = buf[len(buf) - keep:] if keep else ""
         return buf[:len(buf) - keep]
 
     def flush(self) -> str:
         out, self.pending = self.pending, ""
+        self.matched = [0] * len(self.stops)
         return out
 
 

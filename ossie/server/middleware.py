@@ -1,0 +1,130 @@
+"""The server's ASGI middleware: the access log with request ids, the API key check, the request body limit.
+
+Both are plain ASGI callables, not Starlette's BaseHTTPMiddleware (`@app.middleware("http")`): that one runs the
+endpoint behind a channel of its own, and `request.is_disconnected()` then never sees a client leave, so a
+non-streaming request whose client had gone generated to its end.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .protocol import error_body
+
+OPEN_PATHS = frozenset({"/health"})  # answered without the API key (load balancers' probes)
+
+access_log = logging.getLogger("ossie.access")
+
+
+async def _send_json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class AccessLog:
+    """Gives each request an id (`x-request-id` on the response, `request_id` in the request's state, named in
+    warnings) and logs a line when its response ends: method, path, status, tokens, seconds. Never the prompt."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = "req_" + uuid.uuid4().hex[:16]
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        start, status = time.perf_counter(), 0
+
+        async def logging_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                run = state.get("run")  # the generation, if the request started one (streaming.Run)
+                tokens = f" {run.prompt_tokens}+{run.completion_tokens} tokens" if run is not None else ""
+                access_log.info("%s %s %s %d%s %.2fs", rid, scope["method"], scope["path"], status, tokens,
+                                time.perf_counter() - start)
+
+        await self.app(scope, receive, logging_send)
+
+
+class APIKeyCheck:
+    """Every path but /health (the API, /metrics, the docs and their schema) needs `Authorization: Bearer KEY`;
+    the scheme is case-insensitive (RFC 7235) and the key compared in constant time."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    def _authorized(self, scope: Scope) -> bool:
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS" \
+                and not self._authorized(scope):
+            await _send_json(send, 401, error_body("Incorrect or missing API key: send 'Authorization: Bearer KEY'",
+                                                   code="invalid_api_key"),
+                             [(b"www-authenticate", b'Bearer realm="ossie"')])
+            return
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """Request bodies above `max_bytes` get a 413 before they are read whole (by their Content-Length, or as
+    they arrive when it is absent)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> dict:
+        return error_body(f"the request body exceeds {self.max_bytes} bytes (ossie serve --max-body-mb)",
+                          code="request_too_large")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await _send_json(send, 413, self._too_large())
+                return
+        seen, started = 0, False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await _send_json(send, 413, self._too_large())
+
+
+class _BodyTooLarge(Exception):
+    pass
