@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from ossie.chat import harmony
-from ossie.chat.constraints import JsonPrefix
 
 openai = pytest.importorskip("openai")
 
@@ -295,23 +294,30 @@ def test_named_tool_choice_steers_the_call(scripted):
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
-def test_tool_choice_with_a_random_model(server, choice):
-    """The tiny random model knows nothing of tools, yet its answer becomes a call to an allowed function. Whether
-    its random arguments close within max_tokens is chance: cut, they come back as text with finish "length"
-    (tests/test_constraints.py checks the raw tokens: header, name and JSON are enforced either way)."""
+@pytest.mark.parametrize("seed,max_tokens", [(0, 40), (1, 60), (2, 120), (3, 33)])
+def test_tool_choice_with_a_random_model(server, choice, seed, max_tokens):
+    """The tiny random model knows nothing of tools, yet its answer becomes a call to an allowed function, and a
+    whole one: its random arguments are closed in time to fit max_tokens (these seeds and budgets once cut them,
+    and the half-written arguments came back as content). tests/test_constraints.py checks the raw tokens."""
     r = client(server).chat.completions.create(model=MODEL, messages=user("What time is it?"),
-                                               tools=[WEATHER, TIME], tool_choice=choice, max_tokens=120,
-                                               temperature=0)
+                                               tools=[WEATHER, TIME], tool_choice=choice, max_tokens=max_tokens,
+                                               temperature=1.0, seed=seed)
     choice_ = r.choices[0]
     allowed = {"get_weather", "get_time"} if choice == "required" else {"get_time"}
-    if choice_.finish_reason == "tool_calls":
-        for call in choice_.message.tool_calls:
-            assert call.function.name in allowed
-            assert isinstance(json.loads(call.function.arguments), dict)
-    else:
-        assert choice_.finish_reason == "length" and not choice_.message.tool_calls
-        assert choice_.message.content.startswith("{")  # the arguments so far: the start of a JSON object
-    no_harmony(choice_.message.content)
+    assert choice_.finish_reason == "tool_calls", choice_
+    for call in choice_.message.tool_calls:
+        assert call.function.name in allowed
+        assert isinstance(json.loads(call.function.arguments), dict)
+    assert not choice_.message.content
+    assert r.usage.completion_tokens <= max_tokens
+
+
+def test_tool_choice_too_small_a_budget_gives_no_partial_call(server):
+    """max_tokens too small for even the call's header: no call and no half of one, finish "length"."""
+    r = client(server).chat.completions.create(model=MODEL, messages=user("What time is it?"), tools=[WEATHER],
+                                               tool_choice="required", max_tokens=6, temperature=1.0, seed=0)
+    assert r.choices[0].finish_reason == "length"
+    assert not r.choices[0].message.tool_calls and not r.choices[0].message.content
 
 
 def test_tool_choice_none_and_json_format(server):
@@ -319,13 +325,11 @@ def test_tool_choice_none_and_json_format(server):
     r = c.chat.completions.create(model=MODEL, messages=user("hi"), tools=[WEATHER], tool_choice="none",
                                   max_tokens=120, temperature=1.0, seed=5)
     assert not r.choices[0].message.tool_calls
-    r = c.chat.completions.create(model=MODEL, messages=user("hi"), response_format={"type": "json_object"},
-                                  max_tokens=120, temperature=1.0, seed=5)
-    if r.choices[0].finish_reason == "stop":
-        assert isinstance(json.loads(r.choices[0].message.content), dict)
-    else:  # cut by max_tokens: what there is is still the beginning of a JSON object
-        j = JsonPrefix()
-        j.feed(r.choices[0].message.content.encode())
+    for seed, max_tokens in ((5, 120), (6, 40), (7, 90)):  # the JSON object is closed in time to fit max_tokens
+        r = c.chat.completions.create(model=MODEL, messages=user("hi"), response_format={"type": "json_object"},
+                                      max_tokens=max_tokens, temperature=1.0, seed=seed)
+        assert isinstance(json.loads(r.choices[0].message.content), dict), r.choices[0]
+        assert r.choices[0].finish_reason == "stop"
 
 
 # ---- bad input gets a 4xx, and the server keeps serving ---------------------------------------------------------

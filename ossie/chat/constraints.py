@@ -25,6 +25,7 @@ from ..special_tokens import CALL, END, N_ORDINARY, RETURN
 from ..tokenizer import harmony_encoding, token_bytes
 
 JSON_CANDIDATES = 512  # the most likely tokens checked against the JSON automaton at each step
+CLOSING_BYTES = 10  # a closing's bytes beyond one per open container (the longest: finishing a key, '": null')
 
 # ---- JSON syntax, byte by byte --------------------------------------------------------------------------------
 
@@ -142,6 +143,32 @@ class JsonPrefix:
         return (stack, mode, detail)
 
 
+def closing(state: tuple) -> bytes:
+    """The shortest bytes that complete the JSON object begun in `state`: the open string, key, number or literal
+    finished (an empty key's value, a missing value as null), then every open container closed."""
+    stack, mode, detail = state
+    out = b""
+    if mode == UNICODE:
+        mode, out = detail[0], b"0" * detail[1]  # the rest of a \\uXXXX escape
+    elif mode == ESCAPE:
+        mode, out = detail, b"n"
+    if mode == STRING:
+        out += b'"'
+    elif mode == KEY:
+        out += b'": null'
+    elif mode == OBJ_KEY:
+        out += b'"": null'
+    elif mode == COLON:
+        out += b": null"
+    elif mode == VALUE:
+        out += b"null" if stack else b"{}"
+    elif mode == NUMBER and detail in ("-", "dot", "e", "esign"):
+        out += b"0"
+    elif mode == LITERAL:
+        out += detail
+    return out + b"".join(b"}" if c == "{" else b"]" for c in reversed(stack))
+
+
 def _number_step(part: str, c: int) -> str | None:
     """JSON number grammar: the part after reading c, or None if c cannot continue the number."""
     digit = c in _DIGITS
@@ -171,6 +198,8 @@ class Steering:
                  after_analysis_phase: str = "json"):
         self.reasoning_budget: int | None = None  # analysis tokens allowed before <|end|> is forced
         self.reasoning_tokens = 0
+        self.budget: int | None = None  # the completion's max_tokens: the JSON is closed in time to fit in it
+        self.tokens = 0
         # starts: (token sequence, then-phase) allowed at the beginning; phases: "analysis", "json", "text"
         self.after_analysis = after_analysis  # sequences allowed after the analysis message ends
         self.after_analysis_phase = after_analysis_phase
@@ -201,10 +230,25 @@ class Steering:
         if self.phase == "json":
             if self.json.done:
                 return _only(logits, [self.end_token])
+            close = self._closing_tokens()
+            if close is not None:
+                return _only(logits, close[:1])
             return _only(logits, _json_candidates(logits, self.json))
         return logits  # finished: the stop token has been produced
 
+    def _closing_tokens(self) -> list[int] | None:
+        """When the budget left is what closing the JSON object and the end token take (one token to spare, as
+        the rest of a closing may tokenize differently once it has begun), the tokens that close it; else None."""
+        if self.budget is None:
+            return None
+        left = self.budget - self.tokens
+        if left > len(self.json.state[0]) + CLOSING_BYTES:  # a closing is at most this many bytes, so tokens
+            return None
+        close = _encode(closing(self.json.state).decode())
+        return close if left <= len(close) + 2 else None
+
     def advance(self, token: int) -> None:
+        self.tokens += 1
         if self.phase == "trie":
             self.prefix.append(token)
             done = [then for seq, then in self.options if seq == self.prefix]

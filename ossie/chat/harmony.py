@@ -31,7 +31,7 @@ from openai_harmony import (
     ToolDescription,
 )
 
-from ..special_tokens import CALL
+from ..special_tokens import CALL, CHANNEL, START
 from ..tokenizer import harmony_encoding
 
 log = logging.getLogger("ossie")
@@ -292,8 +292,9 @@ class ChatParser:
         args = [ChatDelta("tool_call", p, index=index) for p in pieces if p]
         return out + (args or [ChatDelta("tool_call", "{}", index=index)])
 
-    def finish(self, hit_length: bool = False) -> list[ChatDelta]:
-        """Close the stream (after a stop token, or after max_tokens when hit_length)."""
+    def finish(self, hit_length: bool = False, drop_partial_call: bool = False) -> list[ChatDelta]:
+        """Close the stream (after a stop token, or after max_tokens when hit_length). A call cut short is returned
+        as text, or with drop_partial_call (the request demanded a call) dropped: whole or not at all."""
         out: list[ChatDelta] = []
         r = self.result
         if self.broken:
@@ -301,13 +302,15 @@ class ChatParser:
             if text:
                 out.append(self._apply(ChatDelta("content", text)))
         elif self.parser.state == StreamState.HEADER and self.message_tokens:
-            channel_token = self.enc.encode("<|channel|>", allowed_special="all")[0]
             plain = self._plain(self.message_tokens)
-            if channel_token in self.message_tokens or plain.lstrip().startswith("to="):
+            if CHANNEL in self.message_tokens or START in self.message_tokens or plain.lstrip().startswith("to="):
                 self._warn("output ended inside a message header; the partial header was dropped")
             else:  # no header at all: the model wrote plain text
                 self._warn("output had no harmony header; returned as text")
                 out.append(self._apply(ChatDelta("content", plain)))
+        elif self.call_pieces and drop_partial_call:
+            self._warn(f"output ended inside a call to {self.parser.current_recipient}; the partial call was dropped")
+            self.call_pieces = []
         elif self.call_pieces:
             self._warn(f"output ended inside a call to {self.parser.current_recipient}; returned as text")
             out.append(self._apply(ChatDelta("content", "".join(self.call_pieces))))

@@ -96,6 +96,7 @@ async def start_chat(serving: Serving, request: Request, req: SamplingRequest, m
     budget = serving.budget(prompt, max_tokens, max_tokens_param, messages_param)
     if steering is not None:
         steering.reasoning_budget = reasoning_budget(budget)
+        steering.budget = budget  # a demanded JSON object is closed in time to fit
     run = Run(serving.engine, prompt, req.to_sampling_params(budget, list(STOP_TOKEN_IDS)), steering,
               serving.options.request_timeout_s)
     request.state.run = run  # for the access log
@@ -122,7 +123,8 @@ async def chat_deltas(run: Run, stops: StopStrings) -> AsyncIterator[harmony.Cha
         sent += tail
         yield harmony.ChatDelta("content", tail)
     parser.result.cached_tokens = run.cached_tokens
-    for d in parser.finish(hit_length=run.finish_reason == "length"):
+    demanded = run.handle.sequence.steering is not None  # tool_choice or response_format: whole or not at all
+    for d in parser.finish(hit_length=run.finish_reason == "length", drop_partial_call=demanded):
         if d.kind == "content":
             d.text = stops.push(d.text) + stops.flush()
             sent += d.text
