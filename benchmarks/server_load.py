@@ -19,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -83,6 +84,7 @@ def main() -> int:
     p.add_argument("--streams", type=int, default=32, help="concurrent valid streaming requests")
     p.add_argument("--disconnects", type=int, default=30, help="streams closed after their first chunks")
     p.add_argument("--overload", type=int, default=200, help="requests sent at once at the end")
+    p.add_argument("--rounds", type=int, default=3, help="times to repeat it all (RSS after each: no growth)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -95,9 +97,10 @@ def main() -> int:
     elif args.model:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
+        log_file = tempfile.TemporaryFile(mode="w+")  # not a pipe: unread, it would fill up and stall the server
         proc = subprocess.Popen([sys.executable, "-m", "ossie", "serve", args.model, "--port", str(port),
                                  "--served-model-name", model, *shlex.split(args.serve_args)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                stdout=log_file, stderr=subprocess.STDOUT, text=True)
         for _ in range(600):
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
@@ -115,7 +118,8 @@ def main() -> int:
 
     def record(status: int | str, seconds: float) -> None:
         with lock:
-            statuses[status if isinstance(status, str) else f"{status // 100}xx"] += 1
+            key = status if isinstance(status, str) else "429" if status == 429 else f"{status // 100}xx"
+            statuses[key] += 1
             latencies.append(seconds)
 
     def send(path: str, content: bytes, stream: bool = False, leave_after: int = 0) -> None:
@@ -136,18 +140,23 @@ def main() -> int:
     rss_before = rss_mib(pid)
     rng = random.Random(args.seed)
     t_start = time.perf_counter()
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda job: send(*job), [fuzzed(rng, model) for _ in range(args.fuzz)]))
-    print(f"fuzz: {args.fuzz} requests, {dict(statuses)}")
     stream_body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Tell a story"}],
                               "max_tokens": 64, "stream": True}).encode()
-    with ThreadPoolExecutor(args.streams + args.disconnects) as pool:
-        jobs = [("/v1/chat/completions", stream_body, True, 0)] * args.streams
-        jobs += [("/v1/chat/completions", stream_body, True, 3)] * args.disconnects
-        list(pool.map(lambda job: send(*job), jobs))
+    # text completions stream every token (a random model's chat output may hold its text back to the end)
+    leaving_body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 2000,
+                               "stream": True}).encode()
     short = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
-    with ThreadPoolExecutor(args.overload) as pool:
-        list(pool.map(lambda _: send("/v1/chat/completions", short), range(args.overload)))
+    for round_ in range(1, args.rounds + 1):
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda job: send(*job), [fuzzed(rng, model) for _ in range(args.fuzz)]))
+        for path, body, count, leave_after in (("/v1/chat/completions", stream_body, args.streams, 0),
+                                               ("/v1/completions", leaving_body, args.disconnects, 3)):
+            with ThreadPoolExecutor(max(1, count)) as pool:
+                list(pool.map(lambda _, p=path, b=body, n=leave_after: send(p, b, True, n), range(count)))
+        with ThreadPoolExecutor(max(1, args.overload)) as pool:
+            list(pool.map(lambda _: send("/v1/chat/completions", short), range(args.overload)))
+        rss = rss_mib(pid)
+        print(f"round {round_}: {dict(sorted(statuses.items()))}" + (f", server RSS {rss:.0f} MiB" if rss else ""))
     elapsed = time.perf_counter() - t_start
     health = {}
     for _ in range(100):  # the server settles: nothing running or waiting once every client is gone
@@ -167,9 +176,14 @@ def main() -> int:
         print(f"server RSS {rss_before:.0f} MiB before, {rss_after:.0f} MiB after")
     if proc is not None:
         proc.terminate()
-        log = proc.communicate(timeout=60)[0]
+        proc.wait(timeout=60)
+        log_file.seek(0)
+        log = log_file.read()
         tracebacks = log.count("Traceback")
         print(f"server log: {tracebacks} tracebacks")
+        if tracebacks:
+            at = log.index("Traceback")
+            print(log[max(0, at - 300):at + 3000])
     return 1 if statuses.get("5xx") else 0
 
 

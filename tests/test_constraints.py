@@ -96,3 +96,33 @@ def test_reasoning_budget(tiny_llm):
 def test_no_tools_no_call_steering():
     with pytest.raises(ValueError):
         constraints.tool_call_steering([])
+
+
+@pytest.mark.parametrize("text", GOOD)
+def test_closing_completes_every_prefix(text):
+    """Cut anywhere, a JSON object is completed by `closing` (what the steering forces when max_tokens runs out)."""
+    for cut in range(len(text.encode()) + 1):
+        j = JsonPrefix()
+        prefix = text.encode()[:cut]
+        try:
+            prefix.decode()
+        except UnicodeDecodeError:  # inside a multi-byte character (the decoded text would hold U+FFFD there)
+            continue
+        j.feed(prefix)
+        close = constraints.closing(j.state)
+        j.feed(close)
+        assert j.done and isinstance(json.loads(prefix + close), dict), (prefix, close)
+
+
+@pytest.mark.parametrize("budget", [20, 25, 31, 47])
+def test_json_is_closed_within_the_budget(tiny_llm, budget):
+    """A random model steered to a JSON answer with max_tokens = budget: the object is complete and parses."""
+    steering = constraints.answer_steering(json=True)
+    steering.budget = budget
+    prompt = harmony_encoding().encode("<|start|>user<|message|>hi<|end|><|start|>assistant", allowed_special="all")
+    seq = Sequence(list(prompt), SamplingParams(max_tokens=budget, temperature=1.0, seed=budget,
+                                                stop_token_ids=None), steering)
+    out = list(stream(tiny_llm.runner, seq))
+    text = harmony_encoding().decode(out)
+    answer = text.split("<|channel|>final<|message|>", 1)[1].removesuffix("<|return|>")
+    assert isinstance(json.loads(answer), dict) and steering.finished and len(out) <= budget

@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -60,14 +61,16 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = ["-m", "tests.scripted_main", str(script)] if script else ["-m", "ossie"]
+        # the log goes to a file: a pipe nobody reads until the end would fill up (access lines) and stall the server
+        self.log_file = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             [sys.executable, *command, "serve", str(checkpoint), "--port", str(self.port),
              "--served-model-name", MODEL, "--dtype", "float32", *args],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=REPO, stdout=self.log_file, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError("ossie serve exited:\n" + self.proc.stdout.read())
+                raise RuntimeError("ossie serve exited:\n" + self.log())
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
@@ -78,14 +81,18 @@ class Server:
     def health(self) -> dict:
         return httpx.get(self.url + "/health").json()
 
+    def log(self) -> str:
+        self.log_file.seek(0)
+        return self.log_file.read()
+
     def stop(self) -> str:
         self.proc.terminate()
         try:
-            out, _ = self.proc.communicate(timeout=20)
+            self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
-        return out
+            self.proc.wait()
+        return self.log()
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +253,19 @@ def test_tool_call_round_trip(scripted):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_usage_counts_exactly(scripted):
+    """reasoning_tokens: every token of the analysis message, header and <|end|> included; completion_tokens:
+    every token generated."""
+    from ossie.tokenizer import harmony_encoding
+
+    enc = harmony_encoding()
+    r = client(scripted).chat.completions.create(model=MODEL, messages=user("ANSWER"), max_tokens=100)
+    analysis = "<|channel|>analysis<|message|>Easy.<|end|>"
+    assert r.usage.completion_tokens_details.reasoning_tokens == len(enc.encode(analysis, allowed_special="all"))
+    completion = next(e["completion"] for e in SCRIPT if isinstance(e, dict) and e["match"] == "ANSWER")
+    assert r.usage.completion_tokens == len(enc.encode(completion, allowed_special="all"))
+
+
 def test_stop_string(scripted):
     c = client(scripted)
     r = c.chat.completions.create(model=MODEL, messages=user("ANSWER"), stop=["STOP"], max_tokens=100)
@@ -278,6 +298,32 @@ def test_responses_function_call_items(scripted):
                                 input=[{"type": "function_call_output", "call_id": call.call_id,
                                         "output": "clear sky ANSWER"}])
     assert follow.output_text.startswith("It is sunny")
+
+
+def test_responses_input_items_render_as_chat_messages():
+    """An assistant message followed by its function calls is one turn (the text is the calls' preamble, harmony's
+    commentary, as chat completions renders it); a function_call_output given as content parts reaches the model
+    as their text."""
+    from ossie.server.responses import input_to_messages
+
+    items = [{"role": "user", "content": "weather?"},
+             {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me check."}]},
+             {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
+             {"type": "function_call_output", "call_id": "c1", "output": [{"type": "input_text", "text": "sunny"}]}]
+    chat = [{"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": "Let me check.", "tool_calls": [{
+                "id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    assert harmony.render(input_to_messages(items), [WEATHER]) == harmony.render(chat, [WEATHER])
+
+
+def test_responses_cut_item_is_incomplete(scripted):
+    c = client(scripted)
+    r = c.responses.create(model=MODEL, input="ANSWER", max_output_tokens=12)
+    assert r.status == "incomplete" and r.output[-1].status == "incomplete"
+    events = list(c.responses.create(model=MODEL, input="ANSWER", max_output_tokens=12, stream=True))
+    done = [e for e in events if e.type == "response.output_item.done"]
+    assert done[-1].item.status == "incomplete" and events[-1].type == "response.incomplete"
 
 
 # ---- tool_choice is enforced ---------------------------------------------------------------------------------

@@ -207,7 +207,7 @@ def test_shutdown_drains_then_ends_what_is_left(tiny_repo):
     assert last["error"]["code"] == "server_shutting_down"
     assert results["plain"].status_code == 503
     assert results["plain"].json()["error"]["code"] == "server_shutting_down"
-    log = s.proc.stdout.read()
+    log = s.log()
     assert "requests in flight have 1 s to finish" in log and "Traceback" not in log
 
 

@@ -254,8 +254,12 @@ class ChatParser:
             self.broken = True
             self._warn(f"malformed harmony output ({e}); returned as text")
             return []
-        if channel_before == "analysis" or self.parser.current_channel == "analysis":
+        # reasoning tokens: every token of an analysis message, its header (counted once the channel is known)
+        # and its <|end|> included
+        if channel_before == "analysis":
             self.result.reasoning_tokens += 1
+        elif self.parser.current_channel == "analysis":
+            self.result.reasoning_tokens += len(self.message_tokens)
         out: list[ChatDelta] = []
         delta = self.parser.last_content_delta
         if delta and self.parser.state == StreamState.CONTENT:

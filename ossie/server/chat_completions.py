@@ -191,7 +191,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     cid, now = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
     stops = StopStrings(req.stop)
     if req.stream:
-        return sse(chat_stream(run, stops, cid, now, req.model, req.include_usage))
+        return sse(chat_stream(run, stops, cid, now, req.model, req.include_usage), run)
     result = None
     async with cancel_on_disconnect(run, request):
         async for delta in chat_deltas(run, stops):

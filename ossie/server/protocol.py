@@ -3,11 +3,12 @@ OpenAI-shaped error (`APIError`). Request bodies accept and ignore unknown field
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from ..chat import harmony
 from ..engine import SamplingParams
@@ -134,6 +135,19 @@ def check_tool_choice(choice: Any, nested: bool) -> Any:
 class _Body(BaseModel):
     # strict: "16" is not a number nor "yes" a boolean, and true is not 1 (pydantic's lax mode would take them)
     model_config = ConfigDict(extra="allow", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        """No lone surrogates ("\\ud800" in the JSON) anywhere: they are not text, and nothing downstream (the
+        tokenizer, an error message naming the value) can encode them."""
+        try:
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ValueError("the request holds a lone surrogate (such as \\ud800): not valid Unicode") from None
+        except RecursionError:
+            raise ValueError("the request nests too deeply") from None
+        return data
 
 
 class StreamOptions(_Body):

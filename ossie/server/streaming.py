@@ -181,8 +181,9 @@ class TextDecoder:
         return text
 
 
-def sse(chunks: AsyncIterator[str]) -> StreamingResponse:
-    """Server-sent events. A generation failing mid-stream ends the stream with an OpenAI-style error event."""
+def sse(chunks: AsyncIterator[str], run: Run) -> StreamingResponse:
+    """Server-sent events of `run`. A generation failing mid-stream ends the stream with an OpenAI-style error event;
+    a stream that ends early for any reason (its client gone while it waited in the queue, say) cancels `run`."""
 
     async def body() -> AsyncIterator[str]:
         try:
@@ -190,6 +191,8 @@ def sse(chunks: AsyncIterator[str]) -> StreamingResponse:
                 yield chunk
         except APIError as e:
             yield data(e.body())
+        finally:
+            run.handle.cancel()  # a no-op once it has finished
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
