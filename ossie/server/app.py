@@ -21,6 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..chat import constraints
 from ..engine import Engine
 from ..llm import LLM
 from . import chat_completions, completions, responses
@@ -77,6 +78,7 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
+        constraints.prepare()  # the steering's tables, before the first request that needs them
         yield
         engine.shutdown()
         serving.tokenizing.close()
