@@ -289,3 +289,22 @@ def test_seed_decides_sampled_tokens(server):
     a, b, other = (c.chat.completions.create(**ask, seed=s).choices[0].message for s in (7, 7, 8))
     assert (a.content, a.reasoning_content) == (b.content, b.reasoning_content)
     assert (a.content, a.reasoning_content) != (other.content, other.reasoning_content)
+
+
+def test_short_requests_flow_while_a_long_prompt_is_read(server):
+    """A prompt of ~12,000 tokens is read 512 tokens a step; a short request sent meanwhile is read beside it and
+    finishes before the long one's first token (it once waited for the whole long prompt)."""
+    done = {}
+
+    def long():
+        httpx.post(server.url + "/v1/completions", timeout=300,
+                   json={"model": MODEL, "prompt": "word " * 12_000, "max_tokens": 1})
+        done["long"] = time.perf_counter()
+
+    t = threading.Thread(target=long)
+    t.start()
+    assert wait_for(server, lambda h: h["running"] == 1)["running"] == 1
+    r = httpx.post(server.url + "/v1/chat/completions", json={**GOOD, "max_tokens": 4}, timeout=300)
+    done["short"] = time.perf_counter()
+    t.join(timeout=300)
+    assert r.status_code == 200 and done["short"] < done["long"]

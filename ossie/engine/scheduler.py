@@ -1,10 +1,11 @@
 """`Scheduler`: which sequences run in the next step, and how many tokens each computes.
 
 Sequences wait in arrival order; up to `max_running` run at once. A step takes one token of every decoding
-sequence first, then prompt chunks in admission order with what is left of `max_tokens` (a per-step budget):
-a long prompt is read a chunk per step while the others keep decoding, instead of stopping them for its whole
-length. When KV memory runs out, the sequence admitted last is preempted: it goes back to the front of the
-queue and computes its tokens again when it returns (most of them from the prefix cache).
+sequence first, then prompt chunks, the shortest rest of a prompt first, with what is left of `max_tokens` (a
+per-step budget): a long prompt is read a chunk per step while the others keep decoding, and a short prompt that
+arrives meanwhile is read at once, beside it, instead of waiting for all of it. When KV memory runs out, the
+sequence admitted last is preempted: it goes back to the front of the queue and computes its tokens again when it
+returns (most of them from the prefix cache).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Scheduler:
         batch = [seq for seq in self.running if seq.pending == 1]
         sizes = [1] * len(batch)
         budget = self.max_tokens - len(batch)
-        for seq in self.running:
+        for seq in sorted(self.running, key=lambda s: s.pending):  # stable: ties in admission order
             if seq.pending > 1 and budget > 0:
                 n = min(seq.pending, budget)
                 if n < seq.pending and self.align > 1:
