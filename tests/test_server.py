@@ -3,6 +3,7 @@ tool calls (scripted completions), tool_choice steering, bad input, concurrency 
 
 import copy
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -534,6 +535,25 @@ def test_internal_failure_fails_one_request(tiny_llm):
         r = http.post("/v1/chat/completions", json={**GOOD, "stream": True})
         assert r.status_code == 200 and "[DONE]" in r.text
         assert http.get("/health").json()["failed"] == 1
+
+
+def test_unexpected_error_is_a_500_that_closes_the_connection(tiny_llm):
+    """A bug in an endpoint: a 500 naming the request but not the exception, and `Connection: close` (uvicorn
+    closes the connection after an unhandled error; without the header the client's next request on it failed)."""
+    from fastapi.testclient import TestClient
+
+    from ossie.server import create_app
+
+    app = create_app(tiny_llm, [MODEL])
+
+    def broken(req):
+        raise RuntimeError("secret internals")
+
+    app.state.serving.check_request = broken
+    with TestClient(app, raise_server_exceptions=False) as http:
+        r = http.post("/v1/chat/completions", json=GOOD)
+        assert r.status_code == 500 and r.headers["connection"] == "close"
+        assert "secret internals" not in r.text and re.search(r"req_[0-9a-f]{16}", r.json()["error"]["message"])
 
 
 def test_long_prompts_read_in_small_chunks(tiny_repo, tiny_llm):

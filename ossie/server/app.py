@@ -25,7 +25,7 @@ from ..chat import constraints
 from ..engine import Engine
 from ..llm import LLM
 from . import chat_completions, completions, responses
-from .middleware import AccessLog, APIKeyCheck, BodyLimit
+from .middleware import AccessLog, APIKeyCheck, BodyLimit, RequestIdFilter
 from .protocol import APIError, ModelCard, ModelList, error_body
 from .serving import ServerOptions, Serving
 from .streaming import ServerShuttingDown
@@ -73,6 +73,8 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None,
                options: ServerOptions | None = None) -> FastAPI:
     """The server for `llm` (its runner serves every request through one Engine)."""
     options = options or ServerOptions()
+    if not any(isinstance(f, RequestIdFilter) for f in log.filters):
+        log.addFilter(RequestIdFilter())
     engine = Engine(llm.runner, max_running=options.max_running)
     serving = Serving(engine, llm.config, list(served_model_names or [default_model_name(llm)]), options)
 
@@ -110,7 +112,7 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None,
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
         rid = request.scope.get("state", {}).get("request_id", "")
-        log.exception("request %s: internal error", rid)
+        log.exception("internal error")
         # uvicorn closes the connection after an unhandled error: say so, or the client's next request on it fails
         return JSONResponse(status_code=500, headers={"Connection": "close"}, content=error_body(
             f"internal error (request {rid}; the server's log has the details)", "server_error"))

@@ -7,6 +7,7 @@ non-streaming request whose client had gone generated to its end.
 
 from __future__ import annotations
 
+import contextvars
 import hmac
 import json
 import logging
@@ -20,6 +21,18 @@ from .protocol import error_body
 OPEN_PATHS = frozenset({"/health"})  # answered without the API key (load balancers' probes)
 
 access_log = logging.getLogger("ossie.access")
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+
+class RequestIdFilter(logging.Filter):
+    """Prefixes what is logged while a request is served (a warning about its model output, say) with its id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = REQUEST_ID.get()
+        if rid is not None and not getattr(record, "request_id", None):
+            record.request_id = rid
+            record.msg = f"{rid}: {record.msg}"
+        return True
 
 
 async def _send_json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -43,6 +56,7 @@ class AccessLog:
         rid = "req_" + uuid.uuid4().hex[:16]
         state = scope.setdefault("state", {})
         state["request_id"] = rid
+        REQUEST_ID.set(rid)  # this request's task, and the tasks it starts, see it
         start, status = time.perf_counter(), 0
 
         async def logging_send(message: Message) -> None:
@@ -52,12 +66,20 @@ class AccessLog:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                run = state.get("run")  # the generation, if the request started one (streaming.Run)
-                tokens = f" {run.prompt_tokens}+{run.completion_tokens} tokens" if run is not None else ""
-                access_log.info("%s %s %s %d%s %.2fs", rid, scope["method"], scope["path"], status, tokens,
-                                time.perf_counter() - start)
+                log_line()
 
-        await self.app(scope, receive, logging_send)
+        def log_line() -> None:
+            run = state.get("run")  # the generation, if the request started one (streaming.Run)
+            tokens = f" {run.prompt_tokens}+{run.completion_tokens} tokens" if run is not None else ""
+            access_log.info("%s %s %s %d%s %.2fs", rid, scope["method"], scope["path"], status, tokens,
+                            time.perf_counter() - start)
+
+        try:
+            await self.app(scope, receive, logging_send)
+        except Exception:  # the 500 goes out from Starlette's error middleware, outside this one
+            status = 500
+            log_line()
+            raise
 
 
 class APIKeyCheck:
