@@ -22,7 +22,7 @@ from ossie.engine import Engine, ModelRunner, Sequence  # noqa: E402
 from ossie.model.config import PRESETS  # noqa: E402
 from ossie.special_tokens import N_ORDINARY  # noqa: E402
 from ossie.synth import random_weights  # noqa: E402
-from tests.helpers import RecordingRunner, alone, greedy, run_engine  # noqa: E402
+from tests.helpers import RecordingRunner, alone, greedy, run_engine, step_together  # noqa: E402
 
 CFG = PRESETS["20b"]
 
@@ -132,14 +132,6 @@ def test_tiny_bf16_decoding_against_cpu_float32(tiny_repo, cpu_reference):
         logits = torch.stack(runner.seen)
         assert rel(logits.cpu(), expected) < 2e-2
         near_ties_only(out, logits, expected)
-
-
-def step_together(runner: ModelRunner, seqs: list[Sequence]) -> None:
-    while any(not s.finished for s in seqs):
-        batch = [s for s in seqs if not s.finished]
-        for seq, tok in zip(batch, runner.run(batch), strict=True):
-            if tok is not None:
-                seq.append(tok)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -26,3 +26,14 @@ def tiny_llm(tiny_repo):
     import ossie
 
     return ossie.LLM(tiny_repo, dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_repo):
+    """`ossie serve` on the tiny checkpoint (one per test module), whose log must show no traceback at the end."""
+    from tests.test_server import Server
+
+    s = Server(tiny_repo)
+    yield s
+    log = s.stop()
+    assert "Traceback" not in log, log

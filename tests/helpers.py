@@ -54,3 +54,12 @@ def alone(runner: ModelRunner, prompt: list[int], params: SamplingParams) -> lis
     from ossie.engine import stream
 
     return list(stream(runner, Sequence(list(prompt), params)))
+
+
+def step_together(runner: ModelRunner, seqs: list[Sequence]) -> None:
+    """Step sequences as one batch (each computing all it has left) until every one has finished."""
+    while any(not s.finished for s in seqs):
+        batch = [s for s in seqs if not s.finished]
+        for seq, tok in zip(batch, runner.run(batch), strict=True):
+            if tok is not None:
+                seq.append(tok)

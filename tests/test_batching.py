@@ -9,19 +9,10 @@ import ossie
 from ossie.backends.cpu_kernels import available as kernels_built
 from ossie.engine import Engine, ModelRunner, Sequence
 from ossie.special_tokens import N_ORDINARY
-from tests.helpers import RecordingRunner, alone, greedy, run_engine
+from tests.helpers import RecordingRunner, alone, greedy, run_engine, step_together
 
 GEN = torch.Generator().manual_seed(5)
 PROMPTS = [torch.randint(0, N_ORDINARY, (n,), generator=GEN).tolist() for n in (20, 45, 130, 7)]
-
-
-def step_together(runner: ModelRunner, seqs: list[Sequence]) -> None:
-    """Step sequences as one batch (each computing all it has left) until every one has finished."""
-    while any(not s.finished for s in seqs):
-        batch = [s for s in seqs if not s.finished]
-        for seq, tok in zip(batch, runner.run(batch), strict=True):
-            if tok is not None:
-                seq.append(tok)
 
 
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.0, seed=3)])

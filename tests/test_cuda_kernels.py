@@ -21,7 +21,7 @@ from ossie.backends.cuda import CudaBackend  # noqa: E402
 from ossie.backends.cuda_kernels import attention_decode, attention_prefill, moe  # noqa: E402
 from ossie.engine import Sequence  # noqa: E402
 from ossie.special_tokens import N_ORDINARY  # noqa: E402
-from tests.helpers import RecordingRunner, greedy  # noqa: E402
+from tests.helpers import RecordingRunner, greedy, step_together  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter computes SwiGLU's sigmoid as 1 / (1 + exp(-x)) in numpy: exp overflows to inf, the result is 0
@@ -135,11 +135,7 @@ def test_batched_decode_steps_match_reference(tiny_pair):
     for llm in tiny_pair:
         runner = RecordingRunner(llm.model)
         seqs = [Sequence(p, greedy(6)) for p in prompts]
-        while any(not s.finished for s in seqs):
-            batch = [s for s in seqs if not s.finished]
-            for seq, tok in zip(batch, runner.run(batch), strict=True):
-                if tok is not None:
-                    seq.append(tok)
+        step_together(runner, seqs)
         seen.append(([s.output for s in seqs], [torch.stack(runner.by_sequence[s.id]) for s in seqs]))
     (ref_out, ref_logits), (out, logits) = seen
     assert out == ref_out

@@ -97,14 +97,6 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_repo):
-    s = Server(tiny_repo)
-    yield s
-    log = s.stop()
-    assert "Traceback" not in log, log
-
-
-@pytest.fixture(scope="module")
 def scripted(tiny_repo, tmp_path_factory):
     path = tmp_path_factory.mktemp("script") / "script.json"
     path.write_text(json.dumps(SCRIPT))

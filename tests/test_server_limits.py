@@ -26,14 +26,6 @@ def wait_for(s: Server, condition, timeout=30) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_repo):
-    s = Server(tiny_repo)
-    yield s
-    log = s.stop()
-    assert "Traceback" not in log, log
-
-
-@pytest.fixture(scope="module")
 def guarded(tiny_repo):
     """A server with a key, a prompt limit, a small body limit and CORS for one origin."""
     s = Server(tiny_repo, "--api-key", "sekret", "--max-prompt-tokens", "300", "--max-body-mb", "1",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
@@ -195,25 +195,31 @@ class _Completions(SamplingRequest):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class ChatCompletionRequest(_Completions):
-    messages: list[dict[str, Any]] = Field(min_length=1)
+class _WithTools(_Body):
+    """Function tools and tool_choice, as Chat Completions (NESTED_TOOLS: {"type": "function", "function": {...}})
+    or the Responses API (the function's fields beside "type") declares them."""
+    NESTED_TOOLS: ClassVar[bool] = True
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, tools: list[Any] | None) -> list[Any] | None:
+        return check_tools(tools, nested=cls.NESTED_TOOLS)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, choice: Any) -> Any:
+        return check_tool_choice(choice, nested=cls.NESTED_TOOLS)
+
+
+class ChatCompletionRequest(_Completions, _WithTools):
+    messages: list[dict[str, Any]] = Field(min_length=1)
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def _tools(cls, tools: list[Any] | None) -> list[Any] | None:
-        return check_tools(tools, nested=True)
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _tool_choice(cls, choice: Any) -> Any:
-        return check_tool_choice(choice, nested=True)
 
     @field_validator("response_format")
     @classmethod
@@ -238,27 +244,16 @@ class CompletionRequest(_Completions):
     logprobs: int | None = None
 
 
-class ResponsesRequest(SamplingRequest):
+class ResponsesRequest(SamplingRequest, _WithTools):
+    NESTED_TOOLS: ClassVar[bool] = False
     input: str | list[dict[str, Any]] = Field(min_length=1)
     instructions: str | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
     reasoning: dict[str, Any] | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     previous_response_id: str | None = None
     store: bool = True
     text: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def _tools(cls, tools: list[Any] | None) -> list[Any] | None:
-        return check_tools(tools, nested=False)
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _tool_choice(cls, choice: Any) -> Any:
-        return check_tool_choice(choice, nested=False)
 
     @field_validator("text")
     @classmethod
