@@ -130,7 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     names = args.served_model_name or [default_model_name(llm)]
     options = ServerOptions(
         api_key=args.api_key or os.environ.get("OSSIE_API_KEY"), allowed_origins=tuple(args.allowed_origins or ()),
-        max_running=args.max_running, max_queued=args.max_queued, max_prompt_tokens=args.max_prompt_tokens,
+        max_running=args.max_running, max_queued=args.max_queued,
+        prefill_while_decoding=args.prefill_while_decoding, max_prompt_tokens=args.max_prompt_tokens,
         default_max_tokens=args.default_max_tokens, request_timeout_s=args.request_timeout,
         max_body_bytes=int(args.max_body_mb * 2**20), drain_s=args.shutdown_timeout)
     app = create_app(llm, names, options)
@@ -205,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued", type=int, default=256,
                    help="requests waiting beyond --max-running; more are answered 429 with Retry-After "
                         "(default 256)")
+    p.add_argument("--prefill-while-decoding", type=int, default=64, metavar="N",
+                   help="prompt tokens a step computes while other requests are decoding: smaller steps keep their "
+                        "tokens coming while a long prompt is read, which then takes longer (default 64; "
+                        "--prefill-chunk applies when nothing decodes)")
     p.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
                    help="the longest prompt accepted, in tokens (default: the model's context)")
     p.add_argument("--default-max-tokens", type=int, default=None, metavar="N",

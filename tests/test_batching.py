@@ -104,3 +104,25 @@ def test_preempted_when_kv_memory_runs_out(tiny_llm, sampling):
     assert stats.preempted >= 1
     for prompt, tokens in zip(prompts, out, strict=True):
         assert tokens == alone(ModelRunner(tiny_llm.model), prompt, greedy(300, **sampling))
+
+
+def test_step_budget_favours_short_prompts_and_decoding():
+    """Prompt chunks go shortest rest first, and while a sequence decodes a step reads at most
+    prefill_while_decoding prompt tokens (so the decoding one's next token is not held up by a whole chunk)."""
+    from ossie.engine.scheduler import Scheduler
+
+    sched = Scheduler(max_running=4, max_tokens=512, prefill_while_decoding=64)
+    long, short, decoding = (Sequence(list(range(n)), greedy(4)) for n in (5000, 70, 10))
+    for seq in (long, short, decoding):
+        sched.add(seq)
+    sched.admit()
+    decoding.num_computed = 9  # its prompt is read but for the last token: it decodes
+    batch, sizes = sched.schedule()
+    assert batch == [decoding, short] and sizes == [1, 64]  # 64 prompt tokens, the short prompt first
+    decoding.num_computed, short.num_computed = 10, 70
+    decoding.output.append(1)  # it has sampled a token: one pending again
+    short.output.append(1)
+    sched.running.remove(decoding)
+    sched.running.remove(short)
+    batch, sizes = sched.schedule()
+    assert batch == [long] and sizes == [512]  # nothing decodes: a whole chunk

@@ -93,10 +93,11 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, max_running: int = 16):
+    def __init__(self, runner: ModelRunner, max_running: int = 16, prefill_while_decoding: int | None = None):
+        """prefill_while_decoding: prompt tokens per step while others decode (Scheduler; None: a whole chunk)."""
         self.runner = runner
         align = runner.prefix_cache.block_size if runner.prefix_cache is not None else 1
-        self.scheduler = Scheduler(max_running, runner.prefill_chunk, align)
+        self.scheduler = Scheduler(max_running, runner.prefill_chunk, align, prefill_while_decoding)
         self.intake: queue.Queue[Handle | None] = queue.Queue()
         self.handles: dict[int, Handle] = {}  # sequence id -> handle, for the sequences in the scheduler
         self.stats = EngineStats()

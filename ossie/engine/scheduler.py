@@ -17,12 +17,18 @@ from .sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, max_running: int = 16, max_tokens: int = 512, align: int = 1):
+    def __init__(self, max_running: int = 16, max_tokens: int = 512, align: int = 1,
+                 prefill_while_decoding: int | None = None):
         """align: prompt chunks that stop short of a prompt's end stop at a multiple of it (the prefix cache's
-        block size: a block computed in two steps may lose its sliding-window rows in between)."""
+        block size: a block computed in two steps may lose its sliding-window rows in between).
+        prefill_while_decoding: the prompt tokens a step computes while some sequence decodes (None: max_tokens);
+        smaller steps keep the decoding ones' tokens coming, at some cost to the prompts' throughput."""
         if max_running < 1 or max_tokens < 1:
             raise ValueError(f"max_running and max_tokens must be >= 1, got {max_running} and {max_tokens}")
+        if prefill_while_decoding is not None and prefill_while_decoding < 1:
+            raise ValueError(f"prefill_while_decoding must be >= 1, got {prefill_while_decoding}")
         self.max_running, self.max_tokens, self.align = max_running, max_tokens, align
+        self.prefill_while_decoding = prefill_while_decoding or max_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -48,6 +54,8 @@ class Scheduler:
         batch = [seq for seq in self.running if seq.pending == 1]
         sizes = [1] * len(batch)
         budget = self.max_tokens - len(batch)
+        if batch:
+            budget = min(budget, self.prefill_while_decoding)
         for seq in sorted(self.running, key=lambda s: s.pending):  # stable: ties in admission order
             if seq.pending > 1 and budget > 0:
                 n = min(seq.pending, budget)

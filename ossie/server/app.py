@@ -75,7 +75,8 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None,
     options = options or ServerOptions()
     if not any(isinstance(f, RequestIdFilter) for f in log.filters):
         log.addFilter(RequestIdFilter())
-    engine = Engine(llm.runner, max_running=options.max_running)
+    engine = Engine(llm.runner, max_running=options.max_running,
+                    prefill_while_decoding=options.prefill_while_decoding)
     serving = Serving(engine, llm.config, list(served_model_names or [default_model_name(llm)]), options)
 
     @contextlib.asynccontextmanager

@@ -21,6 +21,7 @@ class ServerOptions:
     allowed_origins: tuple[str, ...] = ()  # CORS: origins a browser app may call from ("*": any)
     max_running: int = 16  # requests generating at once (one batch)
     max_queued: int = 256  # requests waiting beyond those; more get 429 with Retry-After
+    prefill_while_decoding: int | None = 64  # prompt tokens a step computes while others decode (None: a chunk)
     max_prompt_tokens: int | None = None  # longest prompt accepted (None: the context less one token)
     default_max_tokens: int | None = None  # for requests that give no max_tokens (None: the rest of the context)
     request_timeout_s: float | None = None  # a request generates this long at most, then ends as at max_tokens
