@@ -124,7 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     from .bench import peak_rss_gib
-    from .server import ServerOptions, create_app, default_model_name, run_server
+    from .server import OLLAMA_PORT, ServerOptions, create_app, default_model_name, run_server
 
     llm = load_llm(args)
     names = args.served_model_name or [default_model_name(llm)]
@@ -140,11 +140,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
              llm.config.num_layers, llm.config.num_experts, args.dtype, ", ".join(names))
     log.info("memory: %.2f GiB of weights, peak RSS %.2f GiB", llm.model.w.nbytes() / 2**30, peak_rss_gib())
 
+    ports = [args.port] + ([OLLAMA_PORT] if args.ollama and args.port != OLLAMA_PORT else [])
+
     def ready() -> None:
         log.info("serving the OpenAI API at http://%s:%d/v1 (chat/completions, responses, completions, models)",
                  args.host, args.port)
+        log.info("serving Ollama's API at %s (/api/chat, /api/generate, /api/tags, /api/show, /api/ps)",
+                 ", ".join(f"http://{args.host}:{p}/api" for p in ports))
 
-    run_server(app, args.host, args.port, "info" if args.verbose else "warning", ready)
+    run_server(app, args.host, ports, "info" if args.verbose else "warning", ready)
     return 0
 
 
@@ -199,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--served-model-name", action="append", metavar="NAME",
                    help="the model name clients must ask for (default: MODEL as given); repeat for aliases")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (also: $OSSIE_API_KEY)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health (also: "
+                                     "$OSSIE_API_KEY)")
+    p.add_argument("--ollama", action="store_true",
+                   help="also listen on Ollama's port 11434, so clients set up for Ollama work unchanged")
     p.add_argument("--max-running", type=int, default=16,
                    help="requests generating at once, batched into one forward pass a step; more wait in a "
                         "queue (default 16)")

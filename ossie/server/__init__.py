@@ -1,9 +1,10 @@
 """`ossie serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) for gpt-oss, split by endpoint as vLLM's
 entrypoints are: app (errors, routers, the uvicorn server), middleware (access log, API key, body limit),
 protocol (requests and responses), serving (the options and what the endpoints share), tokenizing (prompts off
-the event loop), streaming (running a generation from async code, SSE), and one module per endpoint."""
+the event loop), streaming (running a generation from async code, SSE), one module per OpenAI endpoint, and
+ollama (Ollama's native API)."""
 
-from .app import create_app, default_model_name, run_server
+from .app import OLLAMA_PORT, create_app, default_model_name, run_server
 from .serving import ServerOptions
 
-__all__ = ["ServerOptions", "create_app", "default_model_name", "run_server"]
+__all__ = ["OLLAMA_PORT", "ServerOptions", "create_app", "default_model_name", "run_server"]

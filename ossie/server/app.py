@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..chat import constraints
 from ..engine import Engine
 from ..llm import LLM
-from . import chat_completions, completions, responses
+from . import chat_completions, completions, ollama, responses
 from .middleware import AccessLog, APIKeyCheck, BodyLimit, RequestIdFilter
 from .protocol import APIError, ModelCard, ModelList, error_body
 from .serving import ServerOptions, Serving
@@ -77,7 +77,8 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None,
         log.addFilter(RequestIdFilter())
     engine = Engine(llm.runner, max_running=options.max_running,
                     prefill_while_decoding=options.prefill_while_decoding)
-    serving = Serving(engine, llm.config, list(served_model_names or [default_model_name(llm)]), options)
+    serving = Serving(engine, llm.config, list(served_model_names or [default_model_name(llm)]), options,
+                      model_path=llm.path, weight_bytes=llm.model.w.nbytes(), device=str(llm.device))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -89,21 +90,25 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None,
     app = FastAPI(title="ossie", description="OpenAI-compatible server for gpt-oss", lifespan=lifespan)
     app.state.serving = serving
     app.state.responses = responses.ResponseStore()
-    for router in (info, chat_completions.router, completions.router, responses.router):
+    for router in (info, chat_completions.router, completions.router, responses.router, ollama.router):
         app.include_router(router)
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        if request.url.path.startswith("/api/"):  # Ollama's error shape
+            return JSONResponse(status_code=e.status, content={"error": e.message}, headers=e.headers)
         return e.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         if first.get("type") == "json_invalid":
             msg, param = "the request body is not valid JSON", None
         else:
             msg, param = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}", ".".join(loc) or None
+        if request.url.path.startswith("/api/"):
+            return JSONResponse(status_code=400, content={"error": msg})
         return JSONResponse(status_code=400, content=error_body(msg, param=param))
 
     @app.exception_handler(StarletteHTTPException)
@@ -164,10 +169,17 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run_server(app: FastAPI, host: str, port: int, log_level: str, on_ready: Callable[[], None]) -> None:
-    """Serve `app` until SIGTERM or Ctrl-C, draining as _Server says; on_ready() once the port is bound."""
+OLLAMA_PORT = 11434  # where Ollama's clients look for it
+
+
+def run_server(app: FastAPI, host: str, ports: list[int], log_level: str, on_ready: Callable[[], None]) -> None:
+    """Serve `app` on `ports` until SIGTERM or Ctrl-C, draining as _Server says; on_ready() once they are bound."""
     serving: Serving = app.state.serving
     grace = serving.options.drain_s + 5  # after the drain, time for the cut requests to send their endings
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+    config = uvicorn.Config(app, host=host, port=ports[0], log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=grace)
-    _Server(config, serving.engine, serving.options.drain_s, on_ready).run()
+    sockets = []
+    for port in ports:  # one app, one engine, every port
+        config.port = port
+        sockets.append(config.bind_socket())
+    _Server(config, serving.engine, serving.options.drain_s, on_ready).run(sockets=sockets)

@@ -86,14 +86,16 @@ def reasoning_budget(max_tokens: int) -> int:
 
 async def start_chat(serving: Serving, request: Request, req: SamplingRequest, messages: list[dict],
                      tools: list[dict] | None, *, tool_choice: Any, response_format: dict | None, effort: str,
-                     max_tokens: int | None, max_tokens_param: str, messages_param: str) -> Run:
+                     max_tokens: int | None, max_tokens_param: str, messages_param: str,
+                     context: int | None = None) -> Run:
     """Render the conversation with what tool_choice and response_format demand (off the event loop when it is
-    large), and start its generation with the request's sampling. The *_param names are what a 400 points at."""
+    large), and start its generation with the request's sampling, within `context` tokens if given. The *_param
+    names are what a 400 points at."""
     serving.check_capacity()
     steering, instructions = chat_steering(tools, tool_choice, response_format)
     size = int(request.headers.get("content-length") or 0)
     prompt = await serving.tokenizing.render(size, messages + instructions, tools, effort, messages_param)
-    budget = serving.budget(prompt, max_tokens, max_tokens_param, messages_param)
+    budget = serving.budget(prompt, max_tokens, max_tokens_param, messages_param, context)
     if steering is not None:
         steering.reasoning_budget = reasoning_budget(budget)
         steering.budget = budget  # a demanded JSON object is closed in time to fit

@@ -132,7 +132,7 @@ def check_tool_choice(choice: Any, nested: bool) -> Any:
     raise ValueError(f"tool_choice must be 'auto', 'none', 'required' or {shape}")
 
 
-class _Body(BaseModel):
+class StrictBody(BaseModel):
     # strict: "16" is not a number nor "yes" a boolean, and true is not 1 (pydantic's lax mode would take them)
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -150,11 +150,11 @@ class _Body(BaseModel):
         return data
 
 
-class StreamOptions(_Body):
+class StreamOptions(StrictBody):
     include_usage: bool = False
 
 
-class SamplingRequest(_Body):
+class SamplingRequest(StrictBody):
     """What every generating request has."""
     model: str
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -195,7 +195,7 @@ class _Completions(SamplingRequest):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class _WithTools(_Body):
+class _WithTools(StrictBody):
     """Function tools and tool_choice, as Chat Completions (NESTED_TOOLS: {"type": "function", "function": {...}})
     or the Responses API (the function's fields beside "type") declares them."""
     NESTED_TOOLS: ClassVar[bool] = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..engine import Engine
 from ..model.config import ModelConfig
@@ -37,6 +38,9 @@ class Serving:
     options: ServerOptions = field(default_factory=ServerOptions)
     tokenizing: Tokenizing = field(default_factory=Tokenizing)
     created: int = field(default_factory=lambda: int(time.time()))
+    model_path: Path | None = None  # the checkpoint folder (Ollama's /api/tags reports its size and date)
+    weight_bytes: int = 0  # the weights in memory
+    device: str = "cpu"
 
     def check_model(self, model: str) -> str:
         if model not in self.names:
@@ -60,10 +64,12 @@ class Serving:
             raise APIError(429, f"the server is busy ({waiting} requests waiting); retry in {retry} s",
                            code="server_busy", type="rate_limit_error", headers={"Retry-After": str(retry)})
 
-    def budget(self, prompt: list[int], requested: int | None, param: str, prompt_param: str = "messages") -> int:
+    def budget(self, prompt: list[int], requested: int | None, param: str, prompt_param: str = "messages",
+               context: int | None = None) -> int:
         """The tokens a request may generate: what it asks for (or the default, or all the room left), if the
-        prompt is within the prompt limit and the whole fits the context."""
-        context = self.config.max_context
+        prompt is within the prompt limit and the whole fits the context (the model's, or a smaller one the
+        request gives, as Ollama's num_ctx)."""
+        context = min(context or self.config.max_context, self.config.max_context)
         limit = min(self.options.max_prompt_tokens or context, context - 1)
         if len(prompt) > limit:
             which = "the prompt limit" if limit < context - 1 else "the model's context"
@@ -73,7 +79,7 @@ class Serving:
         if requested is None:
             return min(room, self.options.default_max_tokens or room)
         if requested > room:
-            raise APIError(400, f"{param}={requested} plus the prompt ({len(prompt)} tokens) exceeds the model's "
+            raise APIError(400, f"{param}={requested} plus the prompt ({len(prompt)} tokens) exceeds the "
                                 f"context of {context} tokens", param, "context_length_exceeded")
         return requested
 
