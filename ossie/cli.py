@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import __version__
+
 MODEL_HELP = "a local checkpoint folder or a Hugging Face repo id such as openai/gpt-oss-20b"
 
 
@@ -34,8 +36,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "ossie.engine.DEFAULT_BUDGET_GB)")
 
 
+MAX_THREADS = 4096
+
+
 def load_llm(args: argparse.Namespace):
     """The model a command runs, loaded as its options say."""
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise ValueError(f"--threads must be between 1 and {MAX_THREADS}, got {args.threads}")
     from .engine import DEFAULT_BUDGET_GB, PREFILL_CHUNK
     from .llm import LLM
 
@@ -46,8 +53,25 @@ def load_llm(args: argparse.Namespace):
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .synth import write_checkpoint
+    import shutil
 
+    from .model.config import PRESETS
+    from .synth import checkpoint_bytes, write_checkpoint
+
+    folder = Path(args.dir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"cannot create {folder}: {existing} is not a folder")
+    need, free = checkpoint_bytes(PRESETS[args.preset], args.layout), shutil.disk_usage(existing).free
+    if need > free:  # checked first: 13.8 GB written and then a full disk is a poor way to find out
+        raise ValueError(f"{folder}: the {args.preset} checkpoint needs {need / 1e9:.1f} GB, the disk has "
+                         f"{free / 1e9:.1f} GB free")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create {folder}: {e.strerror}") from None
     t0 = time.perf_counter()
     folder = write_checkpoint(args.dir, args.preset, args.layout, seed=args.seed)
     print(f"wrote a random gpt-oss-{args.preset} checkpoint ({args.layout} layout, seed {args.seed}) to {folder} "
@@ -155,6 +179,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ossie", description="Run OpenAI's gpt-oss models, exactly and fast.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"ossie {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("synth", help="write a random checkpoint in the exact published format",

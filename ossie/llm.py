@@ -56,6 +56,9 @@ class LLM:
         self.layout, folder = detect_layout(self.path, layout)
         self.config = load_config(folder, self.layout)
         self.dtype, self.device = DTYPES[dtype], torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA GPU is available here (this torch build: "
+                             f"{torch.__version__}); use --device cpu")
         self.backend = backend if isinstance(backend, Backend) else select_backend(self.device, backend)
         weights = load_weights(folder, self.layout, self.config, self.dtype, self.device, progress=progress)
         self.model = Transformer(self.config, weights, self.dtype, self.backend)

@@ -119,6 +119,12 @@ def _write_safetensors(path: Path, entries: list[_Entry], bar: tqdm) -> None:
     tmp.rename(path)
 
 
+def checkpoint_bytes(cfg: ModelConfig, layout: str = "hf") -> int:
+    """What write_checkpoint writes, in bytes (the tensors; the headers and config are small)."""
+    one = sum(e.nbytes for e in _entries(cfg, "hf" if layout == "both" else layout, 0))
+    return 2 * one if layout == "both" else one
+
+
 def write_checkpoint(folder: str | Path, cfg: ModelConfig | str = "tiny", layout: str = "hf", seed: int = 0,
                      progress: bool = True) -> Path:
     """Write a random gpt-oss checkpoint. layout: "hf" (repo root), "original" (the reference's files) or

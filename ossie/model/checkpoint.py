@@ -182,7 +182,7 @@ def resolve_model(model: str | Path, layout: str | None = None) -> Path:
         raise ModelNotFoundError(
             f"could not fetch {model!r} from the Hugging Face Hub ({type(e).__name__}: {e}).\n"
             f"If this machine is offline, download it where there is network with\n"
-            f"  huggingface-cli download {model} --include {' '.join(patterns)}\n"
+            f"  hf download {model} --include {' '.join(patterns)}\n"
             f"copy the folder here and pass its path as MODEL, or try ossie with a synthetic checkpoint:\n"
             f"  ossie synth ./gpt-oss-synth --preset 20b"
         ) from None
@@ -237,6 +237,10 @@ def load_config(folder: Path, layout: str) -> ModelConfig:
         return ModelConfig.from_original_dict(d)
     except ConfigError as e:
         raise ConfigError(f"{folder / 'config.json'}: {e}") from None
+    except KeyError as e:
+        raise ConfigError(f"{folder / 'config.json'}: missing {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong type met arithmetic first
+        raise ConfigError(f"{folder / 'config.json'}: a value has the wrong type ({e})") from None
 
 
 # ---- reading tensors ----------------------------------------------------------------------------------

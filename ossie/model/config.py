@@ -58,6 +58,12 @@ class ModelConfig:
 
     def validate(self) -> None:
         problems = []
+        for f in dataclasses.fields(self):  # a config.json's "64" or true must not reach the arithmetic
+            value = getattr(self, f.name)
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{f.name} must be a positive integer, got {value!r}")
+            if f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"{f.name} must be a number, got {value!r}")
         if len(self.layer_types) != self.num_layers:
             problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         bad = set(self.layer_types) - {"sliding_attention", "full_attention"}
