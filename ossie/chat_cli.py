@@ -4,34 +4,63 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from typing import Any
 
 from rich.console import Console
 
 from .chat import harmony
+from .tokenizer import cache_dir
 
 HELP = """Commands:
-  /effort low|medium|high   reasoning effort
-  /system TEXT              set the instructions (empty: clear them)
-  /reset                    forget the conversation
-  /save FILE                save the conversation as JSON
-  /bye                      exit (or Ctrl-D)
-Start and end multi-line input with \"\"\". Ctrl-C stops an answer."""
+  /effort [low|medium|high]  reasoning effort (alone: the current one)
+  /system TEXT               set the instructions (empty: clear them)
+  /reset                     forget the conversation
+  /save FILE                 save the conversation as JSON
+  /load FILE                 go on with a saved conversation
+  /bye                       exit (or Ctrl-D)
+Start and end multi-line input with \"\"\". Ctrl-C stops an answer. Arrow keys edit the line and go through the
+history (kept between runs)."""
+EFFORTS = ("low", "medium", "high")
 
 
-def read_message(console: Console) -> str:
-    """One user message; lines between \"\"\" markers form one multi-line message."""
-    line = console.input("[bold green]>>> [/]")
-    if not line.strip().startswith('"""'):
-        return line
-    lines = [line.strip()[3:]]
-    while True:
-        nxt = console.input("[green]... [/]")
-        if nxt.rstrip().endswith('"""'):
-            lines.append(nxt.rstrip()[:-3])
-            return "\n".join(lines).strip("\n")
-        lines.append(nxt)
+class Input:
+    """Reads the user's lines: with prompt_toolkit on a terminal (line editing, history kept in ossie's cache
+    folder), plainly otherwise (a pipe, or a dumb terminal that cannot edit a line)."""
+
+    def __init__(self, console: Console):
+        self.console, self.session = console, None
+        if sys.stdin.isatty() and sys.stdout.isatty() and os.environ.get("TERM", "dumb") != "dumb":
+            from prompt_toolkit import PromptSession
+            from prompt_toolkit.history import FileHistory
+
+            history = cache_dir() / "chat_history"
+            history.parent.mkdir(parents=True, exist_ok=True)
+            self.session = PromptSession(history=FileHistory(str(history)))
+
+    def line(self, prompt: str) -> str:
+        if self.session is not None:
+            return self.session.prompt(prompt)
+        return self.console.input(prompt)
+
+    def message(self) -> str:
+        """One user message; lines between \"\"\" markers form one multi-line message (\"\"\"one line\"\"\"
+        too)."""
+        line = self.line(">>> ")
+        stripped = line.strip()
+        if not stripped.startswith('"""'):
+            return line
+        if len(stripped) >= 6 and stripped.endswith('"""'):
+            return stripped[3:-3]
+        lines = [stripped[3:]]
+        while True:
+            nxt = self.line("... ")
+            if nxt.rstrip().endswith('"""'):
+                lines.append(nxt.rstrip()[:-3])
+                return "\n".join(lines).strip("\n")
+            lines.append(nxt)
 
 
 class Chat:
@@ -41,30 +70,68 @@ class Chat:
         self.system: str | None = args.system
         self.messages: list[dict] = []
         self.console = Console(highlight=False)
+        self.input = Input(self.console)
 
     def command(self, line: str) -> bool:
-        """Run a slash command; False means exit."""
+        """Run a slash command; False means exit. A mistake is said, and the chat goes on."""
         cmd, _, rest = line.strip().partition(" ")
         rest = rest.strip()
         if cmd in ("/bye", "/exit", "/quit"):
             return False
-        if cmd == "/effort" and rest in ("low", "medium", "high"):
-            self.options["reasoning_effort"] = rest
-            self.console.print(f"reasoning effort: {rest}")
+        if cmd == "/effort":
+            if not rest:
+                self.console.print(f"reasoning effort: {self.options['reasoning_effort']}")
+            elif rest in EFFORTS:
+                self.options["reasoning_effort"] = rest
+                self.console.print(f"reasoning effort: {rest}")
+            else:
+                self.error(f"/effort takes low, medium or high, not {rest!r}")
         elif cmd == "/system":
             self.system = rest or None
             self.console.print("instructions set" if rest else "instructions cleared")
         elif cmd == "/reset":
             self.messages = []
             self.console.print("conversation cleared")
-        elif cmd == "/save" and rest:
-            with open(rest, "w") as f:
+        elif cmd == "/save":
+            self.save(rest)
+        elif cmd == "/load":
+            self.load(rest)
+        elif cmd in ("/help", "/?"):
+            self.console.print(HELP, markup=False)
+        else:
+            self.error(f"unknown command {cmd}; /help lists them")
+        return True
+
+    def error(self, text: str) -> None:
+        self.console.print(text, style="red", markup=False)
+
+    def save(self, path: str) -> None:
+        if not path:
+            return self.error("/save needs a file name")
+        try:
+            with open(path, "w") as f:
                 json.dump({"system": self.system, "reasoning_effort": self.options["reasoning_effort"],
                            "tools": self.tools, "messages": self.messages}, f, indent=2)
-            self.console.print(f"saved {len(self.messages)} messages to {rest}")
-        else:
-            self.console.print(HELP)
-        return True
+        except OSError as e:
+            return self.error(f"cannot save to {path}: {e.strerror or e}")
+        self.console.print(f"saved {len(self.messages)} messages to {path}", markup=False)
+
+    def load(self, path: str) -> None:
+        if not path:
+            return self.error("/load needs a file name")
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            messages = saved["messages"]
+            if not isinstance(messages, list):
+                raise ValueError("messages is not a list")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return self.error(f"cannot load {path}: {getattr(e, 'strerror', None) or e}")
+        self.messages, self.system = messages, saved.get("system")
+        if saved.get("reasoning_effort") in EFFORTS:
+            self.options["reasoning_effort"] = saved["reasoning_effort"]
+        self.tools = saved.get("tools") or self.tools
+        self.console.print(f"loaded {len(messages)} messages from {path}", markup=False)
 
     def answer(self) -> None:
         """Stream one assistant turn; when it calls tools, ask for their results and continue."""
@@ -99,6 +166,8 @@ class Chat:
                 self.console.print("\n[stopped]", style="yellow", markup=False)
             elapsed = time.perf_counter() - t0
             self.console.print()
+            if result is None and not (content or reasoning or calls):
+                return  # stopped before anything was shown: no empty assistant message
             msg: dict[str, Any] = {"role": "assistant", "content": content}
             if reasoning:
                 msg["reasoning_content"] = reasoning
@@ -116,15 +185,18 @@ class Chat:
                 return
             for call in result.tool_calls:
                 self.console.print(f"tool call: {call.name}({call.arguments})", style="cyan")
-                value = self.console.input(f"[cyan]result of {call.name}> [/]")
+                value = self.input.line(f"result of {call.name}> ")
                 self.messages.append({"role": "tool", "tool_call_id": call.id, "content": value})
 
     def run(self) -> int:
         self.console.print(f"ossie chat: {self.llm.path} ({self.llm.layout} layout). /help for commands, "
-                           "Ctrl-D to exit.", style="bold")
+                           "Ctrl-D to exit.", style="bold", markup=False)
+        if self.llm.synthetic:
+            self.console.print("This is a random synthetic checkpoint (ossie synth): its answers are random text.",
+                               style="yellow")
         while True:
             try:
-                line = read_message(self.console)
+                line = self.input.message()
             except EOFError:
                 self.console.print()
                 return 0

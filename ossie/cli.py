@@ -123,7 +123,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     llm = load_llm(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}]
-    r = llm.chat(messages, tools=_read_tools(args.tools), **_chat_kwargs(args))
+    tools = _read_tools(args.tools)
+    if not (args.json or args.no_stream):  # the answer as it comes (the reasoning too, with --show-reasoning)
+        for d in llm.chat(messages, tools=tools, stream=True, **_chat_kwargs(args)):
+            if d.kind == "content":
+                print(d.text, end="", flush=True)
+            elif d.kind == "reasoning" and args.show_reasoning:
+                print(d.text, end="", file=sys.stderr, flush=True)
+            elif d.kind == "finish":
+                for c in d.result.tool_calls:
+                    print(f"[tool call] {c.name}({c.arguments})")
+        print()
+        return 0
+    r = llm.chat(messages, tools=tools, **_chat_kwargs(args))
     if args.json:
         print(json.dumps({"reasoning": r.reasoning, "content": r.content,
                           "tool_calls": [c.to_dict() for c in r.tool_calls], "finish_reason": r.finish_reason,
@@ -209,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat_args(p)
     p.add_argument("--json", action="store_true", help="print reasoning, content, tool calls and usage as JSON")
     p.add_argument("--show-reasoning", action="store_true", help="print the reasoning to standard error")
+    p.add_argument("--no-stream", action="store_true", help="print the answer once it is complete (for scripts)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat in the terminal",

@@ -21,7 +21,7 @@ from .chat import harmony
 from .chat.constraints import Steering
 from .engine import DEFAULT_BUDGET_GB, PREFILL_CHUNK, ModelRunner, PrefixCache, SamplingParams, check_prompt, stream
 from .engine import Sequence as EngineSequence
-from .model.checkpoint import detect_layout, load_config, load_weights, resolve_model
+from .model.checkpoint import detect_layout, is_synthetic, load_config, load_weights, resolve_model
 from .model.transformer import Transformer
 from .special_tokens import STOP_TOKEN_IDS
 
@@ -55,6 +55,7 @@ class LLM:
         self.path = resolve_model(model, layout)
         self.layout, folder = detect_layout(self.path, layout)
         self.config = load_config(folder, self.layout)
+        self.synthetic = is_synthetic(folder)  # random weights (ossie synth): what they say is random
         self.dtype, self.device = DTYPES[dtype], torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r}: no CUDA GPU is available here (this torch build: "

@@ -16,7 +16,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .model.checkpoint import LayerWeights, Weights, global_specs, layer_specs, split_rows, tensor_names, write_index
+from .model.checkpoint import (
+    SYNTHETIC_KEY,
+    LayerWeights,
+    Weights,
+    global_specs,
+    layer_specs,
+    split_rows,
+    tensor_names,
+    write_index,
+)
 from .model.config import PRESETS, ModelConfig
 
 SHARD_BYTES = 5 * 2**30  # HF layout: ~5 GB shards, like the published repos
@@ -146,10 +155,10 @@ def write_checkpoint(folder: str | Path, cfg: ModelConfig | str = "tiny", layout
     with tqdm(total=total, desc=f"writing {layout} checkpoint", unit="B", unit_scale=True,
               disable=not progress) as bar:
         if layout == "original":
-            (folder / "config.json").write_text(json.dumps(cfg.to_original_dict(), indent=2))
+            (folder / "config.json").write_text(json.dumps({**cfg.to_original_dict(), SYNTHETIC_KEY: True}, indent=2))
             _write_safetensors(folder / "model.safetensors", entries, bar)
             return folder
-        (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+        (folder / "config.json").write_text(json.dumps({**cfg.to_hf_dict(), SYNTHETIC_KEY: True}, indent=2))
         shards: list[list[_Entry]] = [[]]
         size = 0
         for e in entries:

@@ -143,3 +143,29 @@ def token_bytes() -> list[bytes]:
             b64, rank = line.split()
             table[int(rank)] = base64.b64decode(b64)
     return [table[i] for i in range(len(table))]
+
+
+class TextDecoder:
+    """Token ids to text as they come, never splitting a UTF-8 character; special tokens are skipped."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.vocab = token_bytes()
+
+    def push(self, tok: int) -> str:
+        if tok >= len(self.vocab):
+            return ""
+        self.buf += self.vocab[tok]
+        for end in range(len(self.buf), max(len(self.buf) - 4, -1), -1):
+            try:
+                text = self.buf[:end].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            self.buf = self.buf[end:]
+            return text
+        text, self.buf = self.buf.decode("utf-8", errors="replace"), b""  # not UTF-8 at all
+        return text
+
+    def flush(self) -> str:
+        text, self.buf = self.buf.decode("utf-8", errors="replace"), b""
+        return text

@@ -143,3 +143,79 @@ def test_chat_cli_tool_call_asks_for_result(tiny_repo, tmp_path, hide):
     msgs = json.loads((tmp_path / "c.json").read_text())["messages"]
     assert [m["role"] for m in msgs] == ["user", "assistant", "tool", "assistant"]
     assert msgs[2]["tool_call_id"] == msgs[1]["tool_calls"][0]["id"]
+
+
+def test_chat_cli_line_editing_and_history(tiny_repo, tmp_path):
+    """On a real terminal the line is edited (arrow keys move the cursor; escape codes never reach the model) and
+    the history is kept between runs, in ossie's cache folder."""
+    import os
+
+    env = {**os.environ, "NO_COLOR": "1", "TERM": "xterm-256color", "OSSIE_CACHE_DIR": str(tmp_path)}
+
+    def chat():
+        child = pexpect.spawn(sys.executable, ["-m", "ossie", "chat", str(tiny_repo), "--max-tokens", "4"], env=env,
+                              cwd=str(REPO), encoding="utf-8", timeout=120, dimensions=(40, 200))
+        child.expect("ossie chat")
+        child.expect(">>>")
+        return child
+
+    child = chat()
+    child.send("/effort lo\x1b[D\x1b[Cw\r")  # left, right, then "w": "/effort low"
+    child.expect("reasoning effort: low")
+    child.expect(">>>")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    assert "/effort low" in (tmp_path / "chat_history").read_text()
+    child = chat()
+    child.send("\x1b[A\r")  # up: the last line of the previous run
+    child.expect("reasoning effort: low")
+    child.expect(">>>")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+
+
+def test_chat_cli_says_what_is_wrong_and_goes_on(tiny_repo, tmp_path):
+    child = spawn_chat(tiny_repo, "--max-tokens", "8", "--seed", "2")
+    child.sendline("/effort extreme")
+    child.expect("takes low, medium or high")
+    child.sendline("/effort")
+    child.expect("reasoning effort: medium")
+    child.sendline("/frobnicate")
+    child.expect("unknown command /frobnicate")
+    child.sendline(f"/save {tmp_path}/no/such/folder/conv.json")
+    child.expect("cannot save to")
+    child.sendline('"""one line"""')
+    child.expect("tok/s")
+    child.sendline(f"/save {tmp_path / 'conv.json'}")
+    child.expect("saved 2 messages")
+    child.sendline("/reset")
+    child.sendline("/load /no/such/file.json")
+    child.expect("cannot load")
+    child.sendline(f"/load {tmp_path / 'conv.json'}")
+    child.expect("loaded 2 messages")
+    child.sendline(f"/save {tmp_path / 'again.json'}")
+    child.expect("saved 2 messages")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    saved = json.loads((tmp_path / "again.json").read_text())
+    assert saved["messages"][0] == {"role": "user", "content": "one line"}
+
+
+def test_chat_cli_random_checkpoint_notice(tiny_repo):
+    child = spawn_chat(tiny_repo)
+    assert "random synthetic checkpoint" in child.before
+    child.sendeof()
+    child.expect(pexpect.EOF)
+
+
+def test_generate_streams_what_no_stream_prints_at_once(tiny_repo):
+    """`ossie generate` streams the answer by default; --no-stream prints the same text once it is complete (the
+    tiny model writes no harmony header: its text is streamed as it comes all the same)."""
+    base = [sys.executable, "-m", "ossie", "generate", str(tiny_repo), "--prompt", "hi", "--max-tokens", "24",
+            "--temperature", "0"]
+    streamed = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    whole = subprocess.run([*base, "--no-stream"], capture_output=True, text=True, timeout=300)
+    assert streamed.returncode == whole.returncode == 0, (streamed.stderr, whole.stderr)
+    assert streamed.stdout == whole.stdout and streamed.stdout.strip()

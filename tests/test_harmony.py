@@ -287,3 +287,16 @@ def test_two_calls_in_one_completion():
     r = parse('<|channel|>commentary to=functions.a<|message|>{}<|end|>'
               '<|start|>assistant<|channel|>commentary to=functions.b<|message|>{"x": 1}<|call|>')
     assert [c.name for c in r.tool_calls] == ["a", "b"] and len({c.id for c in r.tool_calls}) == 2
+
+
+def test_text_without_a_header_streams_as_it_comes():
+    """A model that writes plain text (a random one) has it streamed once HEADERLESS_AFTER tokens show no header,
+    not held to the end; the text is the same."""
+    enc = harmony_encoding()
+    tokens = enc.encode("The quick brown fox jumps over the lazy dog, " * 4, allowed_special="all")
+    parser = ChatParser()
+    streamed = [d.text for t in tokens for d in parser.feed(t) if d.kind == "content"]
+    assert streamed, "nothing came before the end"
+    final = parser.finish(hit_length=True)
+    text = "".join(streamed) + "".join(d.text for d in final if d.kind == "content")
+    assert text == enc.decode(tokens) == final[-1].result.content

@@ -551,8 +551,8 @@ def test_unexpected_error_is_a_500_that_closes_the_connection(tiny_llm):
 def test_long_prompts_read_in_small_chunks(tiny_repo, tiny_llm):
     """A server that reads prompts 50 tokens at a time answers prompts longer than the 128-token window as one full
     forward pass over them predicts (raw completion) and as the in-process chat does (chat completions)."""
-    from ossie.server.streaming import TextDecoder
     from ossie.special_tokens import N_ORDINARY
+    from ossie.tokenizer import TextDecoder
 
     prompt = [int(t) for t in torch.randint(0, N_ORDINARY, (300,), generator=torch.Generator().manual_seed(4))]
     expected = []

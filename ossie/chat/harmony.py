@@ -32,11 +32,12 @@ from openai_harmony import (
 )
 
 from ..special_tokens import CALL, CHANNEL, START
-from ..tokenizer import harmony_encoding
+from ..tokenizer import TextDecoder, harmony_encoding
 
 log = logging.getLogger("ossie")
 
 REASONING_EFFORTS = ("low", "medium", "high")
+HEADERLESS_AFTER = 16  # completion tokens without a harmony header after which the text is streamed as it is
 BUILTIN_TOOLS = ("browser", "python")
 
 
@@ -224,6 +225,7 @@ class ChatParser:
         self.message_tokens: list[int] = []  # tokens of the message being parsed (for fallback text)
         self.call_pieces: list[str] = []  # argument pieces of a call not yet complete
         self.broken = False  # the parser gave up: the rest is kept as text
+        self.headerless: TextDecoder | None = None  # plain text with no harmony header: streamed as content
         self.last_token: int | None = None
 
     def _apply(self, delta: ChatDelta) -> ChatDelta:
@@ -245,8 +247,16 @@ class ChatParser:
         self.result.completion_tokens += 1
         self.last_token = token
         self.message_tokens.append(token)
+        if self.headerless is not None:
+            text = self.headerless.push(token)
+            return [self._apply(ChatDelta("content", text))] if text else []
         if self.broken:
             return []
+        if self._no_header():  # a model that writes plain text (a random one): stream it rather than hold it
+            self.headerless = TextDecoder()
+            text = "".join(self.headerless.push(t) for t in self.message_tokens)
+            self._warn("output has no harmony header; streamed as text")
+            return [self._apply(ChatDelta("content", text))] if text else []
         channel_before = self.parser.current_channel
         try:
             self.parser.process(token)
@@ -277,6 +287,14 @@ class ChatParser:
             self.message_tokens = []
         return out
 
+    def _no_header(self) -> bool:
+        """HEADERLESS_AFTER tokens into the completion, no special token and no recipient: no header is coming
+        (a harmony message starts with <|channel|> at once, a call with ' to=' and <|channel|> a few tokens on)."""
+        tokens = self.message_tokens
+        return (self.n_messages == 0 and len(tokens) >= HEADERLESS_AFTER and self.parser.state == StreamState.HEADER
+                and not any(self.enc.is_special_token(t) for t in tokens)
+                and not self._plain(tokens).lstrip().startswith("to="))
+
     def _complete(self, message: Message) -> list[ChatDelta]:
         recipient = message.recipient
         if not recipient or recipient == "assistant":
@@ -301,7 +319,11 @@ class ChatParser:
         as text, or with drop_partial_call (the request demanded a call) dropped: whole or not at all."""
         out: list[ChatDelta] = []
         r = self.result
-        if self.broken:
+        if self.headerless is not None:
+            text = self.headerless.flush()
+            if text:
+                out.append(self._apply(ChatDelta("content", text)))
+        elif self.broken:
             text = self._plain(self.message_tokens)
             if text:
                 out.append(self._apply(ChatDelta("content", text)))

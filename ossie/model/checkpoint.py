@@ -225,6 +225,14 @@ def detect_layout(path: Path, layout: str | None = None) -> tuple[str, Path]:
     return chosen, found[chosen]
 
 
+SYNTHETIC_KEY = "ossie_synthetic"  # in the config.json of a random checkpoint (ossie synth)
+
+
+def is_synthetic(folder: Path) -> bool:
+    """Whether `ossie synth` wrote this checkpoint (its config.json says so): what it says is random."""
+    return bool(read_json(folder / "config.json").get(SYNTHETIC_KEY))
+
+
 def load_config(folder: Path, layout: str) -> ModelConfig:
     d = read_json(folder / "config.json")
     try:

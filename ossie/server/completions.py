@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 
 from ..special_tokens import ENDOFTEXT, STOP_TOKEN_IDS
-from ..tokenizer import harmony_encoding
+from ..tokenizer import TextDecoder, harmony_encoding
 from .protocol import APIError, Completion, CompletionChoice, CompletionRequest, Usage
 from .serving import Serving
-from .streaming import Run, StopStrings, TextDecoder, cancel_on_disconnect, data, sse
+from .streaming import Run, StopStrings, cancel_on_disconnect, data, sse
 
 router = APIRouter()
 

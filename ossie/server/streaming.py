@@ -16,7 +16,6 @@ from pydantic import BaseModel
 from ..chat.constraints import Steering
 from ..engine import Cancelled, Engine, Event, Failed, Finished, SamplingParams, Token
 from ..engine.sequence import Status
-from ..tokenizer import token_bytes
 from .protocol import APIError
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
@@ -153,32 +152,6 @@ class StopStrings:
         out, self.pending = self.pending, ""
         self.matched = [0] * len(self.stops)
         return out
-
-
-class TextDecoder:
-    """Token ids to text as they come, never splitting a UTF-8 character; special tokens are skipped."""
-
-    def __init__(self) -> None:
-        self.buf = b""
-        self.vocab = token_bytes()
-
-    def push(self, tok: int) -> str:
-        if tok >= len(self.vocab):
-            return ""
-        self.buf += self.vocab[tok]
-        for end in range(len(self.buf), max(len(self.buf) - 4, -1), -1):
-            try:
-                text = self.buf[:end].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            self.buf = self.buf[end:]
-            return text
-        text, self.buf = self.buf.decode("utf-8", errors="replace"), b""  # not UTF-8 at all
-        return text
-
-    def flush(self) -> str:
-        text, self.buf = self.buf.decode("utf-8", errors="replace"), b""
-        return text
 
 
 def sse(chunks: AsyncIterator[str], run: Run) -> StreamingResponse:
