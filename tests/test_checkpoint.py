@@ -134,7 +134,7 @@ def test_repo_id_offline_gives_instructions(monkeypatch, tmp_path):
     with pytest.raises(ModelNotFoundError) as e:
         resolve_model("openai/gpt-oss-20b")
     msg = str(e.value)
-    assert "huggingface-cli download openai/gpt-oss-20b" in msg and "ossie synth" in msg
+    assert "hf download openai/gpt-oss-20b" in msg and "ossie synth" in msg
 
 
 def test_repo_id_from_cache(monkeypatch, tmp_path):
