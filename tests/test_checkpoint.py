@@ -128,11 +128,13 @@ def test_unknown_folder_and_layout(tmp_path):
         ossie.LLM(tmp_path / "nope", progress=False)
 
 
-def test_repo_id_offline_gives_instructions(monkeypatch, tmp_path):
+@pytest.mark.parametrize("name", ["openai/gpt-oss-20b", "gpt-oss:20b", "gpt-oss:latest"])
+def test_repo_id_offline_gives_instructions(monkeypatch, tmp_path, name):
+    """A repo id, or the Ollama-style name of one, offline and not in the cache: what to do, in the error."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ModelNotFoundError) as e:
-        resolve_model("openai/gpt-oss-20b")
+        resolve_model(name)
     msg = str(e.value)
     assert "hf download openai/gpt-oss-20b" in msg and "ossie synth" in msg
 

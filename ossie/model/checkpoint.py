@@ -158,14 +158,19 @@ _HF_FILES = ["config.json", "generation_config.json", "model.safetensors.index.j
 _ORIGINAL_FILES = ["original/*"]
 
 
+OLLAMA_NAMES = {"gpt-oss:20b": "openai/gpt-oss-20b", "gpt-oss:120b": "openai/gpt-oss-120b",
+                "gpt-oss:latest": "openai/gpt-oss-20b", "gpt-oss": "openai/gpt-oss-20b"}  # as Ollama users write them
+
+
 def resolve_model(model: str | Path, layout: str | None = None) -> Path:
-    """A local folder as is, or a Hugging Face repo id fetched (only the chosen layout's files) into the HF cache."""
+    """A local folder as is, or a Hugging Face repo id (or an Ollama-style name of one, gpt-oss:20b) fetched (only
+    the chosen layout's files) into the HF cache."""
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelNotFoundError(f"{path}: expected a checkpoint folder, found a file")
         return path
-    model = str(model)
+    model = OLLAMA_NAMES.get(str(model), str(model))
     if not _REPO_ID.match(model) or model.startswith((".", "/", "~")):
         raise ModelNotFoundError(f"{model}: no such folder (and not a Hugging Face repo id like openai/gpt-oss-20b)")
     from huggingface_hub import snapshot_download
