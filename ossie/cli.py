@@ -12,7 +12,7 @@ from typing import Any
 
 from . import __version__
 
-MODEL_HELP = "a local checkpoint folder, a Hugging Face repo id such as openai/gpt-oss-20b, or gpt-oss:20b / gpt-oss:120b"
+MODEL_HELP = "a local checkpoint folder, a Hugging Face repo id such as openai/gpt-oss-20b, or gpt-oss:20b"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
