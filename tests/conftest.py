@@ -37,3 +37,18 @@ def server(tiny_repo):
     yield s
     log = s.stop()
     assert "Traceback" not in log, log
+
+
+@pytest.fixture(scope="module")
+def scripted(tiny_repo, tmp_path_factory):
+    """`ossie serve` whose runner replays tests/test_server.py's SCRIPT (scripted completions of known shapes)."""
+    import json
+
+    from tests.test_server import SCRIPT, Server
+
+    path = tmp_path_factory.mktemp("script") / "script.json"
+    path.write_text(json.dumps(SCRIPT))
+    s = Server(tiny_repo, script=path)
+    yield s
+    log = s.stop()
+    assert "Traceback" not in log, log

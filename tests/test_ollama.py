@@ -6,19 +6,9 @@ import json
 import httpx
 import pytest
 
-from tests.test_server import MODEL, SCRIPT, WEATHER, Server
+from tests.test_server import MODEL, WEATHER
 
 ollama = pytest.importorskip("ollama")
-
-
-@pytest.fixture(scope="module")
-def scripted(tiny_repo, tmp_path_factory):
-    path = tmp_path_factory.mktemp("script") / "script.json"
-    path.write_text(json.dumps(SCRIPT))
-    s = Server(tiny_repo, script=path)
-    yield s
-    log = s.stop()
-    assert "Traceback" not in log, log
 
 
 def test_models_are_listed_shown_and_pulled(server):

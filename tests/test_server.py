@@ -96,15 +96,6 @@ class Server:
         return self.log()
 
 
-@pytest.fixture(scope="module")
-def scripted(tiny_repo, tmp_path_factory):
-    path = tmp_path_factory.mktemp("script") / "script.json"
-    path.write_text(json.dumps(SCRIPT))
-    s = Server(tiny_repo, script=path)
-    yield s
-    s.stop()
-
-
 def client(s: Server, **kw) -> "openai.OpenAI":
     return openai.OpenAI(base_url=s.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
 
