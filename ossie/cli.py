@@ -52,6 +52,37 @@ def load_llm(args: argparse.Namespace):
                kv_cache_gb=DEFAULT_BUDGET_GB if args.kv_cache_gb is None else args.kv_cache_gb)
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .model.checkpoint import download, repo_id
+
+    path = download(repo_id(args.model), args.layout)
+    print(f"{args.model}: {path}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .local_models import local_models
+
+    models = local_models()
+    if not models:
+        print("no gpt-oss model on this machine yet: ossie pull gpt-oss:20b (or ossie synth DIR)")
+        return 0
+    rows = [("NAME", "LAYOUT", "SIZE", "PATH")] + [
+        (m.repo, "+".join(m.layouts), f"{m.size / 1e9:.1f} GB", str(m.path)) for m in models]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3])
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from .local_models import remove
+
+    freed = remove(args.model)
+    print(f"deleted {args.model} ({freed / 1e9:.1f} GB freed)")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     import shutil
 
@@ -203,6 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: the repo root's files; original: the reference implementation's; both: like the repo")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed = same model in every layout)")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("pull", help="download a model (a repo id, or gpt-oss:20b / gpt-oss:120b)",
+                       description="Download MODEL's files of one layout into the Hugging Face cache, with a progress "
+                                   "bar; an interrupted download resumes, and what is fetched is checked.")
+    p.add_argument("model", metavar="MODEL", help="a Hugging Face repo id (openai/gpt-oss-20b) or gpt-oss:20b")
+    p.add_argument("--layout", choices=["hf", "original"], default="hf",
+                   help="hf: the repo root's files (default); original: the reference implementation's")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("list", help="the gpt-oss models on this machine",
+                       description="The gpt-oss models in the Hugging Face cache: name, layouts, size, folder.")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("rm", help="delete a model from this machine",
+                       description="Delete MODEL's snapshots from the Hugging Face cache.")
+    p.add_argument("model", metavar="MODEL", help="a repo id or gpt-oss:20b, as ossie list shows it")
+    p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("bench", help="measure load time, memory, prefill and decode speed",
                        description="Load MODEL, time prefills of a random prompt and greedy decodes, and measure "

@@ -170,24 +170,42 @@ def resolve_model(model: str | Path, layout: str | None = None) -> Path:
         if not path.is_dir():
             raise ModelNotFoundError(f"{path}: expected a checkpoint folder, found a file")
         return path
-    model = OLLAMA_NAMES.get(str(model), str(model))
-    if not _REPO_ID.match(model) or model.startswith((".", "/", "~")):
-        raise ModelNotFoundError(f"{model}: no such folder (and not a Hugging Face repo id like openai/gpt-oss-20b)")
+    repo = repo_id(str(model))
     from huggingface_hub import snapshot_download
 
-    patterns = _ORIGINAL_FILES if layout == "original" else _HF_FILES
     try:  # already in the cache: no network needed
-        return Path(snapshot_download(model, allow_patterns=patterns, local_files_only=True))
+        return Path(snapshot_download(repo, allow_patterns=layout_files(layout), local_files_only=True))
     except Exception:
         pass
-    log.info("downloading %s (%s layout) from the Hugging Face Hub", model, layout or "hf")
+    return download(repo, layout)
+
+
+def repo_id(model: str) -> str:
+    """The Hugging Face repo a model name designates (an Ollama-style name maps to its repo)."""
+    repo = OLLAMA_NAMES.get(model, model)
+    if not _REPO_ID.match(repo) or repo.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"{repo}: no such folder (and not a Hugging Face repo id like openai/gpt-oss-20b)")
+    return repo
+
+
+def layout_files(layout: str | None) -> list[str]:
+    return _ORIGINAL_FILES if layout == "original" else _HF_FILES
+
+
+def download(repo: str, layout: str | None = None) -> Path:
+    """Fetch a repo's files of one layout into the Hugging Face cache (huggingface_hub resumes an interrupted
+    download and checks what it fetched); the snapshot folder."""
+    from huggingface_hub import snapshot_download
+
+    patterns = layout_files(layout)
+    log.info("downloading %s (%s layout) from the Hugging Face Hub", repo, layout or "hf")
     try:
-        return Path(snapshot_download(model, allow_patterns=patterns))
+        return Path(snapshot_download(repo, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated, disk full...
         raise ModelNotFoundError(
-            f"could not fetch {model!r} from the Hugging Face Hub ({type(e).__name__}: {e}).\n"
+            f"could not fetch {repo!r} from the Hugging Face Hub ({type(e).__name__}: {e}).\n"
             f"If this machine is offline, download it where there is network with\n"
-            f"  hf download {model} --include {' '.join(patterns)}\n"
+            f"  hf download {repo} --include {' '.join(patterns)}\n"
             f"copy the folder here and pass its path as MODEL, or try ossie with a synthetic checkpoint:\n"
             f"  ossie synth ./gpt-oss-synth --preset 20b"
         ) from None
