@@ -268,8 +268,6 @@ def load_config(folder: Path, layout: str) -> ModelConfig:
         return ModelConfig.from_original_dict(d)
     except ConfigError as e:
         raise ConfigError(f"{folder / 'config.json'}: {e}") from None
-    except KeyError as e:
-        raise ConfigError(f"{folder / 'config.json'}: missing {e}") from None
     except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong type met arithmetic first
         raise ConfigError(f"{folder / 'config.json'}: a value has the wrong type ({e})") from None
 

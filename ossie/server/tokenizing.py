@@ -10,7 +10,6 @@ the event loop, where they take a millisecond or two.
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing
 from multiprocessing.pool import Pool
 from typing import Any
@@ -36,8 +35,7 @@ def _encode(text: str) -> list[int] | str:
 
 def _guarded(fn: Any, *args: Any) -> list[int] | str:
     """fn(*args): tokens, or the message of why the input cannot be tokenized (a str)."""
-    try:
-        json.dumps(args, ensure_ascii=False).encode()  # one pass over every string: no lone surrogates
+    try:  # (lone surrogates were refused with the request body: protocol.StrictBody)
         return fn(*args)
     except UnicodeEncodeError:
         return "the text is not valid Unicode (it holds a lone surrogate such as \\ud800)"
