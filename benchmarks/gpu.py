@@ -90,6 +90,7 @@ def kernel_figures(cfg, weights) -> None:
         flops = 2 * tokens * k * 3 * cfg.hidden_size * cfg.intermediate_size
         print(f"  moe, {tokens} tokens: {t * 1e6:.0f} us, {touched / t / 1e9:.0f} GB/s of expert weights, "
               f"{flops / t / 1e12:.1f} TFLOP/s")
+    tiles_sweep(cfg, lw, gen)
     h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     sinks = torch.zeros(h, device="cuda")
     for n, window in ((2048, 0), (2048, cfg.sliding_window)):
@@ -108,6 +109,37 @@ def kernel_figures(cfg, weights) -> None:
                                                                              kv, splits))
         print(f"  decode attention, {n} keys ({splits} splits): {t * 1e6:.1f} us, "
               f"{2 * kk.nbytes / t / 1e9:.0f} GB/s of keys and values")
+
+
+def tiles_sweep(cfg, lw, gen) -> None:
+    """The MoE kernels' launch shapes side by side (rows, K, warps, stages, pairs per block), the chosen one marked
+    with *, and the most shared memory any compiled variant asked for (consumer cards have 99 KB)."""
+    from ossie.backends import cuda_kernels as K
+
+    k = cfg.experts_per_token
+    x1, x32 = (torch.empty(1, dtype=torch.bfloat16, device="cuda"),) * 2
+    shapes = {1: [K.GEMV, K.Tiles(32, 512, 4, 1), K.Tiles(64, 1024, 4, 1)],
+              32: [K._gemm_tiles(32 * k, x32), *K.GEMM_FEW, K.Tiles(64, 128, 4, 3, 16)],
+              2048: [K._gemm_tiles(2048 * k, x1), *K.GEMM_MANY, K.Tiles(128, 64, 8, 3, 128),
+                     K.Tiles(128, 32, 4, 4, 128), K.Tiles(256, 64, 8, 3, 128)]}
+    for tokens, variants in shapes.items():
+        x = torch.randn(tokens, cfg.hidden_size, device="cuda", generator=gen).bfloat16()
+        chosen = torch.rand(tokens, cfg.num_experts, device="cuda", generator=gen).topk(k).indices
+        weight = torch.full((tokens, k), 1 / k, device="cuda")
+        for i, tiles in enumerate(variants):
+            try:
+                args = (x, lw.w1_blocks, lw.w1_scales, lw.w1_bias, lw.w2_blocks, lw.w2_scales, lw.w2_bias, chosen,
+                        weight, cfg.swiglu_alpha, cfg.swiglu_limit, tiles)
+                t = timed(lambda args=args: K.moe(*args))
+                print(f"  {'*' if i == 0 else ' '} moe, {tokens} tokens, {tiles}: {t * 1e6:.0f} us")
+            except Exception as e:  # a shape the GPU cannot hold: say so and go on
+                print(f"    moe, {tokens} tokens, {tiles}: {type(e).__name__}: {str(e)[:120]}")
+    for kernel in (K._moe_up_gemv, K._moe_down_gemv, K._moe_up_gemm, K._moe_down_gemm):
+        try:
+            shared = max(c.metadata.shared for cache in kernel.device_caches.values() for c in cache[0].values())
+            print(f"  {kernel.fn.__name__}: at most {shared / 1024:.0f} KB of shared memory")
+        except Exception as e:  # Triton's cache layout is not public API
+            print(f"  {kernel.fn.__name__}: shared memory unknown ({type(e).__name__})")
 
 
 def profile(model: Transformer, prompt_len: int, prefill: int) -> None:

@@ -121,40 +121,57 @@ def near_ties_only(tokens: list[int], logits: torch.Tensor, expected: torch.Tens
 
 
 def test_tiny_bf16_decoding_against_cpu_float32(tiny_repo, cpu_reference):
-    """bf16 activations on the GPU (graphs on) against the CPU's float32 computing the same tokens: logits within
-    bf16 rounding, and greedy choices that differ only between near-tied tokens. (On a random tiny model the top
-    two of 201,088 logits are often nearly tied, so identical bf16 tokens would test luck, not the kernels.)"""
+    """bf16 activations on the GPU (graphs on) against the CPU's float32 computing the same tokens: no further from
+    it than the torch reference's own bf16 computation of those tokens (this random tiny model amplifies rounding:
+    the reference's bf16 logits stray 4-25% from float32, measured on the CPU), and greedy choices that differ only
+    between near-tied tokens. (On a random tiny model the top two of 201,088 logits are often nearly tied, so
+    identical bf16 tokens would test luck, not the kernels.)"""
     gpu = ossie.LLM(tiny_repo, device="cuda", dtype="bfloat16", progress=False)
+    reference = ossie.LLM(tiny_repo, device="cuda", dtype="bfloat16", backend="torch", progress=False,
+                          enable_prefix_caching=False)
+    ours, theirs, truth = [], [], []
     for prompt in PROMPTS:
         runner = RecordingRunner(gpu.model)
         out = alone(runner, prompt, greedy(24))
         expected = cpu_reference.logits(prompt + out[:-1])[len(prompt) - 1:]
         logits = torch.stack(runner.seen)
-        assert rel(logits.cpu(), expected) < 2e-2
         near_ties_only(out, logits, expected)
+        ours.append(logits.cpu())
+        theirs.append(reference.logits(prompt + out[:-1])[len(prompt) - 1:].cpu())
+        truth.append(expected)
+    no_worse_than_reference(torch.cat(ours), torch.cat(theirs), torch.cat(truth))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_graphs_match_eager_decoding(tiny_repo, dtype):
+def test_graphs_match_eager_decoding(tiny_repo, cpu_reference, dtype):
     """Five sequences of different lengths and budgets step together, so the batch shrinks through several graph
-    buckets; the graphs give what kernel-by-kernel decoding gives: in float32 the same tokens and logits; in bf16
-    (where cuBLAS may round a padded bucket's products differently) logits within bf16 rounding until the first
-    near tie, which is the only place the tokens may part."""
+    buckets; the graphs give what kernel-by-kernel decoding gives. In float32: the same tokens and logits. In bf16
+    (where cuBLAS may round a padded bucket's products differently, and this random model amplifies a rounding
+    difference many times) each is held to the float32 truth of its own tokens: the graphs no further from it than
+    eager decoding, and their greedy choices differing from it only at near ties."""
     outputs = []
     for graphs in (False, True):
         llm = ossie.LLM(tiny_repo, device="cuda", dtype=dtype, backend=CudaBackend(cuda_graphs=graphs),
                         progress=False, enable_prefix_caching=False)
         runner = RecordingRunner(llm.model)
-        seqs = [Sequence(p, greedy(10 + 7 * i)) for i, p in enumerate(PROMPTS + PROMPTS[:2])]
+        prompts = PROMPTS + PROMPTS[:2]
+        seqs = [Sequence(p, greedy(10 + 7 * i)) for i, p in enumerate(prompts)]
         step_together(runner, seqs)
-        outputs.append(([s.output for s in seqs], [torch.stack(runner.by_sequence[s.id]) for s in seqs]))
+        outputs.append(([s.output for s in seqs], [torch.stack(runner.by_sequence[s.id]).cpu() for s in seqs]))
     (eager, eager_logits), (graphed, graphed_logits) = outputs
     if dtype == "float32":
         assert graphed == eager
-    for tokens, ref_tokens, a, b in zip(graphed, eager, graphed_logits, eager_logits, strict=True):
-        same = next((i for i, (x, y) in enumerate(zip(tokens, ref_tokens, strict=True)) if x != y), len(tokens))
-        assert rel(a[:same + 1], b[:same + 1]) < (1e-5 if dtype == "float32" else 1e-2)
-        near_ties_only(tokens[:same + 1], a[:same + 1], b[:same + 1])
+        for a, b in zip(graphed_logits, eager_logits, strict=True):
+            assert rel(a, b) < 1e-5
+        return
+    errors = []
+    for tokens, logits in ((eager, eager_logits), (graphed, graphed_logits)):
+        truth = [cpu_reference.logits(p + out[:-1])[len(p) - 1:] for p, out in zip(prompts, tokens, strict=True)]
+        for out, lg, t in zip(tokens, logits, truth, strict=True):
+            near_ties_only(out, lg, t)
+        errors.append(rel(torch.cat(logits), torch.cat(truth)))
+    eager_error, graphed_error = errors
+    assert graphed_error <= 1.5 * eager_error + 1e-4, errors
 
 
 def test_engine_batches_on_the_gpu(tiny_repo):

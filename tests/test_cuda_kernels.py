@@ -18,7 +18,7 @@ import ossie  # noqa: E402
 from ossie.backends import select_backend  # noqa: E402
 from ossie.backends import torch_ops as ref  # noqa: E402
 from ossie.backends.cuda import CudaBackend  # noqa: E402
-from ossie.backends.cuda_kernels import attention_decode, attention_prefill, moe  # noqa: E402
+from ossie.backends.cuda_kernels import GEMM_FEW, GEMM_MANY, GEMV, Tiles, attention_decode, attention_prefill, moe  # noqa: E402,E501
 from ossie.engine import Sequence  # noqa: E402
 from ossie.special_tokens import N_ORDINARY  # noqa: E402
 from tests.helpers import RecordingRunner, greedy, step_together  # noqa: E402
@@ -48,17 +48,26 @@ def random_experts(num_experts: int, hidden: int, inter: int, gen: torch.Generat
 # and experts nobody chose). hidden 96 and 160 are not multiples of the kernels' K tiles: the masked tails.
 @pytest.mark.parametrize("tokens", [1, 2, 5, 40])
 @pytest.mark.parametrize("hidden,inter", [(96, 64), (160, 96)])
-def test_moe_matches_reference(tokens, hidden, inter):
+def test_moe_matches_reference(tokens, hidden, inter, tiles=None):
     gen = torch.Generator().manual_seed(tokens * 100 + hidden)
     lw, k, num_experts = random_experts(8, hidden, inter, gen), 2, 8
     x = torch.randn(tokens, hidden, generator=gen).to(DEVICE)
     chosen = torch.stack([torch.randperm(num_experts, generator=gen)[:k] for _ in range(tokens)]).to(DEVICE)
     weight = torch.softmax(torch.randn(tokens, k, generator=gen), -1).to(DEVICE)
     y = moe(x, lw.w1_blocks, lw.w1_scales, lw.w1_bias, lw.w2_blocks, lw.w2_scales, lw.w2_bias, chosen, weight,
-            CFG.swiglu_alpha, CFG.swiglu_limit)
+            CFG.swiglu_alpha, CFG.swiglu_limit, tiles)
     expected = ref.TorchBackend().experts(x, lw, chosen, weight, CFG)
     assert y.shape == x.shape and y.dtype == x.dtype
     assert rel(y, expected) < 2e-6
+
+
+# Every launch shape the kernels use (and other legal ones), each over masked tails: K tiles wider than the rows,
+# row blocks wider than the matrix, 64-pair blocks mostly padding.
+@pytest.mark.parametrize("tokens,tiles", [(2, GEMV), (2, Tiles(rows=64, k=1024, warps=8, stages=1)),
+                                          (40, GEMM_FEW[0]), (40, GEMM_MANY[0]), (40, GEMM_MANY[1]),
+                                          (5, Tiles(rows=32, k=64, m=32))])
+def test_moe_launch_shapes(tokens, tiles):
+    test_moe_matches_reference(tokens, 160, 96, tiles)
 
 
 def qkv(t: int, s: int, heads: int, kv: int, d: int, gen: torch.Generator):

@@ -23,6 +23,9 @@ tl.dot of bf16 tiles wrongly on CPU).
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -31,20 +34,23 @@ import triton.language as tl
 
 
 @triton.jit
-def _fp4(code):
-    """E2M1 codes (int32, 0..15) as float32, built from bits: magnitude codes 2..7 are (1 + m/2) * 2**(e-1) for
-    e = code >> 1 & 3, m = code & 1; code 1 is 0.5; bit 3 is the sign (code 8 is -0.0, as in the reference)."""
-    mag = code & 7
-    e = mag >> 1
-    bits = tl.where(e > 0, ((e + 126) << 23) | ((mag & 1) << 22), tl.where(mag == 1, 126 << 23, 0))
-    return (bits | ((code >> 3) << 31)).to(tl.float32, bitcast=True)
+def _nibbles(b):
+    """The two E2M1 values of MXFP4 bytes b (int32, 0..255) as float32, each 2**-14 times its true value: a
+    nibble's three magnitude bits, moved to a float16's two lowest exponent bits and its top mantissa bit, are that
+    float16 (subnormals 0 and 0.5 included, which float16 keeps exactly), and its sign bit is the float16's. Five
+    integer operations per value instead of decoding exponent and mantissa; callers multiply 2**14 into the block
+    scale, once per 32 weights."""
+    lo = ((b << 12) & 0x8000) | ((b << 9) & 0x0E00)
+    hi = ((b << 8) & 0x8000) | ((b << 5) & 0x0E00)
+    return (lo.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32),
+            hi.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32))
 
 
 @triton.jit
-def _e8m0(s):
-    """E8M0 scale bytes (int32) as float32 2**(s-127): the byte is that float's exponent field (0 gives 0 rather
-    than the subnormal 2**-127, a weight of no consequence; 255 gives inf as in the reference)."""
-    return (s << 23).to(tl.float32, bitcast=True)
+def _scale(s):
+    """E8M0 scale bytes (int32) as the float32 2**(s-127) * 2**14 that undoes _nibbles' offset (a byte of 0 gives
+    0 rather than the subnormal 2**-127, a weight of no consequence; 255 gives inf as in the reference)."""
+    return (s << 23).to(tl.float32, bitcast=True) * 16384.0
 
 
 @triton.jit
@@ -56,58 +62,58 @@ def _swiglu(gate, up, alpha, limit):
 
 @triton.jit
 def _gemv_rows(x_ptr, blocks_ptr, scales_ptr, rows, row_mask, K,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """float32 [BLOCK_N]: rows `rows` of an MXFP4 matrix (blocks [*, K/2] bytes, scales [*, K/32]) times x [K]."""
+               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 [BLOCK_R]: rows `rows` of an MXFP4 matrix (blocks [*, K/2] bytes, scales [*, K/32]) times x [K]. x
+    is read contiguously and split into its even and odd elements, which meet the low and high nibbles."""
     half: tl.constexpr = BLOCK_K // 2
     groups: tl.constexpr = BLOCK_K // 32
-    acc = tl.zeros([BLOCK_N, groups], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, groups], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        xe, xo = tl.split(tl.reshape(tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32), (half, 2)))
         j = k0 // 2 + tl.arange(0, half)  # byte index in the row
-        jm = j < K // 2
-        xe = tl.load(x_ptr + 2 * j, mask=jm, other=0.0).to(tl.float32)
-        xo = tl.load(x_ptr + 2 * j + 1, mask=jm, other=0.0).to(tl.float32)
-        m2 = row_mask[:, None] & jm[None, :]
-        b = tl.load(blocks_ptr + rows[:, None] * (K // 2) + j[None, :], mask=m2, other=0).to(tl.int32)
-        part = tl.reshape(_fp4(b & 15) * xe[None, :] + _fp4(b >> 4) * xo[None, :], (BLOCK_N, groups, 16))
+        b = tl.load(blocks_ptr + rows[:, None] * (K // 2) + j[None, :], mask=row_mask[:, None] & (j < K // 2)[None, :],
+                    other=0).to(tl.int32)
+        lo, hi = _nibbles(b)
+        part = tl.reshape(lo * xe[None, :] + hi * xo[None, :], (BLOCK_R, groups, 16))
         g = k0 // 32 + tl.arange(0, groups)
-        gm = row_mask[:, None] & (g < K // 32)[None, :]
-        s = tl.load(scales_ptr + rows[:, None] * (K // 32) + g[None, :], mask=gm, other=0).to(tl.int32)
-        acc += tl.sum(part, axis=2) * _e8m0(s)  # a power of two: the same as scaling each weight
+        s = tl.load(scales_ptr + rows[:, None] * (K // 32) + g[None, :],
+                    mask=row_mask[:, None] & (g < K // 32)[None, :], other=0).to(tl.int32)
+        acc += tl.sum(part, axis=2) * _scale(s)  # a power of two: the same as scaling each weight
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
 def _moe_up_gemv(x_ptr, expert_ptr, blocks_ptr, scales_ptr, bias_ptr, a_ptr, K, F, alpha, limit,
-                 TOPK: tl.constexpr, ROUND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """a[pair, n] = SwiGLU(x[token] @ w1[e].T + b1[e]) for BLOCK_N activations n of one (token, expert) pair."""
+                 TOPK: tl.constexpr, ROUND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """a[pair, n] = SwiGLU(x[token] @ w1[e].T + b1[e]) for the BLOCK_R // 2 activations n of one (token, expert)
+    pair whose gate and up rows (interleaved, as the checkpoint stores them) are rows r of this block."""
     pair = tl.program_id(0)
     e = tl.load(expert_ptr + pair).to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nm = n < F
-    x_row = x_ptr + (pair // TOPK).to(tl.int64) * K
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = r < 2 * F
     w_blocks = blocks_ptr + e * (2 * F) * (K // 2)
     w_scales = scales_ptr + e * (2 * F) * (K // 32)
-    gate = _gemv_rows(x_row, w_blocks, w_scales, 2 * n, nm, K, BLOCK_N, BLOCK_K)
-    up = _gemv_rows(x_row, w_blocks, w_scales, 2 * n + 1, nm, K, BLOCK_N, BLOCK_K)
-    gate += tl.load(bias_ptr + e * 2 * F + 2 * n, mask=nm, other=0.0)
-    up += tl.load(bias_ptr + e * 2 * F + 2 * n + 1, mask=nm, other=0.0)
+    y = _gemv_rows(x_ptr + (pair // TOPK).to(tl.int64) * K, w_blocks, w_scales, r, rm, K, BLOCK_R, BLOCK_K)
+    y += tl.load(bias_ptr + e * 2 * F + r, mask=rm, other=0.0)
     if ROUND:  # the reference's product is rounded to the activations' dtype before the SwiGLU
-        gate = gate.to(a_ptr.dtype.element_ty).to(tl.float32)
-        up = up.to(a_ptr.dtype.element_ty).to(tl.float32)
-    a = _swiglu(gate, up, alpha, limit)
-    tl.store(a_ptr + pair.to(tl.int64) * F + n, a.to(a_ptr.dtype.element_ty), mask=nm)
+        y = y.to(a_ptr.dtype.element_ty).to(tl.float32)
+    gate, up = tl.split(tl.reshape(y, (BLOCK_R // 2, 2)))
+    n = tl.program_id(1) * (BLOCK_R // 2) + tl.arange(0, BLOCK_R // 2)
+    tl.store(a_ptr + pair.to(tl.int64) * F + n, _swiglu(gate, up, alpha, limit).to(a_ptr.dtype.element_ty),
+             mask=n < F)
 
 
 @triton.jit
 def _moe_down_gemv(a_ptr, expert_ptr, weight_ptr, blocks_ptr, scales_ptr, bias_ptr, y_ptr, F, H,
-                   ROUND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[pair, n] = weight[pair] * (a[pair] @ w2[e].T + b2[e]) for BLOCK_N outputs n, float32."""
+                   ROUND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[pair, n] = weight[pair] * (a[pair] @ w2[e].T + b2[e]) for BLOCK_R outputs n, float32."""
     pair = tl.program_id(0)
     e = tl.load(expert_ptr + pair).to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     nm = n < H
     y = _gemv_rows(a_ptr + pair.to(tl.int64) * F, blocks_ptr + e * H * (F // 2), scales_ptr + e * H * (F // 32),
-                   n, nm, F, BLOCK_N, BLOCK_K)
+                   n, nm, F, BLOCK_R, BLOCK_K)
     y += tl.load(bias_ptr + e * H + n, mask=nm, other=0.0)
     if ROUND:
         y = y.to(a_ptr.dtype.element_ty).to(tl.float32)
@@ -122,25 +128,29 @@ def _dot(a, b, F32: tl.constexpr):
 
 
 @triton.jit
-def _gemm_tile(x_ptr, x_rows, x_mask, blocks_ptr, scales_ptr, w_rows, w_mask, K,
-               acc, BLOCK_K: tl.constexpr, F32: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] += x[x_rows, :K] @ W[w_rows, :K].T for an MXFP4 W; the even and odd columns of x
-    meet the low and high nibbles of W's bytes in two products."""
+def _gemm_tile(x_ptr, x_rows, x_mask, blocks_ptr, scales_ptr, w_rows, w_mask, K, acc,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, F32: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += x[x_rows, :K] @ W[w_rows, :K].T for an MXFP4 W. The weight tile is read as
+    [bytes, rows] (a K-major right operand, which the tensor cores take as it is); the even and odd columns of x meet
+    the low and high nibbles in two products."""
     half: tl.constexpr = BLOCK_K // 2
+    groups: tl.constexpr = BLOCK_K // 32
     for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + x_rows[:, None] * K + kk[None, :], mask=x_mask[:, None] & (kk < K)[None, :], other=0.0)
+        xe, xo = tl.split(tl.reshape(x, (BLOCK_M, half, 2)))
         j = k0 // 2 + tl.arange(0, half)
-        jm = j < K // 2
-        xm = x_mask[:, None] & jm[None, :]
-        xe = tl.load(x_ptr + x_rows[:, None] * K + 2 * j[None, :], mask=xm, other=0.0)
-        xo = tl.load(x_ptr + x_rows[:, None] * K + 2 * j[None, :] + 1, mask=xm, other=0.0)
-        wm = w_mask[:, None] & jm[None, :]
-        b = tl.load(blocks_ptr + w_rows[:, None] * (K // 2) + j[None, :], mask=wm, other=0).to(tl.int32)
-        s = tl.load(scales_ptr + w_rows[:, None] * (K // 32) + j[None, :] // 16, mask=wm, other=0).to(tl.int32)
-        scale = _e8m0(s)
-        lo = (_fp4(b & 15) * scale).to(xe.dtype)  # exact in bf16: two significant bits
-        hi = (_fp4(b >> 4) * scale).to(xe.dtype)
-        acc += _dot(xe, tl.trans(lo), F32)
-        acc += _dot(xo, tl.trans(hi), F32)
+        b = tl.load(blocks_ptr + w_rows[None, :] * (K // 2) + j[:, None],
+                    mask=(j < K // 2)[:, None] & w_mask[None, :], other=0).to(tl.int32)
+        g = k0 // 32 + tl.arange(0, groups)
+        s = _scale(tl.load(scales_ptr + w_rows[None, :] * (K // 32) + g[:, None],
+                           mask=(g < K // 32)[:, None] & w_mask[None, :], other=0).to(tl.int32))
+        lo, hi = _nibbles(b)
+        # exact in bf16: two significant bits times a power of two
+        lo = tl.reshape(tl.reshape(lo, (groups, 16, BLOCK_N)) * s[:, None, :], (half, BLOCK_N)).to(x.dtype)
+        hi = tl.reshape(tl.reshape(hi, (groups, 16, BLOCK_N)) * s[:, None, :], (half, BLOCK_N)).to(x.dtype)
+        acc += _dot(xe, lo, F32)
+        acc += _dot(xo, hi, F32)
     return acc
 
 
@@ -148,29 +158,25 @@ def _gemm_tile(x_ptr, x_rows, x_mask, blocks_ptr, scales_ptr, w_rows, w_mask, K,
 def _moe_up_gemm(x_ptr, pairs_ptr, block_expert_ptr, blocks_ptr, scales_ptr, bias_ptr, a_ptr, P, K, F, alpha, limit,
                  TOPK: tl.constexpr, ROUND: tl.constexpr, F32: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The grouped first product: BLOCK_M pairs of one expert (sorted, padded) by BLOCK_N activations."""
+    """The grouped first product: BLOCK_M pairs of one expert (sorted, padded) by BLOCK_N rows of w1 (gate and up
+    interleaved: BLOCK_N // 2 activations)."""
     e = tl.load(block_expert_ptr + tl.program_id(0)).to(tl.int64)
     if e < 0:  # past the last block of the last expert
         return
     pair = tl.load(pairs_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
     pm = pair < P
-    tok = (pair // TOPK).to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nm = n < F
-    w_blocks = blocks_ptr + e * (2 * F) * (K // 2)
-    w_scales = scales_ptr + e * (2 * F) * (K // 32)
-    gate = _gemm_tile(x_ptr, tok, pm, w_blocks, w_scales, 2 * n, nm, K,
-                      tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), BLOCK_K, F32)
-    up = _gemm_tile(x_ptr, tok, pm, w_blocks, w_scales, 2 * n + 1, nm, K,
-                    tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), BLOCK_K, F32)
-    gate += tl.load(bias_ptr + e * 2 * F + 2 * n, mask=nm, other=0.0)[None, :]
-    up += tl.load(bias_ptr + e * 2 * F + 2 * n + 1, mask=nm, other=0.0)[None, :]
+    r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = r < 2 * F
+    y = _gemm_tile(x_ptr, (pair // TOPK).to(tl.int64), pm, blocks_ptr + e * (2 * F) * (K // 2),
+                   scales_ptr + e * (2 * F) * (K // 32), r, rm, K, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                   BLOCK_M, BLOCK_N, BLOCK_K, F32)
+    y += tl.load(bias_ptr + e * 2 * F + r, mask=rm, other=0.0)[None, :]
     if ROUND:
-        gate = gate.to(a_ptr.dtype.element_ty).to(tl.float32)
-        up = up.to(a_ptr.dtype.element_ty).to(tl.float32)
-    a = _swiglu(gate, up, alpha, limit)
-    tl.store(a_ptr + pair.to(tl.int64)[:, None] * F + n[None, :], a.to(a_ptr.dtype.element_ty),
-             mask=pm[:, None] & nm[None, :])
+        y = y.to(a_ptr.dtype.element_ty).to(tl.float32)
+    gate, up = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_N // 2, 2)))
+    n = tl.program_id(1) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    tl.store(a_ptr + pair.to(tl.int64)[:, None] * F + n[None, :],
+             _swiglu(gate, up, alpha, limit).to(a_ptr.dtype.element_ty), mask=pm[:, None] & (n < F)[None, :])
 
 
 @triton.jit
@@ -186,7 +192,7 @@ def _moe_down_gemm(a_ptr, pairs_ptr, block_expert_ptr, weight_ptr, blocks_ptr, s
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = n < H
     y = _gemm_tile(a_ptr, pair.to(tl.int64), pm, blocks_ptr + e * H * (F // 2), scales_ptr + e * H * (F // 32), n, nm,
-                   F, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), BLOCK_K, F32)
+                   F, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), BLOCK_M, BLOCK_N, BLOCK_K, F32)
     y += tl.load(bias_ptr + e * H + n, mask=nm, other=0.0)[None, :]
     if ROUND:
         y = y.to(a_ptr.dtype.element_ty).to(tl.float32)
@@ -194,9 +200,47 @@ def _moe_down_gemm(a_ptr, pairs_ptr, block_expert_ptr, weight_ptr, blocks_ptr, s
     tl.store(y_ptr + pair.to(tl.int64)[:, None] * H + n[None, :], y, mask=pm[:, None] & nm[None, :])
 
 
+@dataclass(frozen=True)
+class Tiles:
+    """One launch shape of the MoE kernels: rows of W and K elements per step, warps, pipeline stages, and (for the
+    grouped GEMM) pairs per block."""
+    rows: int
+    k: int
+    warps: int = 4
+    stages: int = 3
+    m: int = 16
+
+
 GEMV_PAIRS = 8  # up to this many (token, expert) pairs the GEMV shape wins: few tokens share an expert
-GEMV_N, GEMV_K = 16, 256
-GEMM_N, GEMM_K = 64, 128
+# Launch shapes measured best on an H100 (benchmarks/gpu.py --kernels compares them: other shapes ran up to 2.9x
+# slower). The grouped GEMM's are tried in order, the first whose pipeline fits the GPU's shared memory taken:
+# consumer cards have 99 KB a block, and float32 tiles take twice the room of bf16 ones.
+GEMV = Tiles(rows=32, k=1024, warps=4, stages=1)
+GEMM_FEW = (Tiles(rows=64, k=64, warps=4, stages=3, m=16),  # decode steps of a batch: a few pairs per expert
+            Tiles(rows=64, k=64, warps=4, stages=2, m=16))
+GEMM_MANY = (Tiles(rows=128, k=64, warps=4, stages=3, m=128), Tiles(rows=64, k=128, warps=4, stages=2, m=128),
+             Tiles(rows=64, k=64, warps=4, stages=2, m=64))  # prompts
+
+
+def _shared_bytes(t: Tiles, element: int) -> int:
+    """Shared memory a grouped-GEMM launch asks for, roughly: its pipeline stages of x and weight tiles (bytes and
+    scales), plus room for the layout conversions (measured: Triton asked 237,568 bytes for a shape this puts at
+    212,000)."""
+    return t.stages * (t.m * t.k * element + t.rows * t.k // 2 + t.rows * t.k // 32) * 9 // 8 + 16384
+
+
+@functools.cache
+def _shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one block may use on this GPU (99 KB, a consumer card's, where torch does not say)."""
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 99 * 1024)
+
+
+def _gemm_tiles(pairs: int, x: torch.Tensor) -> Tiles:
+    shapes = GEMM_FEW if pairs <= 256 else GEMM_MANY
+    if x.device.type != "cuda":  # Triton's interpreter: no limit
+        return shapes[0]
+    room = _shared_memory(x.device)
+    return next((t for t in shapes if _shared_bytes(t, x.element_size()) <= room), shapes[-1])
 
 
 def _sorted_pairs(chosen: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,10 +265,11 @@ def _sorted_pairs(chosen: torch.Tensor, num_experts: int, block_m: int) -> tuple
 
 def moe(x: torch.Tensor, w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
         w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor, chosen: torch.Tensor,
-        weight: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+        weight: torch.Tensor, alpha: float, limit: float, tiles: Tiles | None = None) -> torch.Tensor:
     """sum over each token's chosen experts [T, k] of weight [T, k] * expert(x), x [T, hidden] in bf16 or float32;
     the result in x's dtype. Products accumulate in float32; each product is rounded to x's dtype where the torch
-    reference rounds it (after the bias, before the SwiGLU and the routing weight)."""
+    reference rounds it (after the bias, before the SwiGLU and the routing weight). `tiles` overrides the launch
+    shape chosen for the number of pairs (the benchmark compares shapes with it)."""
     t, h = x.shape
     num_experts, f2 = w1_blocks.shape[:2]
     f, topk = f2 // 2, chosen.shape[1]
@@ -235,19 +280,23 @@ def moe(x: torch.Tensor, w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bi
     a = torch.empty(p, f, dtype=x.dtype, device=x.device)
     y = torch.empty(p, h, dtype=torch.float32, device=x.device)
     if p <= GEMV_PAIRS:
+        c = tiles or GEMV
         expert = chosen.flatten().to(torch.int32)
-        _moe_up_gemv[(p, triton.cdiv(f, GEMV_N))](x, expert, w1_blocks, w1_scales, w1_bias, a, h, f, alpha, limit,
-                                                    TOPK=topk, ROUND=rnd, BLOCK_N=GEMV_N, BLOCK_K=GEMV_K)
-        _moe_down_gemv[(p, triton.cdiv(h, GEMV_N))](a, expert, weight, w2_blocks, w2_scales, w2_bias, y, f, h,
-                                                      ROUND=rnd, BLOCK_N=GEMV_N, BLOCK_K=GEMV_K)
+        launch = dict(num_warps=c.warps, num_stages=c.stages)
+        _moe_up_gemv[(p, triton.cdiv(2 * f, c.rows))](x, expert, w1_blocks, w1_scales, w1_bias, a, h, f, alpha,
+                                                        limit, TOPK=topk, ROUND=rnd, BLOCK_R=c.rows, BLOCK_K=c.k,
+                                                        **launch)
+        _moe_down_gemv[(p, triton.cdiv(h, c.rows))](a, expert, weight, w2_blocks, w2_scales, w2_bias, y, f, h,
+                                                      ROUND=rnd, BLOCK_R=c.rows, BLOCK_K=c.k, **launch)
     else:
-        block_m = 16 if p <= 256 else 64  # decode steps of a batch: a few pairs per expert
-        pairs, block_expert = _sorted_pairs(chosen, num_experts, block_m)
-        grid = lambda n: (block_expert.numel(), triton.cdiv(n, GEMM_N))  # noqa: E731
-        _moe_up_gemm[grid(f)](x, pairs, block_expert, w1_blocks, w1_scales, w1_bias, a, p, h, f, alpha, limit,
-                              TOPK=topk, ROUND=rnd, F32=f32, BLOCK_M=block_m, BLOCK_N=GEMM_N, BLOCK_K=GEMM_K)
-        _moe_down_gemm[grid(h)](a, pairs, block_expert, weight, w2_blocks, w2_scales, w2_bias, y, p, f, h,
-                                ROUND=rnd, F32=f32, BLOCK_M=block_m, BLOCK_N=GEMM_N, BLOCK_K=GEMM_K)
+        c = tiles or _gemm_tiles(p, x)
+        pairs, block_expert = _sorted_pairs(chosen, num_experts, c.m)
+        grid = lambda n: (block_expert.numel(), triton.cdiv(n, c.rows))  # noqa: E731
+        launch = dict(F32=f32, BLOCK_M=c.m, BLOCK_N=c.rows, BLOCK_K=c.k, num_warps=c.warps, num_stages=c.stages)
+        _moe_up_gemm[grid(2 * f)](x, pairs, block_expert, w1_blocks, w1_scales, w1_bias, a, p, h, f, alpha, limit,
+                                  TOPK=topk, ROUND=rnd, **launch)
+        _moe_down_gemm[grid(h)](a, pairs, block_expert, weight, w2_blocks, w2_scales, w2_bias, y, p, f, h, ROUND=rnd,
+                                **launch)
     return y.view(t, topk, h).sum(1).to(x.dtype)
 
 
