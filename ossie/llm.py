@@ -6,6 +6,7 @@ A thin facade: loading builds the model (ossie.model) on a backend chosen once (
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -24,6 +25,8 @@ from .engine import Sequence as EngineSequence
 from .model.checkpoint import detect_layout, is_synthetic, load_config, load_weights, resolve_model
 from .model.transformer import Transformer
 from .special_tokens import STOP_TOKEN_IDS
+from .tools import BuiltinTools, ToolSettings
+from .tools.loop import ToolLoop
 
 log = logging.getLogger("ossie")
 
@@ -107,20 +110,27 @@ class LLM:
 
     def chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None, reasoning_effort: str = "medium",
              stream: bool = False, max_tokens: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
-             top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
+             top_k: int = 0, min_p: float = 0.0, seed: int | None = None, builtin_tools: Sequence[Any] = (),
+             tool_settings: ToolSettings | None = None,
              **options: Any) -> harmony.ChatResult | Iterator[harmony.ChatDelta]:
         """Answer a conversation. Returns a ChatResult (.reasoning, .content, .tool_calls, .finish_reason), or
         with stream=True an iterator of ChatDeltas (reasoning / content / tool_call pieces, then "finish").
 
-        max_tokens=None allows the rest of the context window.
+        builtin_tools: "python" and/or "browser" (or PythonTool / BrowserTool objects, which stay yours): declared
+        to the model as harmony declares them and run when it calls them, until it answers; each call and its
+        output is in .builtin_calls (streamed as builtin_call / builtin_result deltas). tool_settings: how the
+        named ones are made (sandbox limits, search backend, call limit). max_tokens=None allows the rest of the
+        context window (all rounds together).
         """
-        prompt = self.render(messages, tools, reasoning_effort, **options)
+        session = BuiltinTools(builtin_tools, tool_settings) if builtin_tools else None
+        names = session.names if session else ()
+        prompt = self.render(messages, tools, reasoning_effort, builtin_tools=names, **options)
         if max_tokens is None:
             max_tokens = self.config.max_context - len(prompt)
         seq = self._sequence(prompt, SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                                     top_k=top_k, min_p=min_p, seed=seed,
                                                     stop_token_ids=list(STOP_TOKEN_IDS)))
-        deltas = self._chat_deltas(seq)
+        deltas = self._chat_deltas(seq, session)
         if stream:
             return deltas
         for delta in deltas:
@@ -128,16 +138,34 @@ class LLM:
                 return delta.result
         raise AssertionError("the chat stream ended without a finish delta")
 
-    def _chat_deltas(self, seq: EngineSequence) -> Iterator[harmony.ChatDelta]:
-        parser = harmony.ChatParser(prompt_tokens=len(seq.prompt))
-        tokens = stream(self.runner, seq)
+    def _chat_deltas(self, seq: EngineSequence, tools: BuiltinTools | None) -> Iterator[harmony.ChatDelta]:
+        parser = harmony.ChatParser(prompt_tokens=len(seq.prompt), builtin=tools.names if tools else ())
+        loop = ToolLoop(parser, tools, seq.prompt, seq.params.max_tokens, self.config.max_context)
+        cached = None
         try:
-            for tok in tokens:
-                yield from parser.feed(tok)
+            while True:
+                tokens = stream(self.runner, seq)
+                try:
+                    for tok in tokens:
+                        yield from loop.feed(tok)
+                finally:
+                    tokens.close()  # the consumer stopped early (Ctrl-C, disconnect): stop generating
+                cached = seq.num_cached_tokens if cached is None else cached
+                hit_length = seq.finish_reason == "length"
+                call = loop.pending_call(hit_length)
+                if call is None:
+                    break
+                delta, prompt, room = loop.resume(call, tools.run(call.recipient, call.arguments))
+                yield delta
+                if room == 0:
+                    hit_length = True
+                    break
+                seq = EngineSequence(prompt, dataclasses.replace(seq.params, max_tokens=room))
+            parser.result.cached_tokens = cached
+            yield from parser.finish(hit_length=hit_length)
         finally:
-            tokens.close()  # the consumer stopped early (Ctrl-C, disconnect): stop generating
-        parser.result.cached_tokens = seq.num_cached_tokens
-        yield from parser.finish(hit_length=seq.finish_reason == "length")
+            if tools is not None:
+                tools.close()  # the sessions this answer made (python's sandbox...): nothing outlives it
 
     def _check_context(self, n: int) -> None:
         if n > self.config.max_context:

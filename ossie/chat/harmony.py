@@ -10,6 +10,7 @@ a warning. Harmony syntax never reaches `content`.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import uuid
@@ -167,6 +168,26 @@ def render(messages: Sequence[dict], tools: Sequence[dict] | None = None, reason
     return list(harmony_encoding().render_conversation_for_completion(conversation, Role.ASSISTANT))
 
 
+def continuation(prompt: list[int], completed: Sequence[Message], call: BuiltinCall, output: str) -> list[int]:
+    """The prompt after a built-in tool ran: `prompt` (which ends with `<|start|>assistant`), the assistant's
+    messages of the round that ended in `call`, the tool's message with `output`, and `<|start|>assistant`, all as
+    harmony renders the conversation (which writes a call's recipient before its channel, where the model may
+    have written it after: the model is shown the history as it was trained on it)."""
+    enc, start = harmony_encoding(), _assistant_start()
+    if prompt[-len(start):] != start:
+        raise ValueError("the prompt does not end with <|start|>assistant")
+    author = Author.new(Role.TOOL, call.recipient)
+    result = Message.from_author_and_content(author, output).with_recipient("assistant").with_channel(call.channel)
+    rendered = [t for m in [*completed, result] for t in enc.render(m)]
+    return prompt[:-len(start)] + rendered + start
+
+
+@functools.cache
+def _assistant_start() -> list[int]:
+    return list(harmony_encoding().render_conversation_for_completion(Conversation.from_messages([]),
+                                                                      Role.ASSISTANT))
+
+
 # ---- completion tokens -> reasoning / content / tool calls -----------------------------------------------
 
 
@@ -185,11 +206,24 @@ class ToolCall:
 
 
 @dataclass
+class BuiltinCall:
+    """A call to a built-in tool (python, browser.search/open/find), run by ossie rather than returned."""
+
+    id: str
+    recipient: str  # "python", "browser.search", ...
+    arguments: str  # the code, or the JSON arguments
+    channel: str = "analysis"
+    output: str | None = None  # the tool's message, once run
+
+
+@dataclass
 class ChatDelta:
     """One streamed piece. kind "tool_call": `index`, then `id` and `name` on a call's first piece and
-    argument text in `text`. kind "finish" comes last and carries the whole `result`."""
+    argument text in `text`. kind "builtin_call": a whole call to a built-in tool (`id`, `name` the recipient,
+    `text` the code or arguments); "builtin_result": its output (`id`, `name`, `text`). kind "finish" comes last
+    and carries the whole `result`."""
 
-    kind: Literal["reasoning", "content", "tool_call", "finish"]
+    kind: Literal["reasoning", "content", "tool_call", "builtin_call", "builtin_result", "finish"]
     text: str = ""
     index: int | None = None
     id: str | None = None
@@ -202,6 +236,7 @@ class ChatResult:
     reasoning: str = ""
     content: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
+    builtin_calls: list[BuiltinCall] = field(default_factory=list)
     finish_reason: str = "stop"  # "stop" | "length" | "tool_calls"
     warnings: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
@@ -215,12 +250,23 @@ def _new_call_id() -> str:
 
 
 class ChatParser:
-    """Feed completion tokens one at a time; get ChatDeltas back; `finish()` closes the stream."""
+    """Feed completion tokens one at a time; get ChatDeltas back; `finish()` closes the stream.
 
-    def __init__(self, prompt_tokens: int = 0):
+    Calls to the built-in tools named in `builtin` ("python", "browser") come out as "builtin_call" deltas; when
+    one ends a round, `take_builtin_call()` returns it, `tool_result()` records what it returned, and after
+    `next_round()` the parser reads the completion that follows the tool's message. The result sums all rounds."""
+
+    def __init__(self, prompt_tokens: int = 0, builtin: Iterable[str] = ()):
         self.enc = harmony_encoding()
-        self.parser = StreamableParser(self.enc, role=Role.ASSISTANT)
+        self.builtin = frozenset(builtin)
         self.result = ChatResult(prompt_tokens=prompt_tokens)
+        self.pending: BuiltinCall | None = None
+        self.next_round()
+
+    def next_round(self) -> None:
+        """Read a new completion (after a built-in tool's message), adding to the same result."""
+        self.parser = StreamableParser(self.enc, role=Role.ASSISTANT)
+        self.pending = None
         self.n_messages = 0
         self.message_tokens: list[int] = []  # tokens of the message being parsed (for fallback text)
         self.call_pieces: list[str] = []  # argument pieces of a call not yet complete
@@ -295,12 +341,30 @@ class ChatParser:
                 and not any(self.enc.is_special_token(t) for t in tokens)
                 and not self._plain(tokens).lstrip().startswith("to="))
 
+    def take_builtin_call(self) -> BuiltinCall | None:
+        """The built-in tool call that ended this round (its <|call|> the last token), if one did."""
+        call, self.pending = self.pending, None
+        return call if call is not None and self.last_token == CALL else None
+
+    def round_messages(self) -> list[Message]:
+        """The messages this round completed (after a built-in call, the call last)."""
+        return list(self.parser.messages)
+
+    def tool_result(self, call: BuiltinCall, output: str) -> ChatDelta:
+        call.output = output
+        return ChatDelta("builtin_result", output, id=call.id, name=call.recipient)
+
     def _complete(self, message: Message) -> list[ChatDelta]:
         recipient = message.recipient
         if not recipient or recipient == "assistant":
             return []
         pieces, self.call_pieces = self.call_pieces, []
         arguments = "".join(pieces)
+        if recipient.split(".")[0] in self.builtin:
+            call = BuiltinCall(_new_call_id(), recipient, arguments, message.channel or "analysis")
+            self.result.builtin_calls.append(call)
+            self.pending = call
+            return [ChatDelta("builtin_call", arguments, id=call.id, name=recipient)]
         name = recipient.removeprefix("functions.")
         try:
             json.loads(arguments or "{}")

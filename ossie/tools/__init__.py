@@ -1,0 +1,110 @@
+"""gpt-oss's built-in tools, run by ossie: `PythonTool` (a stateful interpreter in a sandbox) and `BrowserTool`
+(search / open / find). Each object is one session an agent can use directly; `BuiltinTools` holds the sessions of
+one conversation for the chat loop (`ossie.LLM.chat(..., builtin_tools=["python", "browser"])`, the server)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .browser import Backend, BrowserError, BrowserTool, Citation, LocalBackend, SearchResult
+from .python import Limits, PythonTool, SandboxUnavailable
+
+__all__ = ["Backend", "BrowserError", "BrowserTool", "BuiltinTools", "Citation", "Limits", "LocalBackend",
+           "PythonTool", "SandboxUnavailable", "SearchResult", "ToolSettings", "make_backend"]
+
+NAMES = ("browser", "python")
+MAX_CALLS = 32  # built-in tool calls one answer may make; beyond, the model is told to answer
+
+
+def make_backend(name: str | None) -> Backend:
+    """A search backend by name: "exa", "you", "ddgs", or None for the first one whose key is set (else ddgs)."""
+    from . import browser
+
+    if name is None:
+        return browser.default_backend()
+    if name not in browser.BACKENDS:
+        raise ValueError(f"unknown search backend {name!r}; choose from {sorted(browser.BACKENDS)}")
+    return browser.BACKENDS[name]()
+
+
+@dataclass(frozen=True)
+class ToolSettings:
+    """How the tools of each conversation are made (the server's and the CLI's options)."""
+
+    python: Limits = field(default_factory=Limits)
+    dangerously_unsandboxed: bool = False
+    search_backend: str | None = None  # see make_backend
+    allow_private: bool = False  # the browser may open loopback and private addresses
+    max_calls: int = MAX_CALLS
+
+
+class BuiltinTools:
+    """The built-in tools of one conversation. `tools` are names ("python", "browser"), made on first use from
+    `settings` and closed by `close()`, or tool objects (PythonTool, BrowserTool), which stay the caller's."""
+
+    def __init__(self, tools: Iterable[str | Any], settings: ToolSettings | None = None):
+        self.settings = settings or ToolSettings()
+        self.sessions: dict[str, Any] = {}
+        self.owned: set[str] = set()
+        self.names: list[str] = []
+        for tool in tools:
+            name = tool if isinstance(tool, str) else getattr(tool, "name", None)
+            if name not in NAMES:
+                raise ValueError(f"unknown built-in tool {tool!r}; choose from {NAMES}")
+            if name in self.names:
+                raise ValueError(f"built-in tool {name!r} given twice")
+            self.names.append(name)
+            if not isinstance(tool, str):
+                self.sessions[name] = tool
+        self.calls = 0
+
+    def _session(self, name: str) -> Any:
+        if name not in self.sessions:
+            s = self.settings
+            if name == "python":
+                self.sessions[name] = PythonTool(s.python, dangerously_unsandboxed=s.dangerously_unsandboxed)
+            else:
+                self.sessions[name] = BrowserTool(make_backend(s.search_backend), allow_private=s.allow_private)
+            self.owned.add(name)
+        return self.sessions[name]
+
+    @property
+    def exhausted(self) -> bool:
+        """The model was told the limit is reached (the call after the last allowed): another call ends the
+        answer."""
+        return self.calls > self.settings.max_calls
+
+    def run(self, recipient: str, arguments: str) -> str:
+        """Run one call (`python` with code, `browser.<function>` with JSON arguments); the tool's message.
+        Failures come back as text for the model, never as exceptions."""
+        self.calls += 1
+        if self.calls > self.settings.max_calls:
+            return (f"Error: this answer has reached its limit of {self.settings.max_calls} tool calls. Answer "
+                    "with what you have.")
+        namespace, _, function = recipient.partition(".")
+        if namespace not in self.names:
+            return f"Error: there is no tool {recipient!r}"
+        try:
+            session = self._session(namespace)
+            if namespace == "python":
+                return session.run(arguments)
+            return session.call(function, arguments)
+        except (SandboxUnavailable, ValueError, RuntimeError) as e:
+            return f"Error: the {namespace} tool is unavailable: {e}"
+
+    def citations(self, text: str) -> list[Citation]:
+        browser = self.sessions.get("browser")
+        return browser.citations(text) if browser is not None else []
+
+    def close(self) -> None:
+        for name in self.owned:
+            self.sessions.pop(name).close()
+        self.owned.clear()
+
+    def __enter__(self) -> BuiltinTools:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
