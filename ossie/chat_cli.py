@@ -64,13 +64,28 @@ class Input:
 
 
 class Chat:
-    def __init__(self, llm: Any, args: argparse.Namespace, tools: list[dict] | None, options: dict[str, Any]):
+    def __init__(self, llm: Any, args: argparse.Namespace, tools: list[dict] | None, options: dict[str, Any],
+                 builtin: list[str] | None = None, tool_settings: Any = None):
         self.llm, self.tools, self.options = llm, tools, dict(options)
+        self.builtin, self.tool_settings = builtin or [], tool_settings
+        self.sessions = self._new_sessions()  # the built-in tools' state lasts the conversation
         self.show_reasoning = not args.no_reasoning
         self.system: str | None = args.system
         self.messages: list[dict] = []
         self.console = Console(highlight=False)
         self.input = Input(self.console)
+
+    def _new_sessions(self) -> Any:
+        if not self.builtin:
+            return None
+        from .tools import BuiltinTools
+
+        return BuiltinTools(self.builtin, self.tool_settings)
+
+    def _fresh_conversation(self) -> None:
+        if self.sessions is not None:
+            self.sessions.close()
+            self.sessions = self._new_sessions()
 
     def command(self, line: str) -> bool:
         """Run a slash command; False means exit. A mistake is said, and the chat goes on."""
@@ -91,6 +106,7 @@ class Chat:
             self.console.print("instructions set" if rest else "instructions cleared")
         elif cmd == "/reset":
             self.messages = []
+            self._fresh_conversation()
             self.console.print("conversation cleared")
         elif cmd == "/save":
             self.save(rest)
@@ -128,6 +144,7 @@ class Chat:
         except (OSError, ValueError, KeyError, TypeError) as e:
             return self.error(f"cannot load {path}: {getattr(e, 'strerror', None) or e}")
         self.messages, self.system = messages, saved.get("system")
+        self._fresh_conversation()
         if saved.get("reasoning_effort") in EFFORTS:
             self.options["reasoning_effort"] = saved["reasoning_effort"]
         self.tools = saved.get("tools") or self.tools
@@ -137,7 +154,8 @@ class Chat:
         """Stream one assistant turn; when it calls tools, ask for their results and continue."""
         while True:
             prefix = [{"role": "system", "content": self.system}] if self.system else []
-            stream = self.llm.chat(prefix + self.messages, tools=self.tools, stream=True, **self.options)
+            extra = {"builtin_tools": self.sessions} if self.sessions is not None else {}
+            stream = self.llm.chat(prefix + self.messages, tools=self.tools, stream=True, **self.options, **extra)
             reasoning, content, calls, result = "", "", {}, None
             section = None
             t0 = time.perf_counter()
@@ -148,16 +166,25 @@ class Chat:
                     elif d.kind == "tool_call":
                         call = calls.setdefault(d.index, {"id": d.id, "name": d.name, "arguments": ""})
                         call["arguments"] += d.text
+                    elif d.kind in ("builtin_call", "builtin_result"):
+                        if section is not None:
+                            self.console.print()
+                        title = f"▸ {d.name}" if d.kind == "builtin_call" else f"◂ {d.name}"
+                        self.console.print(title, style="dim bold", markup=False)
+                        self.console.print(d.text.rstrip("\n"), style="dim", markup=False, highlight=False)
+                        section = "tool"
                     elif d.kind == "reasoning":
                         reasoning += d.text
                         if self.show_reasoning:
+                            if section not in ("reasoning", None):
+                                self.console.print()
                             if section != "reasoning":
                                 self.console.print("Thinking...", style="dim italic")
                             self.console.print(d.text, style="dim", end="", markup=False)
                             section = "reasoning"
                     else:
                         content += d.text
-                        if section == "reasoning":
+                        if section in ("reasoning", "tool"):
                             self.console.print("\n")
                         section = "content"
                         self.console.print(d.text, end="", markup=False)
@@ -216,5 +243,11 @@ class Chat:
                 self.console.print("\n[stopped]", style="yellow", markup=False)
 
 
-def run_chat(llm: Any, args: argparse.Namespace, tools: list[dict] | None, options: dict[str, Any]) -> int:
-    return Chat(llm, args, tools, options).run()
+def run_chat(llm: Any, args: argparse.Namespace, tools: list[dict] | None, options: dict[str, Any],
+             builtin: list[str] | None = None, tool_settings: Any = None) -> int:
+    chat = Chat(llm, args, tools, options, builtin, tool_settings)
+    try:
+        return chat.run()
+    finally:
+        if chat.sessions is not None:
+            chat.sessions.close()

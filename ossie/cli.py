@@ -122,12 +122,66 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _add_chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="instructions (the harmony developer message)")
     p.add_argument("--reasoning-effort", default="medium", choices=["low", "medium", "high"])
-    p.add_argument("--tools", metavar="FILE.json", help="OpenAI function tool definitions (a JSON list)")
+    p.add_argument("--tools", metavar="FILE.json|python,browser",
+                   help="OpenAI function tool definitions (a JSON list), or built-in tools to run: python, browser "
+                        "or both (as --builtin-tools)")
+    _add_tool_args(p)
     p.add_argument("--max-tokens", type=int, default=4096, help="tokens per answer (default 4096; 0 = to the "
                                                                  "end of the context)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+
+
+def _add_tool_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--builtin-tools", metavar="python,browser", default=None,
+                   help="run gpt-oss's built-in tools when the model calls them: python (a sandboxed stateful "
+                        "interpreter), browser (web search and pages)")
+    p.add_argument("--search-backend", choices=["exa", "you", "ddgs"], default=None,
+                   help="the browser's search: exa ($EXA_API_KEY), you ($YDC_API_KEY) or ddgs (no key; pip install "
+                        "ddgs) (default: the first whose key is set, else ddgs)")
+    p.add_argument("--browser-allow-private", action="store_true",
+                   help="let the browser open loopback and private-network addresses (off: a page cannot make "
+                        "ossie read this machine's services)")
+    p.add_argument("--python-timeout", type=float, default=120.0, metavar="S",
+                   help="seconds a python tool call may run before its sandbox is killed (default 120)")
+    p.add_argument("--max-tool-calls", type=int, default=32, metavar="N",
+                   help="built-in tool calls one answer may make (default 32)")
+    p.add_argument("--dangerously-run-python-unsandboxed", action="store_true",
+                   help="run the model's python code as this user, with no sandbox, where bubblewrap cannot start "
+                        "(DANGEROUS: the model's code can read and change your files and reach the network)")
+
+
+def _builtin_tools(args: argparse.Namespace) -> tuple[list[str], Any]:
+    """The built-in tools asked for (--builtin-tools, or --tools python,browser) and their settings, checked now:
+    a sandbox that cannot start or a search backend without its key is a one-line error before loading."""
+    from .tools import NAMES, Limits, PythonTool, SandboxUnavailable, ToolSettings, make_backend
+
+    spec = args.builtin_tools
+    tools_arg = getattr(args, "tools", None)
+    if tools_arg and all(n.strip() in NAMES for n in tools_arg.split(",")):
+        spec, args.tools = ",".join(filter(None, [spec, tools_arg])), None
+    names = list(dict.fromkeys(n.strip() for n in (spec or "").split(",") if n.strip()))
+    for n in names:
+        if n not in NAMES:
+            raise SystemExit(f"error: --builtin-tools: unknown tool {n!r} (python, browser)")
+    if args.python_timeout <= 0 or args.max_tool_calls < 1:
+        raise SystemExit("error: --python-timeout and --max-tool-calls must be positive")
+    settings = ToolSettings(python=Limits(timeout_s=args.python_timeout),
+                            dangerously_unsandboxed=args.dangerously_run_python_unsandboxed,
+                            search_backend=args.search_backend, allow_private=args.browser_allow_private,
+                            max_calls=args.max_tool_calls)
+    if "python" in names:
+        try:
+            PythonTool(settings.python, dangerously_unsandboxed=settings.dangerously_unsandboxed).close()
+        except SandboxUnavailable as e:
+            raise SystemExit(f"error: {e}") from None
+    if "browser" in names:
+        try:
+            make_backend(settings.search_backend)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    return names, settings
 
 
 def _read_tools(path: str | None) -> list[dict] | None:
@@ -151,25 +205,32 @@ def _chat_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    builtin, settings = _builtin_tools(args)
     llm = load_llm(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}]
     tools = _read_tools(args.tools)
+    kwargs = dict(_chat_kwargs(args), builtin_tools=builtin, tool_settings=settings)
     if not (args.json or args.no_stream):  # the answer as it comes (the reasoning too, with --show-reasoning)
-        for d in llm.chat(messages, tools=tools, stream=True, **_chat_kwargs(args)):
+        for d in llm.chat(messages, tools=tools, stream=True, **kwargs):
             if d.kind == "content":
                 print(d.text, end="", flush=True)
             elif d.kind == "reasoning" and args.show_reasoning:
                 print(d.text, end="", file=sys.stderr, flush=True)
+            elif d.kind in ("builtin_call", "builtin_result") and args.show_reasoning:
+                label = f"[{d.name}]" if d.kind == "builtin_call" else f"[{d.name} result]"
+                print(f"\n{label}\n{d.text}", file=sys.stderr, flush=True)
             elif d.kind == "finish":
                 for c in d.result.tool_calls:
                     print(f"[tool call] {c.name}({c.arguments})")
         print()
         return 0
-    r = llm.chat(messages, tools=tools, **_chat_kwargs(args))
+    r = llm.chat(messages, tools=tools, **kwargs)
     if args.json:
         print(json.dumps({"reasoning": r.reasoning, "content": r.content,
-                          "tool_calls": [c.to_dict() for c in r.tool_calls], "finish_reason": r.finish_reason,
+                          "tool_calls": [c.to_dict() for c in r.tool_calls],
+                          "builtin_calls": [{"recipient": c.recipient, "arguments": c.arguments, "output": c.output}
+                                            for c in r.builtin_calls], "finish_reason": r.finish_reason,
                           "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
                                     "reasoning_tokens": r.reasoning_tokens}, "warnings": r.warnings}, indent=2))
     else:
@@ -184,7 +245,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .chat_cli import run_chat
 
-    return run_chat(load_llm(args), args, _read_tools(args.tools), _chat_kwargs(args))
+    builtin, settings = _builtin_tools(args)
+    return run_chat(load_llm(args), args, _read_tools(args.tools), _chat_kwargs(args), builtin, settings)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -193,6 +255,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .bench import peak_rss_gib
     from .server import OLLAMA_PORT, ServerOptions, create_app, default_model_name, run_server
 
+    builtin, settings = _builtin_tools(args)
     llm = load_llm(args)
     names = args.served_model_name or [default_model_name(llm)]
     options = ServerOptions(
@@ -200,7 +263,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_running=args.max_running, max_queued=args.max_queued,
         prefill_while_decoding=args.prefill_while_decoding, max_prompt_tokens=args.max_prompt_tokens,
         default_max_tokens=args.default_max_tokens, request_timeout_s=args.request_timeout,
-        max_body_bytes=int(args.max_body_mb * 2**20), drain_s=args.shutdown_timeout)
+        max_body_bytes=int(args.max_body_mb * 2**20), drain_s=args.shutdown_timeout,
+        builtin_tools=tuple(builtin), tool_settings=settings)
     app = create_app(llm, names, options)
     log = logging.getLogger("ossie")
     log.info("model %s (%s layout, %d layers, %d experts, %s), served as %s", llm.path, llm.layout,
@@ -317,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with an error event and other requests get 503 (default 30)")
     p.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN",
                    help="let browser apps from these origins call the server (CORS); '*' allows any")
+    _add_tool_args(p)
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -116,13 +116,18 @@ class LLM:
         """Answer a conversation. Returns a ChatResult (.reasoning, .content, .tool_calls, .finish_reason), or
         with stream=True an iterator of ChatDeltas (reasoning / content / tool_call pieces, then "finish").
 
-        builtin_tools: "python" and/or "browser" (or PythonTool / BrowserTool objects, which stay yours): declared
-        to the model as harmony declares them and run when it calls them, until it answers; each call and its
-        output is in .builtin_calls (streamed as builtin_call / builtin_result deltas). tool_settings: how the
+        builtin_tools: "python" and/or "browser" (or PythonTool / BrowserTool objects, or a BuiltinTools holding a
+        conversation's sessions across turns; objects stay yours): declared to the model as harmony declares them
+        and run when it calls them, until it answers; each call and its output is in .builtin_calls (streamed as
+        builtin_call / builtin_result deltas). tool_settings: how the
         named ones are made (sandbox limits, search backend, call limit). max_tokens=None allows the rest of the
         context window (all rounds together).
         """
-        session = BuiltinTools(builtin_tools, tool_settings) if builtin_tools else None
+        if isinstance(builtin_tools, BuiltinTools):  # a conversation's sessions, kept by the caller across turns
+            session, owned = builtin_tools, False
+            session.calls = 0  # the call limit is per answer
+        else:
+            session, owned = (BuiltinTools(builtin_tools, tool_settings) if builtin_tools else None), True
         names = session.names if session else ()
         prompt = self.render(messages, tools, reasoning_effort, builtin_tools=names, **options)
         if max_tokens is None:
@@ -130,7 +135,7 @@ class LLM:
         seq = self._sequence(prompt, SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                                     top_k=top_k, min_p=min_p, seed=seed,
                                                     stop_token_ids=list(STOP_TOKEN_IDS)))
-        deltas = self._chat_deltas(seq, session)
+        deltas = self._chat_deltas(seq, session, owned)
         if stream:
             return deltas
         for delta in deltas:
@@ -138,7 +143,8 @@ class LLM:
                 return delta.result
         raise AssertionError("the chat stream ended without a finish delta")
 
-    def _chat_deltas(self, seq: EngineSequence, tools: BuiltinTools | None) -> Iterator[harmony.ChatDelta]:
+    def _chat_deltas(self, seq: EngineSequence, tools: BuiltinTools | None,
+                     owned: bool = True) -> Iterator[harmony.ChatDelta]:
         parser = harmony.ChatParser(prompt_tokens=len(seq.prompt), builtin=tools.names if tools else ())
         loop = ToolLoop(parser, tools, seq.prompt, seq.params.max_tokens, self.config.max_context)
         cached = None
@@ -162,9 +168,12 @@ class LLM:
                     break
                 seq = EngineSequence(prompt, dataclasses.replace(seq.params, max_tokens=room))
             parser.result.cached_tokens = cached
-            yield from parser.finish(hit_length=hit_length)
+            for d in parser.finish(hit_length=hit_length):
+                if d.kind == "finish" and tools is not None:
+                    d.result.citations = tools.citations(d.result.content)
+                yield d
         finally:
-            if tools is not None:
+            if tools is not None and owned:
                 tools.close()  # the sessions this answer made (python's sandbox...): nothing outlives it
 
     def _check_context(self, n: int) -> None:

@@ -4,6 +4,7 @@ ossie in a subprocess."""
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,13 @@ def main() -> int:
         return llm
 
     cli.load_llm = load_scripted
+    pages = os.environ.get("OSSIE_TEST_PAGES")  # the browser tool searches and opens these pages, not the web
+    if pages:
+        import ossie.tools
+        from ossie.tools import LocalBackend
+
+        served = json.loads(Path(pages).read_text())
+        ossie.tools.make_backend = lambda name: LocalBackend(served)
     return cli.main(sys.argv[2:])
 
 

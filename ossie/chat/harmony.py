@@ -237,6 +237,7 @@ class ChatResult:
     content: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     builtin_calls: list[BuiltinCall] = field(default_factory=list)
+    citations: list[Any] = field(default_factory=list)  # the browser's 【cursor†Lx】 marks in content, with URLs
     finish_reason: str = "stop"  # "stop" | "length" | "tool_calls"
     warnings: list[str] = field(default_factory=list)
     prompt_tokens: int = 0

@@ -6,6 +6,7 @@ tool calls become `tool_calls` with finish_reason "tool_calls".
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -17,6 +18,8 @@ from fastapi import APIRouter, Request
 
 from ..chat import constraints, harmony
 from ..special_tokens import STOP_TOKEN_IDS
+from ..tools import BuiltinTools
+from ..tools.loop import ToolLoop
 from .protocol import (
     APIError,
     ChatChoice,
@@ -87,14 +90,14 @@ def reasoning_budget(max_tokens: int) -> int:
 async def start_chat(serving: Serving, request: Request, req: SamplingRequest, messages: list[dict],
                      tools: list[dict] | None, *, tool_choice: Any, response_format: dict | None, effort: str,
                      max_tokens: int | None, max_tokens_param: str, messages_param: str,
-                     context: int | None = None) -> Run:
-    """Render the conversation with what tool_choice and response_format demand (off the event loop when it is
-    large), and start its generation with the request's sampling, within `context` tokens if given. The *_param
-    names are what a 400 points at."""
+                     context: int | None = None, builtin: tuple[str, ...] = ()) -> Run:
+    """Render the conversation with what tool_choice and response_format demand and the built-in tools declared
+    (off the event loop when it is large), and start its generation with the request's sampling, within `context`
+    tokens if given. The *_param names are what a 400 points at."""
     serving.check_capacity()
     steering, instructions = chat_steering(tools, tool_choice, response_format)
     size = int(request.headers.get("content-length") or 0)
-    prompt = await serving.tokenizing.render(size, messages + instructions, tools, effort, messages_param)
+    prompt = await serving.tokenizing.render(size, messages + instructions, tools, effort, messages_param, builtin)
     budget = serving.budget(prompt, max_tokens, max_tokens_param, messages_param, context)
     if steering is not None:
         steering.reasoning_budget = reasoning_budget(budget)
@@ -105,38 +108,63 @@ async def start_chat(serving: Serving, request: Request, req: SamplingRequest, m
     return run
 
 
-async def chat_deltas(run: Run, stops: StopStrings) -> AsyncIterator[harmony.ChatDelta]:
-    """The parser's deltas, with the answer cut at a stop string (which ends the generation)."""
-    parser = harmony.ChatParser(prompt_tokens=run.prompt_tokens)
-    sent = ""
-    async with contextlib.aclosing(run.tokens()) as tokens:  # leaving early cancels the generation at once
-        async for tok in tokens:
-            for d in parser.feed(tok):
-                if d.kind == "content":
-                    d.text = stops.push(d.text)
-                    sent += d.text
-                    if not d.text:
-                        continue
-                yield d
-            if stops.hit:
-                break
-    tail = stops.flush()
-    if tail:
-        sent += tail
-        yield harmony.ChatDelta("content", tail)
-    parser.result.cached_tokens = run.cached_tokens
+async def chat_deltas(run: Run, stops: StopStrings, tools: BuiltinTools | None = None,
+                      context: int | None = None) -> AsyncIterator[harmony.ChatDelta]:
+    """The parser's deltas, with the answer cut at a stop string (which ends the generation). With built-in
+    `tools`, a round that ends in a call to one runs it (in a thread) and the answer goes on in a next round
+    (tool_choice and response_format steer the first round only). The tools are closed at the end."""
+    parser = harmony.ChatParser(prompt_tokens=run.prompt_tokens, builtin=tools.names if tools else ())
+    loop = ToolLoop(parser, tools, run.prompt, run.params.max_tokens, context if context is not None else 1 << 62)
     demanded = run.handle.sequence.steering is not None  # tool_choice or response_format: whole or not at all
-    for d in parser.finish(hit_length=run.finish_reason == "length", drop_partial_call=demanded):
-        if d.kind == "content":
-            d.text = stops.push(d.text) + stops.flush()
-            sent += d.text
-            if not d.text:
-                continue
-        if d.kind == "finish" and stops.stops:
-            d.result.content = sent
-            if stops.hit:
-                d.result.finish_reason = "stop"
-        yield d
+    cached = None  # the first round's (the prompt the client sent)
+    sent = ""
+    try:
+        while True:
+            async with contextlib.aclosing(run.tokens()) as tokens:  # leaving early cancels the generation at once
+                async for tok in tokens:
+                    for d in loop.feed(tok):
+                        if d.kind == "content":
+                            d.text = stops.push(d.text)
+                            sent += d.text
+                            if not d.text:
+                                continue
+                        yield d
+                    if stops.hit:
+                        break
+            cached = run.cached_tokens if cached is None else cached
+            hit_length = run.finish_reason == "length"
+            call = None if stops.hit or run.disconnected else loop.pending_call(hit_length)
+            if call is None:
+                break
+            output = await asyncio.to_thread(tools.run, call.recipient, call.arguments)
+            delta, prompt, room = loop.resume(call, output)
+            yield delta
+            if room == 0:
+                hit_length = True
+                break
+            run.resume(prompt, room)
+        tail = stops.flush()
+        if tail:
+            sent += tail
+            yield harmony.ChatDelta("content", tail)
+        parser.result.cached_tokens = cached
+        for d in parser.finish(hit_length=hit_length, drop_partial_call=demanded):
+            if d.kind == "content":
+                d.text = stops.push(d.text) + stops.flush()
+                sent += d.text
+                if not d.text:
+                    continue
+            if d.kind == "finish":
+                if stops.stops:
+                    d.result.content = sent
+                    if stops.hit:
+                        d.result.finish_reason = "stop"
+                if tools is not None:
+                    d.result.citations = tools.citations(d.result.content)
+            yield d
+    finally:
+        if tools is not None:
+            await asyncio.to_thread(tools.close)
 
 
 def chat_usage(result: harmony.ChatResult) -> Usage:
@@ -144,7 +172,8 @@ def chat_usage(result: harmony.ChatResult) -> Usage:
 
 
 async def chat_stream(run: Run, stops: StopStrings, cid: str, now: int, model_name: str,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, tools: BuiltinTools | None = None,
+                      context: int | None = None) -> AsyncIterator[str]:
     def chunk(delta: ChatDelta, finish: str | None = None) -> str:
         body = ChatCompletionChunk(id=cid, created=now, model=model_name,
                                    choices=[ChatChunkChoice(delta=delta, finish_reason=finish)])
@@ -153,7 +182,7 @@ async def chat_stream(run: Run, stops: StopStrings, cid: str, now: int, model_na
     async for comment in run.queued():
         yield comment
     yield chunk(ChatDelta(role="assistant", content=""))
-    async for d in chat_deltas(run, stops):
+    async for d in chat_deltas(run, stops, tools, context):
         if d.kind == "reasoning":
             yield chunk(ChatDelta(reasoning_content=d.text, reasoning=d.text))
         elif d.kind == "content":
@@ -163,7 +192,7 @@ async def chat_stream(run: Run, stops: StopStrings, cid: str, now: int, model_na
             yield chunk(ChatDelta(tool_calls=[ToolCallDelta(
                 index=d.index, id=d.id if first else None, type="function" if first else None,
                 function=FunctionCallDelta(name=d.name, arguments=d.text))]))
-        else:
+        elif d.kind == "finish":
             yield chunk(ChatDelta(), d.result.finish_reason)
             if include_usage:
                 yield data(ChatCompletionChunk(id=cid, created=now, model=model_name, choices=[],
@@ -172,32 +201,41 @@ async def chat_stream(run: Run, stops: StopStrings, cid: str, now: int, model_na
 
 
 def chat_message(result: harmony.ChatResult) -> ChatMessage:
+    """The answer's message; the browser's citations in its text as url_citation annotations (as OpenAI's chat
+    completions give web search citations)."""
     if result.tool_calls:
         content = result.content or None
     else:
         content = result.content
+    annotations = [{"type": "url_citation", "url_citation": {"start_index": c.start, "end_index": c.end,
+                                                             "url": c.url, "title": c.title}}
+                   for c in result.citations]
     return ChatMessage(content=content, reasoning_content=result.reasoning or None,
                        reasoning=result.reasoning or None,
-                       tool_calls=[ToolCall.of(c) for c in result.tool_calls] or None)
+                       tool_calls=[ToolCall.of(c) for c in result.tool_calls] or None, annotations=annotations or None)
 
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     serving: Serving = request.app.state.serving
     serving.check_request(req)
+    builtin = serving.options.builtin_tools  # run by the server, kept out of tool_calls
     run = await start_chat(serving, request, req, list(req.messages), req.tools, tool_choice=req.tool_choice,
-                     response_format=req.response_format, effort=req.reasoning_effort or "medium",
-                     max_tokens=req.max_completion_tokens or req.max_tokens,
-                     max_tokens_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
-                     messages_param="messages")
+                           response_format=req.response_format, effort=req.reasoning_effort or "medium",
+                           max_tokens=req.max_completion_tokens or req.max_tokens,
+                           max_tokens_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
+                           messages_param="messages", builtin=builtin)
+    tools = BuiltinTools(builtin, serving.options.tool_settings) if builtin else None
+    context = serving.config.max_context
     cid, now = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
     stops = StopStrings(req.stop)
     if req.stream:
-        return sse(chat_stream(run, stops, cid, now, req.model, req.include_usage), run)
+        return sse(chat_stream(run, stops, cid, now, req.model, req.include_usage, tools, context), run)
     result = None
     async with cancel_on_disconnect(run, request):
-        async for delta in chat_deltas(run, stops):
+        async for delta in chat_deltas(run, stops, tools, context):
             if delta.kind == "finish":
                 result = delta.result
     return ChatCompletion(id=cid, created=now, model=req.model, usage=chat_usage(result),
-                          choices=[ChatChoice(message=chat_message(result), finish_reason=result.finish_reason)])
+                          choices=[ChatChoice(message=chat_message(result),
+                                              finish_reason=result.finish_reason)])

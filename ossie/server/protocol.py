@@ -338,6 +338,7 @@ class ChatMessage(BaseModel):
     reasoning_content: str | None = None
     reasoning: str | None = None  # the same text, under the name some clients read
     tool_calls: list[ToolCall] | None = None
+    annotations: list[dict] | None = None  # url_citation, when the server's browser tool was used
 
 
 class ChatChoice(BaseModel):

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from ..chat import harmony
+from ..tools import BuiltinTools
 from .chat_completions import chat_deltas, start_chat
 from .protocol import (
     APIError,
@@ -112,6 +113,8 @@ def input_to_messages(items: str | list[dict]) -> list[dict]:
                 output = _part_text(output, f"{where}.output")
             messages.append({"role": "tool", "tool_call_id": item["call_id"],
                              "content": output if isinstance(output, str) else json.dumps(output)})
+        elif kind in ("code_interpreter_call", "web_search_call"):
+            continue  # a built-in tool's work, sent back: its results are already in the reasoning it fed
         else:
             raise APIError(400, f"{where}: input item type {kind!r} is not supported", f"{where}.type")
     return messages
@@ -132,12 +135,15 @@ def output_to_message(output: list[dict]) -> dict:
 
 
 class OutputItems:
-    """Chat deltas as Responses output items (reasoning, message, function_call) and their stream events."""
+    """Chat deltas as Responses output items (reasoning, message, function_call, code_interpreter_call,
+    web_search_call) and their stream events."""
 
-    def __init__(self) -> None:
+    def __init__(self, tools: BuiltinTools | None = None) -> None:
         self.output: list[dict] = []
         self.item: dict | None = None  # the item being streamed
         self.call_index: int | None = None
+        self.builtin_id: str | None = None  # the built-in call whose item is open
+        self.tools = tools
 
     def _events_close(self, status: str = "completed") -> Iterable[tuple[str, dict]]:
         item, self.item = self.item, None
@@ -150,8 +156,12 @@ class OutputItems:
             kind = "reasoning_text" if item["type"] == "reasoning" else "output_text"
             yield f"response.{kind}.done", {**at, "content_index": 0, "text": part["text"]}
             yield "response.content_part.done", {**at, "content_index": 0, "part": part}
-        else:
+        elif item["type"] == "function_call":
             yield "response.function_call_arguments.done", {**at, "arguments": item["arguments"]}
+        elif item["type"] == "code_interpreter_call":
+            yield "response.code_interpreter_call.completed", at
+        else:
+            yield "response.web_search_call.completed", at
         yield "response.output_item.done", {"output_index": at["output_index"], "item": item}
 
     def _open(self, item: dict) -> Iterable[tuple[str, dict]]:
@@ -192,20 +202,82 @@ class OutputItems:
                 yield "response.function_call_arguments.delta", {
                     "item_id": self.item["id"], "output_index": len(self.output) - 1, "delta": d.text}
 
+        elif d.kind == "builtin_call":
+            yield from self._builtin_call(d)
+        elif d.kind == "builtin_result" and self.item is not None and self.builtin_id == d.id:
+            if self.item["type"] == "code_interpreter_call":
+                self.item["outputs"] = [{"type": "logs", "logs": d.text}]
+            elif self.item["action"]["type"] == "open_page":
+                browser = self.tools.sessions.get("browser") if self.tools else None
+                if browser is not None and browser.pages:
+                    self.item["action"]["url"] = browser.pages[-1].url  # the page opened (a link id named it)
+            yield from self._events_close()
+
+    def _builtin_call(self, d: harmony.ChatDelta) -> Iterable[tuple[str, dict]]:
+        """A built-in tool call as OpenAI's code_interpreter_call or web_search_call item; it completes when the
+        tool's result comes."""
+        self.builtin_id = d.id
+        if d.name == "python":
+            item = {"id": "ci_" + uuid.uuid4().hex, "type": "code_interpreter_call", "status": "in_progress",
+                    "code": d.text, "container_id": "ossie_sandbox", "outputs": None}
+            yield from self._open(item)
+            at = {"item_id": item["id"], "output_index": len(self.output) - 1}
+            yield "response.code_interpreter_call.in_progress", at
+            yield "response.code_interpreter_call_code.delta", {**at, "delta": d.text}
+            yield "response.code_interpreter_call_code.done", {**at, "code": d.text}
+            yield "response.code_interpreter_call.interpreting", at
+            return
+        try:
+            args = json.loads(d.text or "{}")
+        except json.JSONDecodeError:
+            args = {}
+        args = args if isinstance(args, dict) else {}
+        function = d.name.partition(".")[2]
+        if function == "search":
+            action = {"type": "search", "query": str(args.get("query", ""))}
+        elif function == "find":
+            action = {"type": "find", "pattern": str(args.get("pattern", "")), "url": None}
+            browser = self.tools.sessions.get("browser") if self.tools else None
+            if browser is not None and browser.pages:
+                action["url"] = browser.pages[-1].url
+        else:
+            target = args.get("id")
+            action = {"type": "open_page", "url": target if isinstance(target, str) else None}
+        item = {"id": "ws_" + uuid.uuid4().hex, "type": "web_search_call", "status": "in_progress", "action": action}
+        yield from self._open(item)
+        at = {"item_id": item["id"], "output_index": len(self.output) - 1}
+        yield "response.web_search_call.in_progress", at
+        yield "response.web_search_call.searching", at
+
     def close(self, incomplete: bool = False) -> Iterable[tuple[str, dict]]:
         """The last item's closing events; `incomplete`: the token budget cut it (OpenAI marks it so)."""
         yield from self._events_close("incomplete" if incomplete else "completed")
 
 
-def function_tools(tools: list[dict] | None) -> list[dict]:
-    """Responses function tools ({"type": "function", "name", ...}) as chat completions tools."""
-    out = []
+BUILTIN_TYPES = {"code_interpreter": "python", "web_search_preview": "browser", "web_search": "browser",
+                 "web_search_preview_2025_03_11": "browser"}
+
+
+def split_tools(tools: list[dict] | None, enabled: tuple[str, ...]) -> tuple[list[dict], tuple[str, ...]]:
+    """Responses tools as (chat completions function tools, the built-in tools asked for: code_interpreter is
+    python, web_search the browser, which the server runs only if it was started with them)."""
+    functions, builtin = [], []
     for i, t in enumerate(tools or []):
-        if t.get("type") != "function":
-            raise APIError(400, f"tools[{i}]: type {t.get('type')!r} is not supported (function tools only)",
-                           f"tools[{i}].type")
-        out.append({"type": "function", "function": {k: t.get(k) for k in ("name", "description", "parameters")}})
-    return out
+        kind = t.get("type")
+        if kind in BUILTIN_TYPES:
+            name = BUILTIN_TYPES[kind]
+            if name not in enabled:
+                raise APIError(400, f"tools[{i}]: this server does not run the {kind} tool (start it with "
+                                    f"--builtin-tools {name})", f"tools[{i}].type")
+            if name not in builtin:
+                builtin.append(name)
+            continue
+        if kind != "function":
+            raise APIError(400, f"tools[{i}]: type {kind!r} is not supported (function, code_interpreter, "
+                                "web_search_preview)", f"tools[{i}].type")
+        functions.append({"type": "function",
+                          "function": {k: t.get(k) for k in ("name", "description", "parameters")}})
+    return functions, tuple(builtin)
 
 
 def chat_options(req: ResponsesRequest) -> tuple[Any, dict | None, str]:
@@ -229,15 +301,23 @@ class Answer:
     result: harmony.ChatResult
 
 
-async def collect(run: Run) -> AsyncIterator[tuple[str, dict] | Answer]:
+async def collect(run: Run, tools: BuiltinTools | None = None,
+                  context: int | None = None) -> AsyncIterator[tuple[str, dict] | Answer]:
     """The output items' stream events (kind, fields) as the answer comes, then the whole Answer."""
-    items = OutputItems()
-    async for d in chat_deltas(run, StopStrings(None)):
+    items = OutputItems(tools)
+    async for d in chat_deltas(run, StopStrings(None), tools, context):
         if d.kind == "finish":
             result = d.result
         else:
             for event in items.feed(d):
                 yield event
+    message = items.item if items.item is not None and items.item["type"] == "message" else None
+    if message is not None and result.citations:  # the browser's citations in the answer, with their URLs
+        text = message["content"][0]["text"]
+        offset = len(result.content) - len(text)  # the message item holds the answer's last stretch of content
+        message["content"][0]["annotations"] = [
+            {"type": "url_citation", "start_index": c.start - offset, "end_index": c.end - offset, "url": c.url,
+             "title": c.title} for c in result.citations if c.start >= offset]
     for event in items.close(incomplete=result.finish_reason == "length"):
         yield event
     yield Answer(items.output, result)
@@ -257,11 +337,13 @@ async def create_response(req: ResponsesRequest, request: Request):
     new_messages = input_to_messages(req.input)
     messages = ([{"role": "developer", "content": req.instructions}] if req.instructions else []) + history \
         + new_messages
-    tools = function_tools(req.tools)
+    tools, builtin = split_tools(req.tools, serving.options.builtin_tools)
     choice, response_format, effort = chat_options(req)
     run = await start_chat(serving, request, req, messages, tools, tool_choice=choice, response_format=response_format,
-                     effort=effort, max_tokens=req.max_output_tokens, max_tokens_param="max_output_tokens",
-                     messages_param="input")
+                           effort=effort, max_tokens=req.max_output_tokens, max_tokens_param="max_output_tokens",
+                           messages_param="input", builtin=builtin)
+    sessions = BuiltinTools(builtin, serving.options.tool_settings) if builtin else None
+    context = serving.config.max_context
     base = ResponseObject(
         id="resp_" + uuid.uuid4().hex, created_at=int(time.time()), model=req.model, instructions=req.instructions,
         tools=req.tools or [], tool_choice=req.tool_choice or "auto", temperature=req.temperature, top_p=req.top_p,
@@ -285,9 +367,9 @@ async def create_response(req: ResponsesRequest, request: Request):
         return body
 
     if req.stream:
-        return sse(responses_stream(run, base, finish), run)
+        return sse(responses_stream(run, base, finish, sessions, context), run)
     async with cancel_on_disconnect(run, request):
-        async for event in collect(run):
+        async for event in collect(run, sessions, context):
             answer = event
     return finish(answer)
 
@@ -300,8 +382,8 @@ async def get_response(response_id: str, request: Request) -> dict:
     return body
 
 
-async def responses_stream(run: Run, base: ResponseObject,
-                           finish: Callable[[Answer], dict]) -> AsyncIterator[str]:
+async def responses_stream(run: Run, base: ResponseObject, finish: Callable[[Answer], dict],
+                           tools: BuiltinTools | None = None, context: int | None = None) -> AsyncIterator[str]:
     seq = 0
 
     def event(kind: str, **fields: Any) -> str:
@@ -314,7 +396,7 @@ async def responses_stream(run: Run, base: ResponseObject,
     start = base.model_dump()
     yield event("response.created", response=start)
     yield event("response.in_progress", response=start)
-    async for item in collect(run):
+    async for item in collect(run, tools, context):
         if isinstance(item, Answer):
             body = finish(item)
             yield event("response.incomplete" if body["status"] == "incomplete" else "response.completed",

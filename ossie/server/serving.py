@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..engine import Engine
 from ..model.config import ModelConfig
+from ..tools import ToolSettings
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard
 from .tokenizing import Tokenizing
 
@@ -28,6 +29,8 @@ class ServerOptions:
     request_timeout_s: float | None = None  # a request generates this long at most, then ends as at max_tokens
     max_body_bytes: int = 16 * 2**20
     drain_s: float = 30.0  # on SIGTERM, how long requests in flight may finish before they are cut
+    builtin_tools: tuple[str, ...] = ()  # run by the server: "python", "browser" (chat completions declare them)
+    tool_settings: ToolSettings = field(default_factory=ToolSettings)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,19 +30,35 @@ class ServerShuttingDown(Exception):
 
 class Run:
     """One request in the engine, seen from the event loop: `async for tok in run.tokens()`; closing that iterator
-    early (a disconnect, a stop string) cancels the generation, which frees its KV cache."""
+    early (a disconnect, a stop string) cancels the generation, which frees its KV cache. An answer that runs
+    built-in tools is several generations, one after each tool's message: `resume` starts the next."""
 
     def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, steering: Steering | None,
                  timeout_s: float | None = None):
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.engine, self.timeout_s, self.started = engine, timeout_s, self.loop.time()
+        self.prompt, self.params = prompt, params
         self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" once over
         self.prompt_tokens = len(prompt)
         self.completion_tokens = 0
+        self.disconnected = False
+        self._submit(prompt, params, steering, timeout_s)
+
+    def _submit(self, prompt: list[int], params: SamplingParams, steering: Steering | None,
+                timeout_s: float | None) -> None:
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
         try:
-            self.handle = engine.submit(prompt, params, steering, self._on_event, timeout_s)
+            self.handle = self.engine.submit(prompt, params, steering, self._on_event, timeout_s)
         except ValueError as e:
             raise APIError(400, str(e)) from None
+
+    def resume(self, prompt: list[int], max_tokens: int) -> None:
+        """The next round of the answer: `prompt` (the last one, its completion and a tool's message), within what
+        is left of max_tokens and of the request's time."""
+        left = None if self.timeout_s is None else max(0.0, self.timeout_s - (self.loop.time() - self.started))
+        self.finish_reason = None
+        self.prompt, self.params = prompt, dataclasses.replace(self.params, max_tokens=max_tokens)
+        self._submit(prompt, self.params, None, left)
 
     @property
     def cached_tokens(self) -> int:
@@ -83,9 +100,11 @@ class Run:
             self.handle.cancel()  # a no-op once finished
 
     async def watch(self, request: Request) -> None:
-        """Cancel the generation when the client goes away (non-streaming requests; a stream notices by itself)."""
-        while self.finish_reason is None:
+        """Cancel the generation when the client goes away (non-streaming requests; a stream notices by itself).
+        Runs until cancelled: an answer with tool calls has several generations."""
+        while True:
             if await request.is_disconnected():
+                self.disconnected = True
                 self.handle.cancel()
                 return
             await asyncio.sleep(DISCONNECT_POLL_S)

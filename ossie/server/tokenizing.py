@@ -22,9 +22,10 @@ INLINE_BYTES = 8192  # request bodies up to this size are tokenized on the event
 TOKENIZE_TIMEOUT_S = 20.0
 
 
-def _render(messages: list[dict], tools: list[dict] | None, effort: str) -> list[int] | str:
+def _render(messages: list[dict], tools: list[dict] | None, effort: str,
+            builtin_tools: tuple[str, ...] = ()) -> list[int] | str:
     try:
-        return harmony.render(messages, tools, effort)
+        return harmony.render(messages, tools, effort, builtin_tools=builtin_tools)
     except harmony.ChatFormatError as e:
         return str(e)
 
@@ -55,9 +56,9 @@ class Tokenizing:
         self._pool: Pool | None = None
 
     async def render(self, size: int, messages: list[dict], tools: list[dict] | None, effort: str,
-                     param: str) -> list[int]:
+                     param: str, builtin_tools: tuple[str, ...] = ()) -> list[int]:
         """The harmony prompt of a conversation; `size` is the request body's length, `param` what a 400 names."""
-        return await self._run(size, param, _render, messages, tools, effort)
+        return await self._run(size, param, _render, messages, tools, effort, tuple(builtin_tools))
 
     async def encode(self, size: int, text: str, param: str) -> list[int]:
         return await self._run(size, param, _encode, text)
