@@ -164,9 +164,9 @@ def _builtin_tools(args: argparse.Namespace) -> tuple[list[str], Any]:
     names = list(dict.fromkeys(n.strip() for n in (spec or "").split(",") if n.strip()))
     for n in names:
         if n not in NAMES:
-            raise SystemExit(f"error: --builtin-tools: unknown tool {n!r} (python, browser)")
+            raise ValueError(f"--builtin-tools: unknown tool {n!r} (python, browser)")
     if args.python_timeout <= 0 or args.max_tool_calls < 1:
-        raise SystemExit("error: --python-timeout and --max-tool-calls must be positive")
+        raise ValueError("--python-timeout and --max-tool-calls must be positive")
     settings = ToolSettings(python=Limits(timeout_s=args.python_timeout),
                             dangerously_unsandboxed=args.dangerously_run_python_unsandboxed,
                             search_backend=args.search_backend, allow_private=args.browser_allow_private,
@@ -175,12 +175,12 @@ def _builtin_tools(args: argparse.Namespace) -> tuple[list[str], Any]:
         try:
             PythonTool(settings.python, dangerously_unsandboxed=settings.dangerously_unsandboxed).close()
         except SandboxUnavailable as e:
-            raise SystemExit(f"error: {e}") from None
+            raise ValueError(str(e)) from None
     if "browser" in names:
         try:
             make_backend(settings.search_backend)
         except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
+            raise ValueError(str(e)) from None
     return names, settings
 
 
@@ -190,11 +190,11 @@ def _read_tools(path: str | None) -> list[dict] | None:
     try:
         tools = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"error: --tools {path}: {e}") from None
+        raise ValueError(f"--tools {path}: {e}") from None
     if isinstance(tools, dict) and "tools" in tools:
         tools = tools["tools"]
     if not isinstance(tools, list):
-        raise SystemExit(f"error: --tools {path}: expected a JSON list of function tools")
+        raise ValueError(f"--tools {path}: expected a JSON list of function tools")
     return tools
 
 

@@ -219,3 +219,49 @@ def test_generate_streams_what_no_stream_prints_at_once(tiny_repo):
     whole = subprocess.run([*base, "--no-stream"], capture_output=True, text=True, timeout=300)
     assert streamed.returncode == whole.returncode == 0, (streamed.stderr, whole.stderr)
     assert streamed.stdout == whole.stdout and streamed.stdout.strip()
+
+
+TOOL_SCRIPT = [
+    {"match": "set x", "completion": "<|channel|>analysis to=python code<|message|>x = 6 * 7<|call|>"},
+    {"match": "<|start|>python to=assistant<|channel|>analysis<|message|><|end|>",
+     "completion": "<|channel|>final<|message|>x is set<|return|>"},
+    {"match": "show x", "completion": "<|channel|>analysis to=python code<|message|>x<|call|>"},
+    {"match": "<|message|>42\n<|end|>", "completion": "<|channel|>final<|message|>x is 42<|return|>"},
+    {"match": "NameError", "completion": "<|channel|>final<|message|>x is gone<|return|>"},
+]
+
+
+def test_chat_cli_runs_python_and_keeps_its_state_for_the_conversation(tiny_repo, tmp_path):
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps(TOOL_SCRIPT))
+    child = spawn_chat(tiny_repo, "--tools", "python", script=script)
+    child.sendline("set x")
+    child.expect("▸ python")
+    child.expect("x = 6 \\* 7")
+    child.expect("◂ python")
+    child.expect("x is set")
+    child.expect(">>> ")
+    child.sendline("show x")  # the next turn: the same interpreter
+    child.expect("◂ python")
+    child.expect("42")
+    child.expect("x is 42")
+    child.expect(">>> ")
+    child.sendline("/reset")  # a new conversation: a fresh interpreter
+    child.expect("conversation cleared")
+    child.sendline("show x")
+    child.expect("NameError")
+    child.expect("x is gone")
+    child.expect(">>> ")
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+
+
+def test_tool_options_fail_in_one_line(tiny_repo):
+    for args, message in ((["--builtin-tools", "shell"], "error: --builtin-tools: unknown tool 'shell'"),
+                          (["--tools", "python", "--python-timeout", "0"], "must be positive"),
+                          (["--builtin-tools", "browser", "--search-backend", "exa"], "EXA_API_KEY")):
+        p = subprocess.run([sys.executable, "-m", "ossie", "generate", str(tiny_repo), "--prompt", "hi", *args],
+                           capture_output=True, text=True, timeout=300,
+                           env={k: v for k, v in __import__("os").environ.items() if k != "EXA_API_KEY"})
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1

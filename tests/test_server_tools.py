@@ -159,3 +159,12 @@ def test_a_server_without_builtin_tools_refuses_them(scripted):
     assert r.status_code == 400
     error = r.json()["error"]
     assert "--builtin-tools python" in error["message"] and error["param"] == "tools[0].type"
+
+
+def test_ollama_chat_runs_them_too(tool_server):
+    import ollama
+
+    reply = ollama.Client(host=tool_server.url).chat(model=MODEL, think="low",
+                                                     messages=[{"role": "user", "content": "run some python"}])
+    assert reply.message.content == f"It is {BIG}." and not reply.message.tool_calls
+    assert reply.message.thinking == "Let me compute."

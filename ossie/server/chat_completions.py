@@ -104,17 +104,20 @@ async def start_chat(serving: Serving, request: Request, req: SamplingRequest, m
         steering.budget = budget  # a demanded JSON object is closed in time to fit
     run = Run(serving.engine, prompt, req.to_sampling_params(budget, list(STOP_TOKEN_IDS)), steering,
               serving.options.request_timeout_s)
+    run.context = min(context or serving.config.max_context, serving.config.max_context)
+    if builtin:
+        run.tools = BuiltinTools(builtin, serving.options.tool_settings)
     request.state.run = run  # for the access log
     return run
 
 
-async def chat_deltas(run: Run, stops: StopStrings, tools: BuiltinTools | None = None,
-                      context: int | None = None) -> AsyncIterator[harmony.ChatDelta]:
+async def chat_deltas(run: Run, stops: StopStrings) -> AsyncIterator[harmony.ChatDelta]:
     """The parser's deltas, with the answer cut at a stop string (which ends the generation). With built-in
-    `tools`, a round that ends in a call to one runs it (in a thread) and the answer goes on in a next round
+    tools, a round that ends in a call to one runs it (in a thread) and the answer goes on in a next round
     (tool_choice and response_format steer the first round only). The tools are closed at the end."""
+    tools = run.tools
     parser = harmony.ChatParser(prompt_tokens=run.prompt_tokens, builtin=tools.names if tools else ())
-    loop = ToolLoop(parser, tools, run.prompt, run.params.max_tokens, context if context is not None else 1 << 62)
+    loop = ToolLoop(parser, tools, run.prompt, run.params.max_tokens, run.context)
     demanded = run.handle.sequence.steering is not None  # tool_choice or response_format: whole or not at all
     cached = None  # the first round's (the prompt the client sent)
     sent = ""
@@ -172,8 +175,7 @@ def chat_usage(result: harmony.ChatResult) -> Usage:
 
 
 async def chat_stream(run: Run, stops: StopStrings, cid: str, now: int, model_name: str,
-                      include_usage: bool, tools: BuiltinTools | None = None,
-                      context: int | None = None) -> AsyncIterator[str]:
+                      include_usage: bool) -> AsyncIterator[str]:
     def chunk(delta: ChatDelta, finish: str | None = None) -> str:
         body = ChatCompletionChunk(id=cid, created=now, model=model_name,
                                    choices=[ChatChunkChoice(delta=delta, finish_reason=finish)])
@@ -182,7 +184,7 @@ async def chat_stream(run: Run, stops: StopStrings, cid: str, now: int, model_na
     async for comment in run.queued():
         yield comment
     yield chunk(ChatDelta(role="assistant", content=""))
-    async for d in chat_deltas(run, stops, tools, context):
+    async for d in chat_deltas(run, stops):
         if d.kind == "reasoning":
             yield chunk(ChatDelta(reasoning_content=d.text, reasoning=d.text))
         elif d.kind == "content":
@@ -225,15 +227,13 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
                            max_tokens=req.max_completion_tokens or req.max_tokens,
                            max_tokens_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
                            messages_param="messages", builtin=builtin)
-    tools = BuiltinTools(builtin, serving.options.tool_settings) if builtin else None
-    context = serving.config.max_context
     cid, now = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
     stops = StopStrings(req.stop)
     if req.stream:
-        return sse(chat_stream(run, stops, cid, now, req.model, req.include_usage, tools, context), run)
+        return sse(chat_stream(run, stops, cid, now, req.model, req.include_usage), run)
     result = None
     async with cancel_on_disconnect(run, request):
-        async for delta in chat_deltas(run, stops, tools, context):
+        async for delta in chat_deltas(run, stops):
             if delta.kind == "finish":
                 result = delta.result
     return ChatCompletion(id=cid, created=now, model=req.model, usage=chat_usage(result),

@@ -302,7 +302,8 @@ async def _start(serving: Serving, request: Request, req: _OllamaRequest, messag
     run = await start_chat(serving, request, sampling, messages, tools, tool_choice=None,
                            response_format=_response_format(req.format), effort=effort, max_tokens=max_tokens,
                            max_tokens_param="options.num_predict", messages_param="messages",
-                           context=req.options.num_ctx if req.options else None)
+                           context=req.options.num_ctx if req.options else None,
+                           builtin=serving.options.builtin_tools)
     return run, stops, show_thinking
 
 

@@ -301,11 +301,10 @@ class Answer:
     result: harmony.ChatResult
 
 
-async def collect(run: Run, tools: BuiltinTools | None = None,
-                  context: int | None = None) -> AsyncIterator[tuple[str, dict] | Answer]:
+async def collect(run: Run) -> AsyncIterator[tuple[str, dict] | Answer]:
     """The output items' stream events (kind, fields) as the answer comes, then the whole Answer."""
-    items = OutputItems(tools)
-    async for d in chat_deltas(run, StopStrings(None), tools, context):
+    items = OutputItems(run.tools)
+    async for d in chat_deltas(run, StopStrings(None)):
         if d.kind == "finish":
             result = d.result
         else:
@@ -342,8 +341,6 @@ async def create_response(req: ResponsesRequest, request: Request):
     run = await start_chat(serving, request, req, messages, tools, tool_choice=choice, response_format=response_format,
                            effort=effort, max_tokens=req.max_output_tokens, max_tokens_param="max_output_tokens",
                            messages_param="input", builtin=builtin)
-    sessions = BuiltinTools(builtin, serving.options.tool_settings) if builtin else None
-    context = serving.config.max_context
     base = ResponseObject(
         id="resp_" + uuid.uuid4().hex, created_at=int(time.time()), model=req.model, instructions=req.instructions,
         tools=req.tools or [], tool_choice=req.tool_choice or "auto", temperature=req.temperature, top_p=req.top_p,
@@ -367,9 +364,9 @@ async def create_response(req: ResponsesRequest, request: Request):
         return body
 
     if req.stream:
-        return sse(responses_stream(run, base, finish, sessions, context), run)
+        return sse(responses_stream(run, base, finish), run)
     async with cancel_on_disconnect(run, request):
-        async for event in collect(run, sessions, context):
+        async for event in collect(run):
             answer = event
     return finish(answer)
 
@@ -382,8 +379,8 @@ async def get_response(response_id: str, request: Request) -> dict:
     return body
 
 
-async def responses_stream(run: Run, base: ResponseObject, finish: Callable[[Answer], dict],
-                           tools: BuiltinTools | None = None, context: int | None = None) -> AsyncIterator[str]:
+async def responses_stream(run: Run, base: ResponseObject,
+                           finish: Callable[[Answer], dict]) -> AsyncIterator[str]:
     seq = 0
 
     def event(kind: str, **fields: Any) -> str:
@@ -396,7 +393,7 @@ async def responses_stream(run: Run, base: ResponseObject, finish: Callable[[Ans
     start = base.model_dump()
     yield event("response.created", response=start)
     yield event("response.in_progress", response=start)
-    async for item in collect(run, tools, context):
+    async for item in collect(run):
         if isinstance(item, Answer):
             body = finish(item)
             yield event("response.incomplete" if body["status"] == "incomplete" else "response.completed",

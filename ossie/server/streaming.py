@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from ..chat.constraints import Steering
 from ..engine import Cancelled, Engine, Event, Failed, Finished, SamplingParams, Token
 from ..engine.sequence import Status
+from ..tools import BuiltinTools
 from .protocol import APIError
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
@@ -42,6 +43,8 @@ class Run:
         self.prompt_tokens = len(prompt)
         self.completion_tokens = 0
         self.disconnected = False
+        self.tools: BuiltinTools | None = None  # the built-in tools this answer runs (start_chat sets them)
+        self.context = 1 << 62  # the answer's rounds together stay within it (start_chat sets it)
         self._submit(prompt, params, steering, timeout_s)
 
     def _submit(self, prompt: list[int], params: SamplingParams, steering: Steering | None,
