@@ -364,3 +364,37 @@ def test_llm_chat_declares_what_harmony_declares(tiny_llm):
     assert system.tools["browser"] and system.tools["python"]
     text = harmony_encoding().decode(ours)
     assert "namespace browser {" in text and "## python" in text
+
+
+def test_search_backends_read_their_apis_answers(monkeypatch):
+    """Exa's and You.com's answers (their documented shapes, served here by a fake httpx) as search results."""
+    import httpx
+
+    from ossie.tools import browser
+
+    seen = []
+
+    def fake(method):
+        def call(url, **kw):
+            seen.append((method, url, kw.get("headers"), kw.get("json") or kw.get("params")))
+            if "exa" in url:
+                body = {"results": [{"title": "Exa hit", "url": "https://a.example/", "text": "about a"}]}
+            else:
+                body = {"results": {"web": [{"title": "You hit", "url": "https://b.example/",
+                                             "snippets": ["about", "b"]}], "news": []}}
+            return httpx.Response(200, json=body, request=httpx.Request(method, url))
+        return call
+
+    monkeypatch.setattr(httpx, "post", fake("POST"))
+    monkeypatch.setattr(httpx, "get", fake("GET"))
+    monkeypatch.setenv("EXA_API_KEY", "k1")
+    assert browser.ExaBackend().search("q", 3) == [browser.SearchResult("Exa hit", "https://a.example/", "about a")]
+    assert seen[-1] == ("POST", "https://api.exa.ai/search", {"x-api-key": "k1"},
+                        {"query": "q", "numResults": 3, "contents": {"text": {"maxCharacters": 400}}})
+    assert browser.YouComBackend("k2").search("q", 2) == [
+        browser.SearchResult("You hit", "https://b.example/", "about b")]
+    assert seen[-1][:3] == ("GET", "https://api.ydc-index.io/v1/search", {"X-API-Key": "k2"})
+    monkeypatch.delenv("EXA_API_KEY")
+    monkeypatch.delenv("YDC_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="EXA_API_KEY"):
+        browser.ExaBackend()
