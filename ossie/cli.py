@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -53,9 +55,22 @@ def load_llm(args: argparse.Namespace):
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from .model.checkpoint import download, repo_id
+    from .model.checkpoint import download, partial_downloads, repo_id
 
-    path = download(repo_id(args.model), args.layout)
+    repo, started = repo_id(args.model), time.time()
+
+    def interrupted(*_: Any) -> None:
+        # Ctrl-C: leave at once (a KeyboardInterrupt would wait for huggingface_hub's download threads, which
+        # hold the exit until their sockets time out), deleting this pull's partial files: huggingface_hub
+        # writes each download to a file of its own process, which a later pull would not take up.
+        for f in partial_downloads(repo, since=started):
+            f.unlink(missing_ok=True)
+        print("\ninterrupted: run `ossie pull` again to finish (files already complete are kept)", file=sys.stderr,
+              flush=True)
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, interrupted)
+    path = download(repo, args.layout, verify=True)
     print(f"{args.model}: {path}")
     return 0
 

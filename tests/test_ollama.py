@@ -23,7 +23,14 @@ def test_models_are_listed_shown_and_pulled(server):
     (running,) = c.ps().models
     assert running.model == MODEL and running.context_length == 131072 and running.size > 0
     assert c.pull(MODEL).status == "success"
-    assert [p.status for p in c.pull(MODEL + ":latest", stream=True)][-1] == "success"
+    progress = list(c.pull(MODEL + ":latest", stream=True))
+    assert progress[0].status == "pulling manifest" and progress[-1].status == "success"
+    layers = [p for p in progress if p.total]
+    assert layers and all(p.completed == p.total for p in layers)
+    assert any(p.status == "pulling config.json" for p in layers)
+    with pytest.raises(ollama.ResponseError) as e:
+        c.pull("gpt-oss:120b")  # another model: ossie serves one, and says how to serve that one
+    assert e.value.status_code == 404 and "ossie serve gpt-oss:120b" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
         c.show("llama3:8b")
     assert e.value.status_code == 404 and "not found" in e.value.error

@@ -6,8 +6,10 @@ in place, never copied, so resident memory stays close to the checkpoint's size.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,15 +194,16 @@ def layout_files(layout: str | None) -> list[str]:
     return _ORIGINAL_FILES if layout == "original" else _HF_FILES
 
 
-def download(repo: str, layout: str | None = None) -> Path:
-    """Fetch a repo's files of one layout into the Hugging Face cache (huggingface_hub resumes an interrupted
-    download and checks what it fetched); the snapshot folder."""
+def download(repo: str, layout: str | None = None, verify: bool = False) -> Path:
+    """Fetch a repo's files of one layout into the Hugging Face cache (huggingface_hub shows progress, resumes an
+    interrupted download and checks each file's size); with `verify`, each file's content is then checked against
+    the hash the Hub gave it (verify_snapshot). The snapshot folder."""
     from huggingface_hub import snapshot_download
 
     patterns = layout_files(layout)
     log.info("downloading %s (%s layout) from the Hugging Face Hub", repo, layout or "hf")
     try:
-        return Path(snapshot_download(repo, allow_patterns=patterns))
+        path = Path(snapshot_download(repo, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated, disk full...
         raise ModelNotFoundError(
             f"could not fetch {repo!r} from the Hugging Face Hub ({type(e).__name__}: {e}).\n"
@@ -209,6 +212,48 @@ def download(repo: str, layout: str | None = None) -> Path:
             f"copy the folder here and pass its path as MODEL, or try ossie with a synthetic checkpoint:\n"
             f"  ossie synth ./gpt-oss-synth --preset 20b"
         ) from None
+    if verify:
+        verify_snapshot(path)
+    return path
+
+
+def partial_downloads(repo: str, since: float = 0.0) -> list[Path]:
+    """The unfinished download files of a repo in the Hugging Face cache, changed since `since` (a time)."""
+    from huggingface_hub import constants
+
+    blobs = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--")) / "blobs"
+    return [f for f in blobs.glob("*.incomplete") if f.stat().st_mtime >= since] if blobs.is_dir() else []
+
+
+def _content_hash(path: Path, kind: str, size: int, bar: tqdm) -> str:
+    h = hashlib.sha256() if kind == "sha256" else hashlib.sha1(b"blob %d\0" % size)  # git's blob id
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def verify_snapshot(snapshot: Path, progress: bool = True) -> None:
+    """Check every file of a Hugging Face cache snapshot against its blob's name, which is the hash the Hub gave
+    it: the SHA-256 of a large (LFS) file, the git blob id of a small one. A file that does not match is deleted
+    (the next pull fetches it again) and named in a CheckpointError."""
+    files = [(f, Path(os.path.realpath(f))) for f in sorted(snapshot.rglob("*")) if f.is_symlink() and f.is_file()]
+    total = sum(blob.stat().st_size for _, blob in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verifying", disable=not progress) as bar:
+        for link, blob in files:
+            expected = blob.name
+            kind = "sha256" if re.fullmatch(r"[0-9a-f]{64}", expected) else "git" if re.fullmatch(
+                r"[0-9a-f]{40}", expected) else None
+            if kind is None:  # not a hash-named blob: nothing to check it against
+                bar.update(blob.stat().st_size)
+                continue
+            if _content_hash(blob, kind, blob.stat().st_size, bar) != expected:
+                blob.unlink()
+                link.unlink()
+                raise CheckpointError(f"{link.relative_to(snapshot)}: the downloaded file is corrupted (its "
+                                      f"{'SHA-256' if kind == 'sha256' else 'git hash'} is not {expected}); it was "
+                                      "deleted: pull again to fetch it anew")
 
 
 def _kind_of_config(path: Path) -> str | None:

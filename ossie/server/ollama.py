@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -173,13 +174,37 @@ async def show(req: OllamaModelRequest, request: Request) -> dict:
 
 @router.post("/api/pull")
 async def pull(req: OllamaModelRequest, request: Request):
-    """A model already here answers success at once. ossie serves the one model it was started with."""
+    """The served model is here: its files reported as pulled layers (Ollama's progress objects), then success.
+    ossie serves the one model it was started with; another name gets an error that says how to serve it."""
     serving: Serving = request.app.state.serving
-    resolve(serving, req.which)
+    try:
+        resolve(serving, req.which)
+    except APIError:
+        raise APIError(404, f'pull model manifest: this server serves only {serving.names[0]}; to serve '
+                            f'"{req.which}", run `ossie pull {req.which}` and then `ossie serve {req.which}`',
+                       "model", "model_not_found") from None
     if not req.stream:
         return {"status": "success"}
-    events = [{"status": "pulling manifest"}, {"status": "success"}]
+    events = [{"status": "pulling manifest"}, *_layers(serving), {"status": "verifying sha256 digest"},
+              {"status": "writing manifest"}, {"status": "success"}]
     return StreamingResponse(iter(json.dumps(e) + "\n" for e in events), media_type="application/x-ndjson")
+
+
+def _layers(serving: Serving) -> list[dict]:
+    """Each file of the served checkpoint as a pulled layer: its size, and its digest where the Hugging Face cache
+    names its blob by SHA-256 (no file is hashed again for this)."""
+    folder = serving.model_path
+    if folder is None:
+        return []
+    out = []
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        blob = os.path.basename(os.path.realpath(f))
+        size = f.stat().st_size
+        event = {"status": f"pulling {f.name}", "total": size, "completed": size}
+        if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob):
+            event = {**event, "status": f"pulling {blob[:12]}", "digest": f"sha256:{blob}"}
+        out.append(event)
+    return out
 
 
 # ---- generation ---------------------------------------------------------------------------------------------------
