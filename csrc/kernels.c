@@ -668,9 +668,33 @@ __attribute__((target(AVX512BF16))) static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(y, n);
 }
 
+/* r[i] = row i of a 16 x 16 matrix of 32-bit words; afterwards r[j] = its column j. Three rounds of unpacks within
+ * 128-bit lanes, then 128-bit lanes exchanged: 64 shuffles. */
+__attribute__((target(AVX512BF16))) static inline void transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);      /* per lane: r_i[0] r_i+1[0] r_i[1] r_i+1[1] */
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);  /* r_i[2] r_i+1[2] r_i[3] r_i+1[3] */
+    }
+    for (int i = 0; i < 16; i += 4) {  /* u[i + k], lane L: rows i..i+3 of column 4L + k */
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        __m512i v = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x44), w = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xEE);
+        __m512i v2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x44), w2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xEE);
+        r[k] = _mm512_shuffle_i32x4(v, v2, 0x88);
+        r[4 + k] = _mm512_shuffle_i32x4(v, v2, 0xDD);
+        r[8 + k] = _mm512_shuffle_i32x4(w, w2, 0x88);
+        r[12 + k] = _mm512_shuffle_i32x4(w, w2, 0xDD);
+    }
+}
+
 /* Four query heads h0..h0+3 of one KV head (gpt-oss has 8 per KV head), head_dim 64, on AVX-512, over key rows
- * [lo, hi): the keys go 16 at a time, one per lane (gathered from the cache rows), so each score is a lane of a
- * vector sum, with no horizontal adds; each key and value row is read once for the four heads. q: the four heads'
+ * [lo, hi): the keys go 16 at a time, one per lane (bf16 rows transposed in registers; float32 ones gathered), so
+ * each score is a lane of a vector sum, with no horizontal adds; each key and value row is read once for the four heads. q: the four heads'
  * queries, out: their outputs, w: room for 4 * (hi - lo + 16) floats. */
 __attribute__((target(AVX512BF16))) static void attn_quad(const attn_job_t *a, const float *q, float *out, int64_t h0,
                                                            int64_t lo, int64_t hi, float *w) {
@@ -689,21 +713,39 @@ __attribute__((target(AVX512BF16))) static void attn_quad(const attn_job_t *a, c
                                             _mm512_set1_epi32((int)(kvh * 64)));  /* element index of k[s][kvh][0] */
             __m512 even[4], odd[4];
             for (int g = 0; g < 4; g++) even[g] = odd[g] = _mm512_setzero_ps();
-            for (int d = 0; d < 64; d += 2) {
-                __m512 k0, k1;
-                if (a->bf16) {  /* dims d, d+1 of a bf16 row share a 32-bit word */
-                    __m512i pair = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid,
-                        _mm512_srli_epi32(_mm512_add_epi32(base, _mm512_set1_epi32(d)), 1), a->k, 4);
-                    k0 = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-                    k1 = _mm512_castsi512_ps(_mm512_and_si512(pair, hi16));
-                } else {
-                    __m512i idx = _mm512_add_epi32(base, _mm512_set1_epi32(d));
-                    k0 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, a->k, 4);
-                    k1 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, _mm512_add_epi32(idx, _mm512_set1_epi32(1)), a->k, 4);
+            if (a->bf16) {
+                /* dims d, d+1 of a bf16 row share a 32-bit word: the 16 keys' rows are read whole, half a row (16
+                 * words) at a time, and transposed in registers so that vector p holds word p of each key, where
+                 * gathering them lane by lane cost several times more. Rows past the last key repeat it (their
+                 * lanes are masked out below). */
+                const uint16_t *kb = (const uint16_t *)a->k + kvh * 64;
+                for (int half = 0; half < 2; half++) {
+                    __m512i w16[16];
+                    for (int i = 0; i < 16; i++) {
+                        int64_t s = lo + s0 + (s0 + i < S ? i : S - 1 - s0);
+                        w16[i] = _mm512_loadu_si512((const void *)(kb + s * row + 32 * half));
+                    }
+                    transpose16(w16);
+                    for (int p = 0; p < 16; p++) {
+                        int d = 32 * half + 2 * p;
+                        __m512 k0 = _mm512_castsi512_ps(_mm512_slli_epi32(w16[p], 16));
+                        __m512 k1 = _mm512_castsi512_ps(_mm512_and_si512(w16[p], hi16));
+                        for (int g = 0; g < 4; g++) {
+                            even[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * 64 + d]), k0, even[g]);
+                            odd[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * 64 + d + 1]), k1, odd[g]);
+                        }
+                    }
                 }
-                for (int g = 0; g < 4; g++) {
-                    even[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * 64 + d]), k0, even[g]);
-                    odd[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * 64 + d + 1]), k1, odd[g]);
+            } else {
+                for (int d = 0; d < 64; d += 2) {
+                    __m512i idx = _mm512_add_epi32(base, _mm512_set1_epi32(d));
+                    __m512 k0 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, a->k, 4);
+                    __m512 k1 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid,
+                                                         _mm512_add_epi32(idx, _mm512_set1_epi32(1)), a->k, 4);
+                    for (int g = 0; g < 4; g++) {
+                        even[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * 64 + d]), k0, even[g]);
+                        odd[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * 64 + d + 1]), k1, odd[g]);
+                    }
                 }
             }
             for (int g = 0; g < 4; g++) {
