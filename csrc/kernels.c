@@ -693,100 +693,126 @@ __attribute__((target(AVX512BF16))) static inline void transpose16(__m512i r[16]
 }
 
 /* Four query heads h0..h0+3 of one KV head (gpt-oss has 8 per KV head), head_dim 64, on AVX-512, over key rows
- * [lo, hi): the keys go 16 at a time, one per lane (bf16 rows transposed in registers; float32 ones gathered), so
- * each score is a lane of a vector sum, with no horizontal adds; each key and value row is read once for the four heads. q: the four heads'
- * queries, out: their outputs, w: room for 4 * (hi - lo + 16) floats. */
-__attribute__((target(AVX512BF16))) static void attn_quad(const attn_job_t *a, const float *q, float *out, int64_t h0,
-                                                           int64_t lo, int64_t hi, float *w) {
-    int64_t G = a->H / a->KV, S = hi - lo, row = a->KV * 64;
+ * [lo, lo + S): the keys go 16 at a time, one per lane (bf16 rows transposed in registers; float32 ones gathered),
+ * so each score is a lane of a vector sum, with no horizontal adds; each key and value row is read once for the
+ * four heads. Three phases, each over a range of the keys, so that a caller may interleave the quads of one KV
+ * head block by block (the rows a block read for one quad are still in cache for the next): the sums are the same
+ * whichever way the ranges are cut, as long as they are cut at multiples of 16.
+ * q: the four heads' queries; w: the scores, head g's key s at w[g * (S + 16) + s]; m: the running maxima. */
+__attribute__((target(AVX512BF16))) static void quad_scores(const attn_job_t *a, const float *q, int64_t h0, int64_t lo,
+                                                             int64_t S, int64_t s_begin, int64_t s_end, float *w,
+                                                             float *m) {
+    int64_t G = a->H / a->KV, row = a->KV * 64, kvh = h0 / G;
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i hi16 = _mm512_set1_epi32((int)0xffff0000);
-    int64_t kvh = h0 / G;
-    {
-        float m[4], total[4];
-        for (int g = 0; g < 4; g++) m[g] = a->sinks[h0 + g];
-        /* scores: lane i of acc[g] is q[g] . k[s0 + i]; two chains per head (even and odd dims) */
-        for (int64_t s0 = 0; s0 < S; s0 += 16) {
-            __mmask16 valid = S - s0 >= 16 ? 0xffff : (__mmask16)((1u << (S - s0)) - 1);
-            __m512i base = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32((int)(lo + s0))),
-                                                               _mm512_set1_epi32((int)row)),
-                                            _mm512_set1_epi32((int)(kvh * 64)));  /* element index of k[s][kvh][0] */
-            __m512 even[4], odd[4];
-            for (int g = 0; g < 4; g++) even[g] = odd[g] = _mm512_setzero_ps();
-            if (a->bf16) {
-                /* dims d, d+1 of a bf16 row share a 32-bit word: the 16 keys' rows are read whole, half a row (16
-                 * words) at a time, and transposed in registers so that vector p holds word p of each key, where
-                 * gathering them lane by lane cost several times more. Rows past the last key repeat it (their
-                 * lanes are masked out below). */
-                const uint16_t *kb = (const uint16_t *)a->k + kvh * 64;
-                for (int half = 0; half < 2; half++) {
-                    __m512i w16[16];
-                    for (int i = 0; i < 16; i++) {
-                        int64_t s = lo + s0 + (s0 + i < S ? i : S - 1 - s0);
-                        w16[i] = _mm512_loadu_si512((const void *)(kb + s * row + 32 * half));
-                    }
-                    transpose16(w16);
-                    for (int p = 0; p < 16; p++) {
-                        int d = 32 * half + 2 * p;
-                        __m512 k0 = _mm512_castsi512_ps(_mm512_slli_epi32(w16[p], 16));
-                        __m512 k1 = _mm512_castsi512_ps(_mm512_and_si512(w16[p], hi16));
-                        for (int g = 0; g < 4; g++) {
-                            even[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * 64 + d]), k0, even[g]);
-                            odd[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * 64 + d + 1]), k1, odd[g]);
-                        }
-                    }
+    /* lane i of even[g] + odd[g] is q[g] . k[s0 + i]; two chains per head (even and odd dims) */
+    for (int64_t s0 = s_begin; s0 < s_end; s0 += 16) {
+        __mmask16 valid = S - s0 >= 16 ? 0xffff : (__mmask16)((1u << (S - s0)) - 1);
+        __m512 even[4], odd[4];
+        for (int g = 0; g < 4; g++) even[g] = odd[g] = _mm512_setzero_ps();
+        if (a->bf16) {
+            /* dims d, d+1 of a bf16 row share a 32-bit word: the 16 keys' rows are read whole, half a row (16 words)
+             * at a time, and transposed in registers so that vector p holds word p of each key, where gathering them
+             * lane by lane cost several times more. Rows past the last key repeat it (their lanes are masked out). */
+            const uint16_t *kb = (const uint16_t *)a->k + kvh * 64;
+            for (int half = 0; half < 2; half++) {
+                __m512i w16[16];
+                for (int i = 0; i < 16; i++) {
+                    int64_t s = lo + s0 + (s0 + i < S ? i : S - 1 - s0);
+                    w16[i] = _mm512_loadu_si512((const void *)(kb + s * row + 32 * half));
                 }
-            } else {
-                for (int d = 0; d < 64; d += 2) {
-                    __m512i idx = _mm512_add_epi32(base, _mm512_set1_epi32(d));
-                    __m512 k0 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, a->k, 4);
-                    __m512 k1 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid,
-                                                         _mm512_add_epi32(idx, _mm512_set1_epi32(1)), a->k, 4);
+                transpose16(w16);
+                for (int p = 0; p < 16; p++) {
+                    int d = 32 * half + 2 * p;
+                    __m512 k0 = _mm512_castsi512_ps(_mm512_slli_epi32(w16[p], 16));
+                    __m512 k1 = _mm512_castsi512_ps(_mm512_and_si512(w16[p], hi16));
                     for (int g = 0; g < 4; g++) {
                         even[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * 64 + d]), k0, even[g]);
                         odd[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * 64 + d + 1]), k1, odd[g]);
                     }
                 }
             }
-            for (int g = 0; g < 4; g++) {
-                __m512 sc = _mm512_mul_ps(_mm512_add_ps(even[g], odd[g]), _mm512_set1_ps(a->scale));
-                _mm512_storeu_ps(w + g * (S + 16) + s0, sc);
-                float mx = _mm512_mask_reduce_max_ps(valid, sc);
-                if (mx > m[g]) m[g] = mx;
-            }
-        }
-        for (int g = 0; g < 4; g++) {  /* softmax numerators, and their sum with the sink's */
-            float *wg = w + g * (S + 16); __m512 mv = _mm512_set1_ps(m[g]), sum = _mm512_setzero_ps();
-            for (int64_t s0 = 0; s0 < S; s0 += 16) {
-                __mmask16 valid = S - s0 >= 16 ? 0xffff : (__mmask16)((1u << (S - s0)) - 1);
-                __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_loadu_ps(wg + s0), mv)));
-                _mm512_storeu_ps(wg + s0, e);
-                sum = _mm512_add_ps(sum, e);
-            }
-            total[g] = _mm512_reduce_add_ps(sum) + expf(a->sinks[h0 + g] - m[g]);
-        }
-        __m512 acc[4][4];  /* out[g] = sum_s e[g][s] v[s] / total[g] */
-        for (int g = 0; g < 4; g++) for (int c = 0; c < 4; c++) acc[g][c] = _mm512_setzero_ps();
-        for (int64_t s = 0; s < S; s++) {
-            __m512 v[4];
-            if (a->bf16) {
-                const uint16_t *vr = (const uint16_t *)a->v + (lo + s) * row + kvh * 64;
-                for (int c = 0; c < 4; c++)
-                    v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vr + 16 * c))), 16));
-            } else {
-                const float *vr = (const float *)a->v + (lo + s) * row + kvh * 64;
-                for (int c = 0; c < 4; c++) v[c] = _mm512_loadu_ps(vr + 16 * c);
-            }
-            for (int g = 0; g < 4; g++) {
-                __m512 e = _mm512_set1_ps(w[g * (S + 16) + s]);
-                for (int c = 0; c < 4; c++) acc[g][c] = _mm512_fmadd_ps(e, v[c], acc[g][c]);
+        } else {
+            __m512i base = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32((int)(lo + s0))),
+                                                               _mm512_set1_epi32((int)row)),
+                                            _mm512_set1_epi32((int)(kvh * 64)));  /* element index of k[s][kvh][0] */
+            for (int d = 0; d < 64; d += 2) {
+                __m512i idx = _mm512_add_epi32(base, _mm512_set1_epi32(d));
+                __m512 k0 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, a->k, 4);
+                __m512 k1 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid,
+                                                     _mm512_add_epi32(idx, _mm512_set1_epi32(1)), a->k, 4);
+                for (int g = 0; g < 4; g++) {
+                    even[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * 64 + d]), k0, even[g]);
+                    odd[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * 64 + d + 1]), k1, odd[g]);
+                }
             }
         }
         for (int g = 0; g < 4; g++) {
-            __m512 inv = _mm512_set1_ps(1.f / total[g]);
-            for (int c = 0; c < 4; c++) _mm512_storeu_ps(out + g * 64 + 16 * c, _mm512_mul_ps(acc[g][c], inv));
+            __m512 sc = _mm512_mul_ps(_mm512_add_ps(even[g], odd[g]), _mm512_set1_ps(a->scale));
+            _mm512_storeu_ps(w + g * (S + 16) + s0, sc);
+            float mx = _mm512_mask_reduce_max_ps(valid, sc);
+            if (mx > m[g]) m[g] = mx;
         }
     }
+}
+
+/* the scores of all S keys as softmax numerators, in place; total[g]: their sum with the sink's */
+__attribute__((target(AVX512BF16))) static void quad_softmax(const attn_job_t *a, int64_t h0, int64_t S, float *w,
+                                                              const float *m, float *total) {
+    for (int g = 0; g < 4; g++) {
+        float *wg = w + g * (S + 16); __m512 mv = _mm512_set1_ps(m[g]), sum = _mm512_setzero_ps();
+        for (int64_t s0 = 0; s0 < S; s0 += 16) {
+            __mmask16 valid = S - s0 >= 16 ? 0xffff : (__mmask16)((1u << (S - s0)) - 1);
+            __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_loadu_ps(wg + s0), mv)));
+            _mm512_storeu_ps(wg + s0, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        total[g] = _mm512_reduce_add_ps(sum) + expf(a->sinks[h0 + g] - m[g]);
+    }
+}
+
+/* acc[g] (four heads' 64 floats, in memory between ranges) += sum over keys s in [s_begin, s_end) of e[g][s] v[s] */
+__attribute__((target(AVX512BF16))) static void quad_values(const attn_job_t *a, int64_t h0, int64_t lo, int64_t S,
+                                                             int64_t s_begin, int64_t s_end, const float *w, float *acc_mem) {
+    int64_t G = a->H / a->KV, row = a->KV * 64, kvh = h0 / G;
+    __m512 acc[4][4];
+    for (int g = 0; g < 4; g++) for (int c = 0; c < 4; c++) acc[g][c] = _mm512_loadu_ps(acc_mem + g * 64 + 16 * c);
+    for (int64_t s = s_begin; s < s_end; s++) {
+        __m512 v[4];
+        if (a->bf16) {
+            const uint16_t *vr = (const uint16_t *)a->v + (lo + s) * row + kvh * 64;
+            for (int c = 0; c < 4; c++)
+                v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vr + 16 * c))), 16));
+        } else {
+            const float *vr = (const float *)a->v + (lo + s) * row + kvh * 64;
+            for (int c = 0; c < 4; c++) v[c] = _mm512_loadu_ps(vr + 16 * c);
+        }
+        for (int g = 0; g < 4; g++) {
+            __m512 e = _mm512_set1_ps(w[g * (S + 16) + s]);
+            for (int c = 0; c < 4; c++) acc[g][c] = _mm512_fmadd_ps(e, v[c], acc[g][c]);
+        }
+    }
+    for (int g = 0; g < 4; g++) for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc_mem + g * 64 + 16 * c, acc[g][c]);
+}
+
+/* out[g] = acc[g] / total[g] */
+__attribute__((target(AVX512BF16))) static void quad_out(const float *acc, const float *total, float *out) {
+    for (int g = 0; g < 4; g++) {
+        __m512 inv = _mm512_set1_ps(1.f / total[g]);
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(out + g * 64 + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(acc + g * 64 + 16 * c), inv));
+    }
+}
+
+/* one quad over key rows [lo, hi) in one go; w: room for 4 * (hi - lo + 16) floats */
+__attribute__((target(AVX512BF16))) static void attn_quad(const attn_job_t *a, const float *q, float *out, int64_t h0,
+                                                           int64_t lo, int64_t hi, float *w) {
+    int64_t S = hi - lo;
+    float m[4], total[4], acc[4 * 64] = {0};
+    for (int g = 0; g < 4; g++) m[g] = a->sinks[h0 + g];
+    quad_scores(a, q, h0, lo, S, 0, S, w, m);
+    quad_softmax(a, h0, S, w, m, total);
+    quad_values(a, h0, lo, S, 0, S, w, acc);
+    quad_out(acc, total, out);
 }
 
 /* decoding: one query, every key; units: groups of four heads */
@@ -795,6 +821,35 @@ __attribute__((target(AVX512BF16))) static void attn_quads_avx512(const void *p,
     float *w = malloc(sizeof(float) * 4 * (a->S + 16));
     if (!w) { __atomic_store_n(&((attn_job_t *)p)->failed, 1, __ATOMIC_RELAXED); return; }
     for (int64_t u = u0; u < u1; u++) attn_quad(a, a->q + 4 * u * 64, a->out + 4 * u * 64, 4 * u, 0, a->S, w);
+    free(w);
+}
+
+#define KV_BLOCK 256  /* keys a KV head's quads take in turn (a block of its rows: 32 KiB of keys, as much of values) */
+
+/* decoding at long contexts: units: KV heads, whose quads go through the keys block by block in turn, so that each
+ * block of key and value rows comes from memory once rather than once per quad (the same sums as attn_quads) */
+__attribute__((target(AVX512BF16))) static void attn_kv_heads_avx512(const void *p, int64_t u0, int64_t u1) {
+    const attn_job_t *a = p;
+    int64_t S = a->S, quads = a->H / a->KV / 4;
+    float *w = malloc(sizeof(float) * 4 * quads * (S + 16) + sizeof(float) * quads * (4 * 64 + 8));
+    if (!w) { __atomic_store_n(&((attn_job_t *)p)->failed, 1, __ATOMIC_RELAXED); return; }
+    float *acc = w + 4 * quads * (S + 16), *m = acc + quads * 4 * 64, *total = m + 4 * quads;
+    for (int64_t kvh = u0; kvh < u1; kvh++) {
+        int64_t h_first = kvh * 4 * quads;
+        for (int64_t j = 0; j < quads; j++)
+            for (int g = 0; g < 4; g++) m[4 * j + g] = a->sinks[h_first + 4 * j + g];
+        for (int64_t b = 0; b < S; b += KV_BLOCK)
+            for (int64_t j = 0; j < quads; j++)
+                quad_scores(a, a->q + (h_first + 4 * j) * 64, h_first + 4 * j, 0, S, b, b + KV_BLOCK < S ? b + KV_BLOCK : S,
+                            w + 4 * j * (S + 16), m + 4 * j);
+        for (int64_t j = 0; j < quads; j++) quad_softmax(a, h_first + 4 * j, S, w + 4 * j * (S + 16), m + 4 * j, total + 4 * j);
+        memset(acc, 0, sizeof(float) * quads * 4 * 64);
+        for (int64_t b = 0; b < S; b += KV_BLOCK)
+            for (int64_t j = 0; j < quads; j++)
+                quad_values(a, h_first + 4 * j, 0, S, b, b + KV_BLOCK < S ? b + KV_BLOCK : S, w + 4 * j * (S + 16),
+                            acc + j * 4 * 64);
+        for (int64_t j = 0; j < quads; j++) quad_out(acc + j * 4 * 64, total + 4 * j, a->out + (h_first + 4 * j) * 64);
+    }
     free(w);
 }
 
@@ -827,7 +882,9 @@ static int quads_apply(const attn_job_t *a) {
 static void attention_heads(attn_job_t *a) {
 #ifdef OSSIE_X86
     if (quads_apply(a)) {
-        parallel_for(attn_quads_avx512, a, a->H / 4, 1);
+        /* long contexts: a KV head's rows read once for all its quads, where that leaves a unit for every thread */
+        if (a->S >= 2048 && a->KV >= pool.nthreads) parallel_for(attn_kv_heads_avx512, a, a->KV, 1);
+        else parallel_for(attn_quads_avx512, a, a->H / 4, 1);
         return;
     }
 #endif

@@ -225,6 +225,28 @@ def test_attention_one_query_matches_torch(path, dtype, keys, h, kv, d):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("keys", [2048, 2500, 5003])
+def test_long_context_decoding_attention(dtype, keys):
+    """From 2,048 keys the AVX-512 kernel goes KV head by KV head, its quads taking the keys block by block in turn
+    (each block read from memory once): the torch reference's result, and bit for bit the one quad by quad (with
+    more threads than KV heads, the kernel takes the quads as its units)."""
+    gen = torch.Generator().manual_seed(keys)
+    h, kv, d = 64, 8, 64
+    q = torch.randn(h, d, generator=gen).to(dtype)
+    k, v = (torch.randn(keys, kv, d, generator=gen).to(dtype) for _ in range(2))
+    sinks = torch.randn(h, generator=gen)
+    out = kernels.attention_one_query(q, k, v, sinks)
+    close(out.double().view(1, -1), attention(q[None].float(), k.float(), v.float(), sinks, keys - 1, 0, 0).double())
+    threads = kernels.kernel_threads()
+    kernels.set_num_threads(kv + 1)
+    try:
+        by_quads = kernels.attention_one_query(q, k, v, sinks)
+    finally:
+        kernels.set_num_threads(threads)
+    assert torch.equal(out, by_quads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("queries,past,window", [(7, 0, 0), (40, 0, 0), (40, 25, 0), (300, 0, 128), (40, 100, 16)])
 @pytest.mark.parametrize("h,kv", [(8, 2), (16, 2)])
 def test_attention_prefill_matches_torch(dtype, queries, past, window, h, kv):
