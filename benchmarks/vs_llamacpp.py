@@ -9,6 +9,14 @@ Each round runs llama.cpp's `llama-bench` (2 threads, weights read into memory, 
 same prompt and generation lengths, and probes the read bandwidth just before each. The summary gives the median
 of every run of each engine.
 
+`--depth N` computes N tokens of context first in both (llama-bench's -d), so that the timed prompt and decode
+attend to them. `--quantization q8` runs ossie's 8-bit mode against the GGUF most users run: `llama-quantize GGUF
+OUT MXFP4_MOE` makes it from the bf16 one (Q8_0 outside the experts, which stay MXFP4).
+
+Building llama.cpp (no network beyond PyPI): its source ships in llama-cpp-python's sdist,
+`pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`, unpacked; in its vendor/llama.cpp,
+`cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF && cmake --build build -j --target llama-bench llama-quantize`.
+
 Making the GGUF: llama.cpp's `convert_hf_to_gguf.py CHECKPOINT --outtype bf16` keeps the MXFP4 experts as they are
 and writes the rest in bf16 (as ossie runs them). It needs a `tokenizer.json` beside the checkpoint, which ossie's
 synthetic checkpoints lack: `--write-tokenizer DIR` writes one from the o200k vocabulary ossie uses (with
@@ -32,9 +40,11 @@ def probe_gb_s(checkpoint: str) -> float:
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
-def llama_cpp(llama_bench: str, gguf: str, prompt: int, gen: int, reps: int, threads: int) -> dict[str, list[float]]:
+def llama_cpp(llama_bench: str, gguf: str, prompt: int, gen: int, reps: int, threads: int,
+              depth: int = 0) -> dict[str, list[float]]:
     out = subprocess.run([llama_bench, "-m", gguf, "-p", str(prompt), "-n", str(gen), "-t", str(threads),
-                          "-r", str(reps), "-lm", "none", "-o", "jsonl"], capture_output=True, text=True, check=True)
+                          "-r", str(reps), "-d", str(depth), "-lm", "none", "-o", "jsonl"],
+                         capture_output=True, text=True, check=True)
     runs = {}
     for line in out.stdout.splitlines():
         row = json.loads(line)
@@ -42,9 +52,11 @@ def llama_cpp(llama_bench: str, gguf: str, prompt: int, gen: int, reps: int, thr
     return runs
 
 
-def ossie(checkpoint: str, prompt: int, gen: int, reps: int, threads: int) -> dict[str, list[float]]:
+def ossie(checkpoint: str, prompt: int, gen: int, reps: int, threads: int, depth: int = 0,
+          quantization: str | None = None) -> dict[str, list[float]]:
     out = subprocess.run(["ossie", "bench", checkpoint, "--prompt-tokens", str(prompt), "--gen-tokens", str(gen),
-                          "--runs", str(reps), "--threads", str(threads)],
+                          "--runs", str(reps), "--threads", str(threads), "--depth", str(depth)]
+                         + (["--quantization", quantization] if quantization else []),
                          capture_output=True, text=True, check=True).stdout
     decode = re.search(r"runs: ([\d., ]+)\)", out).group(1)
     return {"prefill": [float(re.search(r"prefill\s+([\d.]+) tok/s", out).group(1))],  # bench prints the median
@@ -83,6 +95,11 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--depth", type=int, default=0, metavar="N",
+                    help="tokens of context before the timed prompt and decode, in both engines (llama-bench -d)")
+    ap.add_argument("--quantization", choices=["q8"], default=None,
+                    help="ossie's 8-bit mode; give the GGUF made by `llama-quantize GGUF OUT MXFP4_MOE` (Q8_0 "
+                         "outside the experts, as most users run llama.cpp)")
     ap.add_argument("--write-tokenizer", metavar="DIR", help="write tokenizer.json for the GGUF converter, and exit")
     args = ap.parse_args()
     if args.write_tokenizer:
@@ -97,9 +114,10 @@ def main() -> None:
             bw = probe_gb_s(args.checkpoint)
             if name == "llama.cpp":
                 got = llama_cpp(args.llama_bench, args.gguf, args.prompt_tokens, args.gen_tokens, args.reps,
-                                args.threads)
+                                args.threads, args.depth)
             else:
-                got = ossie(args.checkpoint, args.prompt_tokens, args.gen_tokens, args.reps, args.threads)
+                got = ossie(args.checkpoint, args.prompt_tokens, args.gen_tokens, args.reps, args.threads,
+                            args.depth, args.quantization)
             for k, v in got.items():
                 runs[name][k] += v
             decode = " ".join(f"{v:.2f}" for v in got["decode"])

@@ -119,6 +119,7 @@ typedef struct {
     const uint16_t *w16;                   /* bf16 weight */
     const float *bias; float *y;
     int64_t T, out, in;
+    const int8_t *xq; const float *xs, *xc;  /* q8 with VNNI: x rounded to int8 per 32 (see q8_vnni) */
 } job_t;
 
 /* Weights stream through once per token: fetch them ahead, non-temporally, so they do not evict what the rest
@@ -153,6 +154,32 @@ static void bf16_scalar(const void *p, int64_t r0, int64_t r1) {
         for (int64_t t = 0; t < j->T; t++) {
             const float *x = j->x + t * j->in; const uint16_t *w = j->w16 + o * j->in; float acc = 0.f;
             for (int64_t i = 0; i < j->in; i++) acc += bf16_to_f32(w[i]) * x[i];
+            j->y[t * j->out + o] = acc + (j->bias ? j->bias[o] : 0.f);
+        }
+}
+
+/* float16 (IEEE binary16) bits as float32, subnormals included */
+static inline float half_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023, u;
+    if (e == 31) u = sign | 0x7f800000 | (m << 13);
+    else if (e) u = sign | ((e + 112) << 23) | (m << 13);
+    else { float f = ldexpf((float)m, -24); memcpy(&u, &f, 4); u |= sign; }
+    float f; memcpy(&f, &u, 4); return f;
+}
+
+/* q8 (llama.cpp's q8_0): int8 values [out, in] (in `blocks`) and a float16 scale for each 32 of a row [out, in/32]
+ * (in `scales`); a weight is value * scale. x is float32. */
+static void q8_scalar(const void *p, int64_t r0, int64_t r1) {
+    const job_t *j = p; int64_t G = j->in / 32;
+    const int8_t *w = (const int8_t *)j->blocks; const uint16_t *sc = (const uint16_t *)j->scales;
+    for (int64_t o = r0; o < r1; o++)
+        for (int64_t t = 0; t < j->T; t++) {
+            const float *x = j->x + t * j->in; float acc = 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                const int8_t *b = w + o * j->in + g * 32; float part = 0.f;
+                for (int k = 0; k < 32; k++) part += (float)b[k] * x[g * 32 + k];
+                acc += part * half_to_f32(sc[o * G + g]);
+            }
             j->y[t * j->out + o] = acc + (j->bias ? j->bias[o] : 0.f);
         }
 }
@@ -214,7 +241,68 @@ __attribute__((target("avx2,fma"))) static void bf16_avx2(const void *p, int64_t
         }
 }
 
+__attribute__((target("avx2,fma"))) static void q8_avx2(const void *p, int64_t r0, int64_t r1) {
+    const job_t *j = p; int64_t G = j->in / 32;
+    const int8_t *w = (const int8_t *)j->blocks; const uint16_t *sc = (const uint16_t *)j->scales;
+    for (int64_t o = r0; o < r1; o++)
+        for (int64_t t0 = 0; t0 < j->T; t0 += TT) {
+            int nt = (int)(j->T - t0 < TT ? j->T - t0 : TT);
+            __m256 acc[TT];
+            for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+            const int8_t *row = w + o * j->in;
+            for (int64_t g = 0; g < G; g++) {
+                PREFETCH_W(row + g * 32 + PF_DIST);
+                __m256 wv[4];
+                for (int c = 0; c < 4; c++)
+                    wv[c] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + g * 32 + 8 * c))));
+                __m256 s = _mm256_set1_ps(half_to_f32(sc[o * G + g]));
+                for (int t = 0; t < nt; t++) {
+                    const float *x = j->x + (t0 + t) * j->in + g * 32;
+                    __m256 part = _mm256_mul_ps(wv[0], _mm256_loadu_ps(x));
+                    for (int c = 1; c < 4; c++) part = _mm256_fmadd_ps(wv[c], _mm256_loadu_ps(x + 8 * c), part);
+                    acc[t] = _mm256_fmadd_ps(part, s, acc[t]);
+                }
+            }
+            for (int t = 0; t < nt; t++) j->y[(t0 + t) * j->out + o] = hsum256(acc[t]) + (j->bias ? j->bias[o] : 0.f);
+        }
+}
+
 #define AVX512BF16 "avx512f,avx512bw,avx512vl,avx512bf16"
+
+/* q8 on AVX-512: a row's float16 scales converted 16 at a time first; then two groups (64 values) per step, each
+ * as two float vectors, into two accumulators per token (two chains: the sums do not wait on each other) */
+#define Q8_MAX_GROUPS 1024  /* rows of up to 32,768 values; longer rows take the AVX2 kernel */
+__attribute__((target(AVX512BF16))) static void q8_avx512(const void *p, int64_t r0, int64_t r1) {
+    const job_t *j = p; int64_t G = j->in / 32;
+    const int8_t *w = (const int8_t *)j->blocks; const uint16_t *sc = (const uint16_t *)j->scales;
+    float sf[Q8_MAX_GROUPS + 16];
+    for (int64_t o = r0; o < r1; o++) {
+        for (int64_t g = 0; g < G; g += 16) {
+            __mmask16 m = G - g >= 16 ? 0xffff : (__mmask16)((1u << (G - g)) - 1);
+            _mm512_storeu_ps(sf + g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, sc + o * G + g)));
+        }
+        const int8_t *row = w + o * j->in;
+        for (int64_t t0 = 0; t0 < j->T; t0 += TT) {
+            int nt = (int)(j->T - t0 < TT ? j->T - t0 : TT);
+            __m512 acc[TT][2];
+            for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+            for (int64_t g = 0; g < G; g++) {
+                PREFETCH_W(row + g * 32 + PF_DIST);
+                __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + g * 32))));
+                __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + g * 32 + 16))));
+                __m512 s = _mm512_set1_ps(sf[g]);
+                for (int t = 0; t < nt; t++) {
+                    const float *x = j->x + (t0 + t) * j->in + g * 32;
+                    __m512 part = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(x)));
+                    acc[t][0] = _mm512_fmadd_ps(part, s, acc[t][0]);
+                }
+            }
+            for (int t = 0; t < nt; t++)
+                j->y[(t0 + t) * j->out + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])) + (j->bias ? j->bias[o] : 0.f);
+        }
+    }
+}
+
 /* MXFP4 on AVX-512-BF16, four groups (64 bytes) at a time. Each 16-bit word of the packed bytes holds four
  * codes (elements 4k..4k+3 of the 128). vpermw looks a word's low 5 bits up in a 32-entry table: the 16 fp4
  * values as bf16, twice, so the 5th bit (the next code's) does not matter. Shifting the words by 0, 4, 8 and 12
@@ -365,11 +453,63 @@ __attribute__((target(AVX512BF16))) static void bf16_avx512bf16_t1(const void *p
     const job_t *j = p;
     for (int64_t o = r0; o < r1; o++) bf16_tile(j, o, 0, 1);
 }
+/* q8 with AVX-512 VNNI, as llama.cpp computes its q8_0 products: x is rounded to int8 for each 32 of a token (xq,
+ * with scale xs), so that a group's 32 products are one vpdpbusd of 256 bits (8 lanes of 4 products; Zen 4 and
+ * Intel run 256-bit integer ops at full rate), times the two scales. vpdpbusd multiplies unsigned by signed bytes:
+ * the weights go in as w + 128 (their sign bit flipped), which adds 128 * sum(xq) to a group's sum; xc[g] holds
+ * that times xs[g], so the row's correction is one dot product of its scales with xc. */
+__attribute__((target(AVX512BF16 ",avx512vnni,avx2,fma"))) static void q8_vnni(const void *p, int64_t r0, int64_t r1) {
+    const job_t *j = p; int64_t G = j->in / 32;
+    const int8_t *w = (const int8_t *)j->blocks; const uint16_t *sc = (const uint16_t *)j->scales;
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    float sf[Q8_MAX_GROUPS + 16];
+    for (int64_t o = r0; o < r1; o++) {
+        for (int64_t g = 0; g < G; g += 16) {
+            __mmask16 m = G - g >= 16 ? 0xffff : (__mmask16)((1u << (G - g)) - 1);
+            _mm512_storeu_ps(sf + g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, sc + o * G + g)));
+        }
+        const int8_t *row = w + o * j->in;
+        for (int64_t t0 = 0; t0 < j->T; t0 += TT) {
+            int nt = (int)(j->T - t0 < TT ? j->T - t0 : TT);
+            __m256 acc[TT][2];
+            for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+            for (int64_t g = 0; g < G; g += 2) {  /* two groups a step, into two chains (indices known: registers) */
+                int two = g + 1 < G;
+                PREFETCH_W(row + g * 32 + PF_DIST);
+                __m256i wu0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(row + g * 32)), flip);
+                __m256i wu1 = two ? _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(row + g * 32 + 32)), flip)
+                                  : flip;  /* w = 0: adds nothing */
+                for (int t = 0; t < nt; t++) {
+                    int64_t tg = (t0 + t) * G + g;
+                    const int8_t *xq = j->xq + tg * 32;
+                    __m256i d0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wu0, _mm256_loadu_si256((const __m256i *)xq));
+                    acc[t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(sf[g] * j->xs[tg]), acc[t][0]);
+                    if (two) {
+                        __m256i d1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wu1,
+                                                         _mm256_loadu_si256((const __m256i *)(xq + 32)));
+                        acc[t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(sf[g + 1] * j->xs[tg + 1]),
+                                                    acc[t][1]);
+                    }
+                }
+            }
+            for (int t = 0; t < nt; t++) {
+                const float *xc = j->xc + (t0 + t) * G;
+                __m512 c = _mm512_setzero_ps();
+                for (int64_t g = 0; g < G; g += 16) {
+                    __mmask16 m = G - g >= 16 ? 0xffff : (__mmask16)((1u << (G - g)) - 1);
+                    c = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, sf + g), _mm512_maskz_loadu_ps(m, xc + g), c);
+                }
+                j->y[(t0 + t) * j->out + o] = hsum256(_mm256_add_ps(acc[t][0], acc[t][1])) - _mm512_reduce_add_ps(c)
+                                              + (j->bias ? j->bias[o] : 0.f);
+            }
+        }
+    }
+}
 #endif
 
 /* ---- dispatch ---------------------------------------------------------------------------------------- */
 enum { PATH_SCALAR = 0, PATH_AVX2 = 1, PATH_AVX512BF16 = 2 };
-static int best_path = PATH_SCALAR, forced_path = -1;
+static int best_path = PATH_SCALAR, forced_path = -1, has_vnni = 0;
 
 static void detect(void) {
     for (int s = 0; s < 256; s++) SCALE[s] = ldexpf(1.0f, s - 127);
@@ -378,6 +518,7 @@ static void detect(void) {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best_path = PATH_AVX2;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512bf16")) best_path = PATH_AVX512BF16;
+    has_vnni = best_path == PATH_AVX512BF16 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
 #endif
 }
 
@@ -388,6 +529,14 @@ static const char *PATH_NAMES[] = {"scalar", "avx2", "avx512bf16"};
  * MXFP4 one in the permuted order of permuted_pos. */
 static int choose_path(int kind, int bf16_ok, int64_t T, task_fn *fn) {
     int path = forced_path >= 0 && forced_path < best_path ? forced_path : best_path;
+    if (kind == 2) {  /* q8 reads x as float32 */
+        *fn = q8_scalar;
+#ifdef OSSIE_X86
+        if (path == PATH_AVX512BF16) *fn = has_vnni ? q8_vnni : q8_avx512;
+        else if (path == PATH_AVX2) *fn = q8_avx2;
+#endif
+        return path;
+    }
     if (path == PATH_AVX512BF16 && !bf16_ok) path = PATH_AVX2;
     *fn = kind == 0 ? mxfp4_scalar : bf16_scalar;
 #ifdef OSSIE_X86
@@ -408,21 +557,43 @@ static inline int64_t permuted_pos(int64_t i, int64_t in) {
     return i - m + (m % 4) * 32 + m / 4;
 }
 
-/* y = x @ W.T + bias. kind 0 = MXFP4 (wa blocks, wb scales), 1 = bf16 (wa); see choose_path for bf16_ok. Called
- * without the GIL, holding call_mu. */
+/* y = x @ W.T + bias. kind 0 = MXFP4 (wa blocks, wb scales), 1 = bf16 (wa), 2 = q8 (wa int8 values, wb float16
+ * scales); see choose_path for bf16_ok. Called without the GIL, holding call_mu. */
 static int product(int kind, const float *x, const void *wa, const void *wb, const float *bias, float *y, int64_t T,
                    int64_t out, int64_t in, int bf16_ok) {
     job_t j = {x, NULL, (const uint8_t *)wa, (const uint8_t *)wb, (const uint16_t *)wa, bias, y, T, out, in};
     task_fn fn;
     uint16_t *xb = NULL;
-    if (choose_path(kind, bf16_ok, T, &fn) == PATH_AVX512BF16) {
+    int path = choose_path(kind, bf16_ok, T, &fn);
+    int8_t *xq = NULL; float *xs = NULL;
+#ifdef OSSIE_X86
+    if ((fn == q8_avx512 || fn == q8_vnni) && in / 32 > Q8_MAX_GROUPS) fn = q8_avx2;  /* scales beyond its buffer */
+    if (fn == q8_vnni) {  /* x rounded to int8 for each 32 values of a token; xs the scales, then the corrections */
+        int64_t G = in / 32;
+        xq = malloc(T * in); xs = malloc(sizeof(float) * 2 * T * G);
+        if (!xq || !xs) { free(xq); free(xs); return -1; }
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t g = 0; g < G; g++) {
+                const float *xg = x + t * in + g * 32; float amax = 0.f; int sum = 0;
+                for (int k = 0; k < 32; k++) amax = fabsf(xg[k]) > amax ? fabsf(xg[k]) : amax;
+                float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+                for (int k = 0; k < 32; k++) {
+                    int v = (int)lrintf(xg[k] * inv);
+                    xq[(t * G + g) * 32 + k] = (int8_t)v; sum += v;
+                }
+                xs[t * G + g] = d; xs[T * G + t * G + g] = 128.f * (float)sum * d;
+            }
+        j.xq = xq; j.xs = xs; j.xc = xs + T * G;
+    }
+#endif
+    if (path == PATH_AVX512BF16 && kind != 2) {
         if (!(xb = malloc(sizeof(uint16_t) * T * in))) return -1;
         for (int64_t t = 0; t < T; t++)
             for (int64_t i = 0; i < in; i++) xb[t * in + (kind == 0 ? permuted_pos(i, in) : i)] = f32_to_bf16(x[t * in + i]);
         j.xb = xb;
     }
     parallel_for(fn, &j, out, 16);
-    free(xb);
+    free(xb); free(xq); free(xs);
     return 0;
 }
 
@@ -949,10 +1120,12 @@ static void rms_norm_bf16(const float *x, const float *w, float *out, int64_t n,
  * RMSNorm(y) (float32 [hidden] holding bf16 values) and the router's logits (bf16 [E]), so the decoding loop runs
  * no torch op between the blocks but the top-k. */
 static PyObject *py_attention_block(PyObject *self __attribute__((unused)), PyObject *args) {
-    unsigned long long x, nw, qw, qb, c2, s2, kc, vc, sk, ow, ob, y, mnw, gw, gb, hout, lout;
-    long long slot, nkeys, H, KV, D, hid, E; float eps;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKKKKKLLLLLLfKKKLKK", &x, &nw, &qw, &qb, &c2, &s2, &kc, &vc, &sk, &ow, &ob, &y,
-                          &slot, &nkeys, &H, &KV, &D, &hid, &eps, &mnw, &gw, &gb, &E, &hout, &lout)) return NULL;
+    unsigned long long x, nw, qw, qb, c2, s2, kc, vc, sk, ow, ob, y, mnw, gw, gb, hout, lout, qs = 0, os = 0;
+    long long slot, nkeys, H, KV, D, hid, E; float eps; int wkind = 1;  /* the projections: 1 bf16, 2 q8 (+ scales) */
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKKKKLLLLLLfKKKLKK|iKK", &x, &nw, &qw, &qb, &c2, &s2, &kc, &vc, &sk, &ow, &ob,
+                          &y, &slot, &nkeys, &H, &KV, &D, &hid, &eps, &mnw, &gw, &gb, &E, &hout, &lout, &wkind, &qs,
+                          &os)) return NULL;
+    if (wkind != 1 && wkind != 2) { PyErr_SetString(PyExc_ValueError, "attention_block: wkind is 1 or 2"); return NULL; }
     if (hid % 32 || (H * D) % 32 || D % 2 || KV < 1 || H % KV || nkeys < 1 || E > 256) {
         PyErr_SetString(PyExc_ValueError, "attention_block: unsupported shapes"); return NULL;
     }
@@ -967,7 +1140,7 @@ static PyObject *py_attention_block(PyObject *self __attribute__((unused)), PyOb
     pthread_mutex_lock(&call_mu);
     if (!rc) {
         rms_norm_bf16(xf, norm, h, hid, eps);
-        rc |= product(1, h, (const void *)qw, NULL, (const float *)qb, qkv, 1, nq, hid, 1);
+        rc |= product(wkind, h, (const void *)qw, (const void *)qs, (const float *)qb, qkv, 1, nq, hid, 1);
     }
     if (!rc) {
         for (int64_t i = 0; i < nq; i++) qkv[i] = rbf(qkv[i]);
@@ -990,7 +1163,7 @@ static PyObject *py_attention_block(PyObject *self __attribute__((unused)), PyOb
     }
     if (!rc) {
         for (int64_t i = 0; i < H * D; i++) a[i] = rbf(a[i]);
-        rc |= product(1, a, (const void *)ow, NULL, (const float *)ob, o, 1, hid, H * D, 1);
+        rc |= product(wkind, a, (const void *)ow, (const void *)os, (const float *)ob, o, 1, hid, H * D, 1);
         for (int64_t i = 0; i < hid; i++) ((float *)y)[i] = rbf(xf[i] + rbf(o[i]));
     }
     if (!rc && gw) {  /* the MoE block's input, RMSNorm(y), and its router logits, rounded to bf16 as the torch path */

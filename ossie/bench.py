@@ -26,8 +26,8 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+def _nbytes(t) -> int:
+    return t.nbytes  # a tensor, or a Q8 matrix (values and scales) in the 8-bit mode
 
 
 def bytes_per_token(cfg: ModelConfig, w: Weights, context: int) -> int:
@@ -38,7 +38,7 @@ def bytes_per_token(cfg: ModelConfig, w: Weights, context: int) -> int:
     for lw in w.layers:
         for name, t in vars(lw).items():
             total += int(_nbytes(t) * share) if name.startswith(("w1_", "w2_")) else _nbytes(t)
-    kv_row = 2 * cfg.num_kv_heads * cfg.head_dim * w.unembedding.element_size()
+    kv_row = 2 * cfg.num_kv_heads * cfg.head_dim * w.embedding.element_size()  # the KV cache: the model's dtype
     for i in range(cfg.num_layers):
         total += kv_row * (min(context, cfg.sliding_window) if cfg.is_sliding(i) else context)
     return total
@@ -102,7 +102,7 @@ class BenchResult:
         runs = len(self.decode_tok_s)
         lines = [
             f"model        {llm.path} ({llm.layout} layout, {cfg.num_layers} layers, {cfg.num_experts} experts, "
-            f"{str(llm.dtype).removeprefix('torch.')})",
+            f"{str(llm.dtype).removeprefix('torch.')}{', q8' if llm.quantization else ''})",
             f"machine      {cpu_kernels.kernel_threads()} threads, {llm.backend.name} backend"
             + (f", kernels: {cpu_kernels.kernel_path()}" if llm.backend.name == "cpu" else ""),
             f"load         {self.load_s:.2f} s",
@@ -123,18 +123,25 @@ class BenchResult:
 
 
 def run_bench(llm: LLM, prompt_tokens: int = 64, gen_tokens: int = 32, runs: int = 5,
-              progress: bool = True) -> BenchResult:
+              progress: bool = True, depth: int = 0) -> BenchResult:
     """Prefill a random prompt and greedily decode `gen_tokens`, `runs` times, through the model runner as the
-    engine runs them; measure the machine's limits."""
+    engine runs them; measure the machine's limits. depth: that many tokens of context computed first, untimed
+    (llama-bench's -d): the timed prompt and decode then attend to them too."""
     from tqdm import tqdm
 
     res = BenchResult(load_s=llm.load_seconds)
     gen = torch.Generator().manual_seed(0)
+    # the machine's bandwidth drifts (shared hosts): it is measured beside every run, reading the unembedding
+    # (1.2 GB at 20b; its 8-bit values in the q8 mode), which decoding keeps resident and is larger than any cache
+    unembedding = llm.model.w.unembedding
+    resident = unembedding if isinstance(unembedding, torch.Tensor) else unembedding.values
     bar = tqdm(total=runs * (prompt_tokens + gen_tokens), desc="benchmark", unit="tok", disable=not progress)
     for run in range(runs + 1):  # run 0 warms up (page faults on first touch of the weights) and is dropped
-        prompt = torch.randint(0, N_ORDINARY, (prompt_tokens,), generator=gen).tolist()
+        prompt = torch.randint(0, N_ORDINARY, (depth + prompt_tokens,), generator=gen).tolist()
         # gen_tokens decode steps after the prompt's (the first token comes with the prefill)
         seq = Sequence(prompt, SamplingParams(max_tokens=gen_tokens + 1, temperature=0, stop_token_ids=[]))
+        while seq.num_computed < depth:  # the context before the timed prompt
+            llm.runner.run([seq], [min(llm.runner.prefill_chunk, depth - seq.num_computed)])
         t0 = time.perf_counter()
         (tok,) = llm.runner.run([seq])  # the whole prompt: prompt_tokens <= prefill_chunk
         while tok is None:
@@ -149,15 +156,13 @@ def run_bench(llm: LLM, prompt_tokens: int = 64, gen_tokens: int = 32, runs: int
         if run > 0:
             res.prefill_tok_s.append(prompt_tokens / t_prefill)
             res.decode_tok_s.append(gen_tokens / t_decode)
-            # the machine's bandwidth drifts (shared hosts): measure it beside every run. The unembedding
-            # (1.2 GB at 20b) is resident and larger than any cache.
-            res.bandwidth_runs.append(measure_bandwidth(llm.model.w.unembedding, repeats=3))
+            res.bandwidth_runs.append(measure_bandwidth(resident, repeats=3))
             bar.update(prompt_tokens + gen_tokens)
     bar.close()
     res.peak_rss_gib = peak_rss_gib()
     res.bandwidth_gb_s = statistics.median(res.bandwidth_runs) if res.bandwidth_runs else \
-        measure_bandwidth(llm.model.w.unembedding)
-    res.bytes_per_token = bytes_per_token(llm.config, llm.model.w, prompt_tokens + gen_tokens // 2)
+        measure_bandwidth(resident)
+    res.bytes_per_token = bytes_per_token(llm.config, llm.model.w, depth + prompt_tokens + gen_tokens // 2)
     res.matmul_flop_s = measure_matmul_flops(llm.dtype)
     res.flops_per_token = matmul_flops_per_token(llm.config)
     return res

@@ -52,3 +52,16 @@ def scripted(tiny_repo, tmp_path_factory):
     yield s
     log = s.stop()
     assert "Traceback" not in log, log
+
+
+@pytest.fixture(params=["scalar", "avx2", "avx512bf16"])
+def path(request):
+    """Each code path of ossie's C kernels this CPU has, in turn (the others are skipped)."""
+    from ossie.backends import cpu_kernels as kernels
+
+    kernels.set_path(request.param)
+    if kernels.kernel_path() != request.param:
+        kernels.set_path("best")
+        pytest.skip(f"this CPU has no {request.param}")
+    yield request.param
+    kernels.set_path("best")

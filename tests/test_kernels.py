@@ -11,17 +11,6 @@ from ossie.model.mxfp4 import mxfp4_linear
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="C kernels not built (no compiler)")
 
-PATHS = ["scalar", "avx2", "avx512bf16"]
-
-
-@pytest.fixture(params=PATHS)
-def path(request):
-    kernels.set_path(request.param)
-    if kernels.kernel_path() != request.param:
-        kernels.set_path("best")
-        pytest.skip(f"this CPU has no {request.param}")
-    yield request.param
-    kernels.set_path("best")
 
 
 def random_mxfp4(out: int, n_in: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ import torch
 
 from ..model.checkpoint import LayerWeights, Weights
 from ..model.config import ModelConfig
+from ..model.q8 import Q8, dequantize
 from ..model.transformer import route
 from . import cpu_kernels as K
 from .torch_ops import TorchBackend, swiglu, tokens_by_expert
@@ -67,7 +68,12 @@ class CpuBackend(TorchBackend):
                       chosen, weight, cfg.swiglu_alpha, cfg.swiglu_limit, True, residual=x.view(1, -1))[0]
         return x.to(torch.bfloat16).view(1, -1)
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: torch.Tensor | Q8, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(w, Q8):
+            if x.dim() == 2 and x.shape[0] <= SMALL_BATCH:  # the 8-bit mode's decoding: read as it is stored
+                return K.q8_matmul(x, w, bias).to(x.dtype)
+            # a prompt's many rows: compute-bound, so the matrix as loaded serves (8 bits would save nothing)
+            w = w.source if w.source is not None else dequantize(w, x.dtype)
         if w.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= SMALL_BATCH and w.shape[1] % 32 == 0:
             return K.bf16_matmul(x, w, bias).to(x.dtype)
         with K.torch_threads(K.kernel_threads()):  # a large GEMM: torch gets every core, and gives them back

@@ -118,6 +118,24 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
+def q8_matmul(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 y [T, out] = x @ W.T + bias for a q8 W (ossie.model.q8.Q8: int8 values [out, in], float16 scales
+    [out, in/32]), x [T, in]."""
+    fn = "q8_matmul"
+    x, bias = _f32(x), _f32(bias)
+    out, n_in = w.values.shape
+    if n_in % 32:
+        raise ValueError(f"{fn}: rows must be a multiple of 32 values, got {n_in}")
+    _expect(fn, "values", w.values, (out, n_in), torch.int8)
+    _expect(fn, "scales", w.scales, (out, n_in // 32), torch.float16)
+    _expect(fn, "x", x, (x.shape[0], n_in), *F32)
+    if bias is not None:
+        _expect(fn, "bias", bias, (out,), *F32)
+    y = torch.empty(x.shape[0], out, dtype=torch.float32)
+    _kernels.matmul(2, _ptr(x), _ptr(w.values), _ptr(w.scales), _ptr(bias), _ptr(y), x.shape[0], out, n_in, False)
+    return y
+
+
 def moe(x: torch.Tensor, w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
         w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor, experts: torch.Tensor,
         weights: torch.Tensor, alpha: float, limit: float, bf16: bool,
@@ -207,11 +225,17 @@ def attention_block_one_token(x: torch.Tensor, lw, cos2: torch.Tensor, sin2: tor
     x = _f32(x.reshape(-1))
     hid, qkv_dim, e = x.shape[0], (heads + 2 * kv_heads) * head_dim, lw.gate_w.shape[0]
     _expect(fn, "x", x, (hid,), *F32)
+    q8 = not isinstance(lw.qkv_w, torch.Tensor)  # the 8-bit mode's projections (ossie.model.q8.Q8)
     for name, shape, dtype in (("attn_norm", (hid,), F32), ("qkv_w", (qkv_dim, hid), BF16), ("qkv_b", (qkv_dim,), F32),
                                ("sinks", (heads,), F32), ("out_w", (hid, heads * head_dim), BF16),
                                ("out_b", (hid,), F32), ("mlp_norm", (hid,), F32), ("gate_w", (e, hid), BF16),
                                ("gate_b", (e,), F32)):
-        _expect(fn, name, getattr(lw, name), shape, *dtype)
+        t = getattr(lw, name)
+        if q8 and name in ("qkv_w", "out_w"):
+            _expect(fn, name + ".values", t.values, shape, torch.int8)
+            _expect(fn, name + ".scales", t.scales, (shape[0], shape[1] // 32), torch.float16)
+        else:
+            _expect(fn, name, t, shape, *dtype)
     _expect(fn, "cos2", cos2, (head_dim,), *F32)
     _expect(fn, "sin2", sin2, (head_dim,), *F32)
     rows = k_cache.shape[0]
@@ -222,10 +246,12 @@ def attention_block_one_token(x: torch.Tensor, lw, cos2: torch.Tensor, sin2: tor
                          f"(or more than 256 experts: {e})")
     y, h = torch.empty_like(x), torch.empty_like(x)
     logits = torch.empty(e, dtype=torch.bfloat16)
-    _kernels.attention_block(_ptr(x), _ptr(lw.attn_norm), _ptr(lw.qkv_w), _ptr(lw.qkv_b), _ptr(cos2), _ptr(sin2),
-                             _ptr(k_cache), _ptr(v_cache), _ptr(lw.sinks), _ptr(lw.out_w), _ptr(lw.out_b), _ptr(y),
+    qkv_w, out_w = (lw.qkv_w.values, lw.out_w.values) if q8 else (lw.qkv_w, lw.out_w)
+    scales = (2, _ptr(lw.qkv_w.scales), _ptr(lw.out_w.scales)) if q8 else (1, 0, 0)
+    _kernels.attention_block(_ptr(x), _ptr(lw.attn_norm), _ptr(qkv_w), _ptr(lw.qkv_b), _ptr(cos2), _ptr(sin2),
+                             _ptr(k_cache), _ptr(v_cache), _ptr(lw.sinks), _ptr(out_w), _ptr(lw.out_b), _ptr(y),
                              slot, n_keys, heads, kv_heads, head_dim, hid, eps,
-                             _ptr(lw.mlp_norm), _ptr(lw.gate_w), _ptr(lw.gate_b), e, _ptr(h), _ptr(logits))
+                             _ptr(lw.mlp_norm), _ptr(lw.gate_w), _ptr(lw.gate_b), e, _ptr(h), _ptr(logits), *scales)
     return y, h, logits
 
 

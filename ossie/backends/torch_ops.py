@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..model.checkpoint import LayerWeights, Weights
 from ..model.config import ModelConfig
 from ..model.mxfp4 import mxfp4_dequantize
+from ..model.q8 import Q8, dequantize
 
 if TYPE_CHECKING:
     from ..engine.kv_cache import KVCache
@@ -83,7 +84,9 @@ class TorchBackend:
             x = model.layer(i, x, cos, sin, caches, sizes)
         return x
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: torch.Tensor | Q8, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(w, Q8):  # the 8-bit mode's matrices, decoded for this product
+            w = dequantize(w, x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int,

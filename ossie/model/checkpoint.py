@@ -62,7 +62,7 @@ class Weights:
     def nbytes(self) -> int:
         tensors = [self.embedding, self.norm, self.unembedding]
         tensors += [t for layer in self.layers for t in vars(layer).values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.nbytes for t in tensors)  # tensors, and Q8 matrices in the 8-bit mode
 
 
 # ---- expected tensors ---------------------------------------------------------------------------------

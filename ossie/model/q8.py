@@ -1,0 +1,69 @@
+"""The opt-in 8-bit mode (`quantization="q8"`): the attention projections and the unembedding held as 8-bit values
+with a float16 scale for each 32 of a row (llama.cpp's q8_0), made at load from the bf16 checkpoint. The experts
+stay MXFP4; the embedding (read one row a token), the router and the norms stay as they are. A decode step then
+reads ~2.5 GB instead of ~3.7 for the 20b; the cost in accuracy is measured by benchmarks/q8.py and bounded in
+tests/test_q8.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import Weights
+
+QUANTIZATIONS = ("q8",)
+GROUP = 32
+ROWS_AT_ONCE = 4096  # rows quantized together: the unembedding's 201,088 rows never exist as float32 all at once
+
+
+@dataclass
+class Q8:
+    """A matrix [out, in] as int8 `values` [out, in] and float16 `scales` [out, in / 32]: weight = value * scale.
+    `source`: the matrix it was made from, as loaded (memory-mapped from the checkpoint where the layout allows),
+    which a prompt's many rows use: their products are compute-bound, so 8 bits would save them nothing, and the
+    exact weights give the KV cache exactly. Decoding, memory-bound, reads the 8 bits."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    source: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    @property
+    def nbytes(self) -> int:
+        """What decoding reads (the source stays on disk until a prompt pages it in)."""
+        return self.values.nbytes + self.scales.nbytes
+
+
+def quantize(w: torch.Tensor) -> Q8:
+    """Round each group of 32 of a row to 127 steps of its largest magnitude (the scale as float16, and the values
+    rounded with that float16 scale, so that value * scale is what the kernels compute)."""
+    out, n_in = w.shape
+    if n_in % GROUP:
+        raise ValueError(f"q8 needs rows of a multiple of {GROUP} values, got {n_in}")
+    values = torch.empty(out, n_in, dtype=torch.int8)
+    scales = torch.empty(out, n_in // GROUP, dtype=torch.float16)
+    for r in range(0, out, ROWS_AT_ONCE):
+        g = w[r:r + ROWS_AT_ONCE].float().view(-1, n_in // GROUP, GROUP)
+        s = (g.abs().amax(-1) / 127).half()
+        safe = torch.where(s > 0, s.float(), torch.ones_like(s, dtype=torch.float32))
+        values[r:r + ROWS_AT_ONCE] = (g / safe[..., None]).round().clamp(-127, 127).to(torch.int8).view(-1, n_in)
+        scales[r:r + ROWS_AT_ONCE] = s
+    return Q8(values, scales, w)
+
+
+def dequantize(q: Q8, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    out, n_in = q.values.shape
+    w = q.values.float().view(out, n_in // GROUP, GROUP) * q.scales.float()[..., None]
+    return w.view(out, n_in).to(dtype)
+
+
+def quantize_weights(weights: Weights) -> None:
+    """The 8-bit mode, in place: the layers' qkv and output projections and the unembedding become Q8."""
+    for lw in weights.layers:
+        lw.qkv_w, lw.out_w = quantize(lw.qkv_w), quantize(lw.out_w)
+    weights.unembedding = quantize(weights.unembedding)
