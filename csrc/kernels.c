@@ -269,39 +269,7 @@ __attribute__((target("avx2,fma"))) static void q8_avx2(const void *p, int64_t r
 
 #define AVX512BF16 "avx512f,avx512bw,avx512vl,avx512bf16"
 
-/* q8 on AVX-512: a row's float16 scales converted 16 at a time first; then two groups (64 values) per step, each
- * as two float vectors, into two accumulators per token (two chains: the sums do not wait on each other) */
-#define Q8_MAX_GROUPS 1024  /* rows of up to 32,768 values; longer rows take the AVX2 kernel */
-__attribute__((target(AVX512BF16))) static void q8_avx512(const void *p, int64_t r0, int64_t r1) {
-    const job_t *j = p; int64_t G = j->in / 32;
-    const int8_t *w = (const int8_t *)j->blocks; const uint16_t *sc = (const uint16_t *)j->scales;
-    float sf[Q8_MAX_GROUPS + 16];
-    for (int64_t o = r0; o < r1; o++) {
-        for (int64_t g = 0; g < G; g += 16) {
-            __mmask16 m = G - g >= 16 ? 0xffff : (__mmask16)((1u << (G - g)) - 1);
-            _mm512_storeu_ps(sf + g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, sc + o * G + g)));
-        }
-        const int8_t *row = w + o * j->in;
-        for (int64_t t0 = 0; t0 < j->T; t0 += TT) {
-            int nt = (int)(j->T - t0 < TT ? j->T - t0 : TT);
-            __m512 acc[TT][2];
-            for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
-            for (int64_t g = 0; g < G; g++) {
-                PREFETCH_W(row + g * 32 + PF_DIST);
-                __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + g * 32))));
-                __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + g * 32 + 16))));
-                __m512 s = _mm512_set1_ps(sf[g]);
-                for (int t = 0; t < nt; t++) {
-                    const float *x = j->x + (t0 + t) * j->in + g * 32;
-                    __m512 part = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(x)));
-                    acc[t][0] = _mm512_fmadd_ps(part, s, acc[t][0]);
-                }
-            }
-            for (int t = 0; t < nt; t++)
-                j->y[(t0 + t) * j->out + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])) + (j->bias ? j->bias[o] : 0.f);
-        }
-    }
-}
+#define Q8_MAX_GROUPS 1024  /* rows of up to 32,768 values (q8_vnni's scale buffer); longer rows take the AVX2 kernel */
 
 /* MXFP4 on AVX-512-BF16, four groups (64 bytes) at a time. Each 16-bit word of the packed bytes holds four
  * codes (elements 4k..4k+3 of the 128). vpermw looks a word's low 5 bits up in a 32-entry table: the 16 fp4
@@ -532,7 +500,8 @@ static int choose_path(int kind, int bf16_ok, int64_t T, task_fn *fn) {
     if (kind == 2) {  /* q8 reads x as float32 */
         *fn = q8_scalar;
 #ifdef OSSIE_X86
-        if (path == PATH_AVX512BF16) *fn = has_vnni ? q8_vnni : q8_avx512;
+        /* every CPU with AVX-512 BF16 has VNNI too (Cooper Lake, Sapphire Rapids, Zen 4): the AVX2 kernel otherwise */
+        if (path == PATH_AVX512BF16) *fn = has_vnni ? q8_vnni : q8_avx2;
         else if (path == PATH_AVX2) *fn = q8_avx2;
 #endif
         return path;
@@ -567,7 +536,7 @@ static int product(int kind, const float *x, const void *wa, const void *wb, con
     int path = choose_path(kind, bf16_ok, T, &fn);
     int8_t *xq = NULL; float *xs = NULL;
 #ifdef OSSIE_X86
-    if ((fn == q8_avx512 || fn == q8_vnni) && in / 32 > Q8_MAX_GROUPS) fn = q8_avx2;  /* scales beyond its buffer */
+    if (fn == q8_vnni && in / 32 > Q8_MAX_GROUPS) fn = q8_avx2;  /* scales beyond its buffer */
     if (fn == q8_vnni) {  /* x rounded to int8 for each 32 values of a token; xs the scales, then the corrections */
         int64_t G = in / 32;
         xq = malloc(T * in); xs = malloc(sizeof(float) * 2 * T * G);
