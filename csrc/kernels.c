@@ -1171,6 +1171,56 @@ static void read_part(const void *ctx, int64_t b, int64_t e) {
     __atomic_fetch_add(&r->total, s0 + s1 + s2 + s3, __ATOMIC_RELAXED);
 }
 
+/* ---- q8 quantization at load (ossie.model.q8.quantize; the torch version there is the reference) ---------- */
+/* float32 -> float16 bits, rounding to nearest even as torch's .half() */
+static uint16_t f32_to_f16(float f) {
+    uint32_t x; memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffff;
+    if (ax >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000 ? 0x200 : 0));  /* inf, nan */
+    if (ax >= 0x477ff000) return (uint16_t)(sign | 0x7c00);  /* 65520 and up round to inf */
+    if (ax < 0x38800000) {  /* below 2^-14: a subnormal, in units of 2^-24 (the product is exact) */
+        float a; memcpy(&a, &ax, 4);
+        return (uint16_t)(sign | (uint32_t)lrintf(a * 16777216.f));
+    }
+    uint32_t r = ax - 0x38000000;  /* the exponent rebiased from 127 to 15 */
+    return (uint16_t)(sign | ((r + 0x0fff + ((r >> 13) & 1)) >> 13));
+}
+
+typedef struct { const uint16_t *w; int8_t *v; uint16_t *s; int64_t in; } quant_job_t;
+
+static void quant_rows(const void *p, int64_t r0, int64_t r1) {
+    const quant_job_t *q = p; int64_t G = q->in / 32;
+    for (int64_t o = r0; o < r1; o++)
+        for (int64_t g = 0; g < G; g++) {
+            const uint16_t *w = q->w + o * q->in + g * 32; float amax = 0.f;
+            for (int k = 0; k < 32; k++) { float a = fabsf(bf16_to_f32(w[k])); if (a > amax) amax = a; }
+            uint16_t h = f32_to_f16(amax / 127.f);
+            float d = half_to_f32(h);
+            if (d == 0.f) d = 1.f;  /* an all-zero group (or one below float16's range): values 0 */
+            int8_t *v = q->v + o * q->in + g * 32;
+            for (int k = 0; k < 32; k++) {
+                long r = lrintf(bf16_to_f32(w[k]) / d);
+                v[k] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
+            }
+            q->s[o * G + g] = h;
+        }
+}
+
+/* quantize_q8(w, values, scales, out, in): bf16 w [out, in] into int8 values [out, in] and float16 scales
+ * [out, in/32], on all threads */
+static PyObject *py_quantize_q8(PyObject *self __attribute__((unused)), PyObject *args) {
+    unsigned long long w, v, sc; long long out, in;
+    if (!PyArg_ParseTuple(args, "KKKLL", &w, &v, &sc, &out, &in)) return NULL;
+    if (in % 32 || out < 1) { PyErr_SetString(PyExc_ValueError, "quantize_q8: in must be a multiple of 32"); return NULL; }
+    quant_job_t q = {(const uint16_t *)w, (int8_t *)v, (uint16_t *)sc, in};
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&call_mu);
+    parallel_for(quant_rows, &q, out, 64);
+    pthread_mutex_unlock(&call_mu);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_read(PyObject *self __attribute__((unused)), PyObject *args) {
     unsigned long long ptr; long long nbytes;
     if (!PyArg_ParseTuple(args, "KL", &ptr, &nbytes)) return NULL;
@@ -1215,11 +1265,12 @@ static PyObject *py_path(PyObject *self __attribute__((unused)), PyObject *args 
 }
 
 static PyMethodDef methods[] = {
-    {"matmul", py_matmul, METH_VARARGS, "y = x @ W.T + bias for an MXFP4 (kind 0) or bf16 (kind 1) weight"},
+    {"matmul", py_matmul, METH_VARARGS, "y = x @ W.T + bias for an MXFP4 (kind 0), bf16 (1) or q8 (2) weight"},
     {"moe", py_moe, METH_VARARGS, "the MoE block of T tokens: experts' products, SwiGLU and weighted sums"},
     {"attention_block", py_attention_block, METH_VARARGS, "the attention block of one token of a bf16 model"},
     {"attention", py_attention, METH_VARARGS, "attention of one query over the KV cache, with sinks"},
     {"attention_prefill", py_attention_prefill, METH_VARARGS, "causal attention of a block of queries, with sinks"},
+    {"quantize_q8", py_quantize_q8, METH_VARARGS, "bf16 rows into q8 (int8 values, a float16 scale per 32)"},
     {"read", py_read, METH_VARARGS, "read(ptr, nbytes): sum a buffer's words on all threads (bandwidth probe)"},
     {"set_threads", py_set_threads, METH_VARARGS, "number of threads for the kernels"},
     {"get_threads", py_get_threads, METH_NOARGS, "number of threads for the kernels"},

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .backends import Backend, select_backend
+from .backends import Backend, cpu_kernels, select_backend
 from .backends.cpu_kernels import set_num_threads
 from .chat import harmony
 from .chat.constraints import Steering
@@ -72,7 +72,7 @@ class LLM:
             raise ValueError(f"quantization {quantization!r} is for bf16 models on the CPU")
         weights = load_weights(folder, self.layout, self.config, self.dtype, self.device, progress=progress)
         if quantization == "q8":
-            quantize_weights(weights)
+            quantize_weights(weights, cpu_kernels.quantize_q8 if cpu_kernels.available() else None)
         self.quantization = quantization
         self.model = Transformer(self.config, weights, self.dtype, self.backend)
         budget = int(kv_cache_gb * 2**30)

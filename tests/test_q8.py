@@ -6,7 +6,7 @@ import torch
 
 import ossie
 from ossie.backends import cpu_kernels as kernels
-from ossie.model.q8 import GROUP, Q8, dequantize, quantize
+from ossie.model.q8 import GROUP, Q8, dequantize, quantize, quantize_torch
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="ossie's C kernels are not built")
 
@@ -19,7 +19,7 @@ def test_format_rounds_each_group_to_127_steps_of_its_largest():
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(70, 96, generator=gen) * torch.logspace(-3, 2, 96)).bfloat16()  # groups of very different sizes
     w[3] = 0  # an all-zero row: scale 0, values 0
-    q = quantize(w)
+    q = quantize_torch(w)
     assert q.values.dtype == torch.int8 and q.scales.dtype == torch.float16 and q.scales.shape == (70, 96 // GROUP)
     assert q.values.abs().max() <= 127 and (q.values[3] == 0).all() and (q.scales[3] == 0).all()
     back = dequantize(q)
@@ -83,3 +83,18 @@ def test_q8_is_refused_where_it_does_not_apply(tiny_repo):
         ossie.LLM(tiny_repo, dtype="float32", quantization="q8", progress=False)
     with pytest.raises(ValueError, match="quantization must be one of"):
         ossie.LLM(tiny_repo, quantization="q4", progress=False)
+
+
+def test_c_quantizer_gives_the_reference_numbers():
+    """The C quantizer (used at load) against the torch one, bit for bit: groups of ordinary, tiny (float16
+    subnormal scales), huge and zero weights, and values exactly half a step between two codes."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(257, 160, generator=gen) * torch.logspace(-9, 4, 160)
+    w[7] = 0
+    w[8, :32] = torch.arange(32) * 0.5  # ties: round half to even in both
+    w = w.bfloat16()
+    values, scales = kernels.quantize_q8(w)
+    reference = quantize_torch(w)
+    assert torch.equal(values, reference.values)
+    assert torch.equal(scales.view(torch.int16), reference.scales.view(torch.int16))
+    assert torch.equal(quantize(w, kernels.quantize_q8).values, values)

@@ -136,6 +136,19 @@ def q8_matmul(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Ten
     return y
 
 
+def quantize_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 w [out, in] as q8: (int8 values [out, in], float16 scales [out, in/32]), on all threads; the same
+    numbers as ossie.model.q8's torch version."""
+    fn = "quantize_q8"
+    if w.dim() != 2 or w.shape[1] % 32:
+        raise ValueError(f"{fn}: w must be [out, in] with in a multiple of 32, got {tuple(w.shape)}")
+    _expect(fn, "w", w, tuple(w.shape), *BF16)
+    values = torch.empty(w.shape, dtype=torch.int8)
+    scales = torch.empty(w.shape[0], w.shape[1] // 32, dtype=torch.float16)
+    _kernels.quantize_q8(_ptr(w), _ptr(values), _ptr(scales), w.shape[0], w.shape[1])
+    return values, scales
+
+
 def moe(x: torch.Tensor, w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
         w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor, experts: torch.Tensor,
         weights: torch.Tensor, alpha: float, limit: float, bf16: bool,
