@@ -26,18 +26,14 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def _nbytes(t) -> int:
-    return t.nbytes  # a tensor, or a Q8 matrix (values and scales) in the 8-bit mode
-
-
 def bytes_per_token(cfg: ModelConfig, w: Weights, context: int) -> int:
     """Bytes one decode step reads: every non-expert weight, k of the experts' packed weights per layer, one
     embedding row, the unembedding, and the KV cache it attends to (`context` positions)."""
-    total = _nbytes(w.unembedding) + _nbytes(w.norm) + _nbytes(w.embedding[0])
+    total = w.unembedding.nbytes + w.norm.nbytes + w.embedding[0].nbytes  # Q8 matrices have nbytes too
     share = cfg.experts_per_token / cfg.num_experts
     for lw in w.layers:
         for name, t in vars(lw).items():
-            total += int(_nbytes(t) * share) if name.startswith(("w1_", "w2_")) else _nbytes(t)
+            total += int(t.nbytes * share) if name.startswith(("w1_", "w2_")) else t.nbytes
     kv_row = 2 * cfg.num_kv_heads * cfg.head_dim * w.embedding.element_size()  # the KV cache: the model's dtype
     for i in range(cfg.num_layers):
         total += kv_row * (min(context, cfg.sliding_window) if cfg.is_sliding(i) else context)
@@ -55,7 +51,7 @@ def matmul_flops_per_token(cfg: ModelConfig) -> int:
 
 def measure_bandwidth(buffer: torch.Tensor, repeats: int = 7) -> float:
     """Read bandwidth in GB/s (median): all kernel threads read `buffer` (resident and larger than the caches)."""
-    nbytes = _nbytes(buffer) // 4096 * 4096
+    nbytes = buffer.nbytes // 4096 * 4096
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from .backends import Backend, cpu_kernels, select_backend
-from .backends.cpu_kernels import set_num_threads
 from .chat import harmony
 from .chat.constraints import Steering
 from .engine import DEFAULT_BUDGET_GB, PREFILL_CHUNK, ModelRunner, PrefixCache, SamplingParams, check_prompt, stream
@@ -55,7 +54,7 @@ class LLM:
             raise ValueError(f"kv_cache_gb must be >= 0, got {kv_cache_gb}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        set_num_threads(num_threads or len(os.sched_getaffinity(0)))
+        cpu_kernels.set_num_threads(num_threads or len(os.sched_getaffinity(0)))
         t0 = time.perf_counter()
         self.path = resolve_model(model, layout)
         self.layout, folder = detect_layout(self.path, layout)

@@ -147,59 +147,52 @@ class Backend:
         return fetch(url, allow_private)
 
 
-def _post_json(url: str, payload: dict, headers: dict[str, str]) -> Any:
-    import httpx
+class KeyedBackend(Backend):
+    """A search API called with a key, from the environment variable KEY_ENV unless given."""
 
-    try:
-        r = httpx.post(url, json=payload, headers=headers, timeout=FETCH_TIMEOUT_S)
-    except httpx.HTTPError as e:
-        raise BrowserError(f"search failed: {type(e).__name__}: {e}") from None
-    if r.status_code >= 400:
-        raise BrowserError(f"search failed: HTTP {r.status_code} from {urlsplit(url).hostname}")
-    return r.json()
-
-
-class ExaBackend(Backend):
-    """Exa's search API (https://exa.ai); the key from EXA_API_KEY unless given."""
-
-    name = "exa"
+    KEY_ENV = ""
 
     def __init__(self, api_key: str | None = None):
-        self.api_key = api_key or os.environ.get("EXA_API_KEY")
+        self.api_key = api_key or os.environ.get(self.KEY_ENV)
         if not self.api_key:
-            raise ValueError("the exa search backend needs an API key: set EXA_API_KEY")
+            raise ValueError(f"the {self.name} search backend needs an API key: set {self.KEY_ENV}")
+
+    def _call(self, method: str, url: str, **kw: Any) -> Any:
+        """The API's JSON answer; a failure is the model's error message."""
+        import httpx
+
+        try:
+            r = getattr(httpx, method)(url, timeout=FETCH_TIMEOUT_S, **kw)
+        except httpx.HTTPError as e:
+            raise BrowserError(f"search failed: {type(e).__name__}: {e}") from None
+        if r.status_code >= 400:
+            raise BrowserError(f"search failed: HTTP {r.status_code} from {urlsplit(url).hostname}")
+        return r.json()
+
+
+class ExaBackend(KeyedBackend):
+    """Exa's search API (https://exa.ai)."""
+
+    name, KEY_ENV = "exa", "EXA_API_KEY"
 
     def search(self, query: str, topn: int) -> list[SearchResult]:
-        data = _post_json("https://api.exa.ai/search", {"query": query, "numResults": topn,
-                                                         "contents": {"text": {"maxCharacters": 400}}},
-                          {"x-api-key": self.api_key})
+        data = self._call("post", "https://api.exa.ai/search", headers={"x-api-key": self.api_key},
+                          json={"query": query, "numResults": topn, "contents": {"text": {"maxCharacters": 400}}})
         return [SearchResult(r.get("title") or r["url"], r["url"], (r.get("text") or "").strip())
                 for r in data.get("results", [])]
 
 
-class YouComBackend(Backend):
-    """You.com's search API (https://api.ydc-index.io); the key from YDC_API_KEY unless given."""
+class YouComBackend(KeyedBackend):
+    """You.com's search API (https://api.ydc-index.io)."""
 
-    name = "you"
-
-    def __init__(self, api_key: str | None = None):
-        self.api_key = api_key or os.environ.get("YDC_API_KEY")
-        if not self.api_key:
-            raise ValueError("the you search backend needs an API key: set YDC_API_KEY")
+    name, KEY_ENV = "you", "YDC_API_KEY"
 
     def search(self, query: str, topn: int) -> list[SearchResult]:
-        import httpx
-
-        try:
-            r = httpx.get("https://api.ydc-index.io/v1/search", params={"query": query, "count": topn},
-                          headers={"X-API-Key": self.api_key}, timeout=FETCH_TIMEOUT_S)
-        except httpx.HTTPError as e:
-            raise BrowserError(f"search failed: {type(e).__name__}: {e}") from None
-        if r.status_code >= 400:
-            raise BrowserError(f"search failed: HTTP {r.status_code} from api.ydc-index.io")
-        hits = r.json().get("results", {}).get("web", [])
+        data = self._call("get", "https://api.ydc-index.io/v1/search", headers={"X-API-Key": self.api_key},
+                          params={"query": query, "count": topn})
         return [SearchResult(h.get("title") or h["url"], h["url"],
-                             " ".join(h.get("snippets") or []) or h.get("description", "")) for h in hits]
+                             " ".join(h.get("snippets") or []) or h.get("description", ""))
+                for h in data.get("results", {}).get("web", [])]
 
 
 class DDGSBackend(Backend):
