@@ -5,10 +5,13 @@ a scripted token the steering forbids is replaced by the first one it allows.
 A script is a list of harmony texts, used in turn, and {"match": TEXT, "completion": TEXT} entries, used when
 TEXT is in the prompt (the marker latest in the prompt, that is in the newest message, decides).
 Tests inject it: `llm.runner = ScriptedRunner(llm.runner, script)`, or for a subprocess, `python -m
-tests.scripted_main SCRIPT.json COMMAND ...` runs the ossie command line with it.
+tests.scripted_main SCRIPT.json COMMAND ...` runs the ossie command line with it. `seconds_per_token` paces the
+replay like a slow model, for tests that must interrupt an answer while it is still coming.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -20,10 +23,10 @@ DEFAULT_TURN = "<|channel|>final<|message|><|return|>"
 
 
 class ScriptedRunner:
-    def __init__(self, runner: ModelRunner, script: list[str | dict]):
+    def __init__(self, runner: ModelRunner, script: list[str | dict], seconds_per_token: float = 0.0):
         self.config, self.device = runner.config, runner.device
         self.prefix_cache, self.kv_budget, self.prefill_chunk = None, None, runner.prefill_chunk
-        self.script, self.turn = script, 0
+        self.script, self.turn, self.seconds_per_token = script, 0, seconds_per_token
         self.completions: dict[int, list[int]] = {}  # sequence id -> its scripted completion
 
     def allocate(self, seq: Sequence) -> None:
@@ -39,6 +42,7 @@ class ScriptedRunner:
         self.completions.pop(seq.id, None)
 
     def run(self, batch: list[Sequence], sizes: list[int] | None = None) -> list[int | None]:
+        time.sleep(self.seconds_per_token)
         return [self._next(seq) for seq in batch]
 
     def _next(self, seq: Sequence) -> int:

@@ -18,7 +18,8 @@ def main() -> int:
 
     def load_scripted(args):
         llm = load(args)
-        llm.runner = ScriptedRunner(llm.runner, script)
+        pace = float(os.environ.get("OSSIE_TEST_SECONDS_PER_TOKEN", "0"))
+        llm.runner = ScriptedRunner(llm.runner, script, seconds_per_token=pace)
         logging.getLogger("ossie").warning("replaying scripted completions instead of sampling")
         return llm
 

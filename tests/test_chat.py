@@ -62,11 +62,11 @@ def test_generate_command_json(tiny_repo):
     assert out["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 12
 
 
-def spawn_chat(repo, *extra, script=None):
+def spawn_chat(repo, *extra, script=None, env=None):
     """`ossie chat` in a pseudo-terminal; with `script`, its runner replays that script (tests/scripted.py)."""
     import os
 
-    env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
+    env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", **(env or {})}
     command = ["-m", "tests.scripted_main", str(script)] if script else ["-m", "ossie"]
     # Ctrl-C as at a terminal: a runner started in the background by a non-interactive shell ignores SIGINT, and
     # an ignored signal stays ignored across exec (Python then installs no KeyboardInterrupt handler)
@@ -108,10 +108,14 @@ def test_chat_cli_commands_multiline_and_ctrl_c(tiny_repo, tmp_path):
     assert saved["messages"][2]["content"] == "line one\nline two"
 
 
-def test_chat_cli_ctrl_c_stops_the_answer_not_the_chat(tiny_repo):
-    child = spawn_chat(tiny_repo, "--max-tokens", "0")  # unbounded: only Ctrl-C ends this answer
+def test_chat_cli_ctrl_c_stops_the_answer_not_the_chat(tiny_repo, tmp_path):
+    # a long answer paced at 20 tokens a second: a sampled one may end by chance before the Ctrl-C comes
+    long_answer = "<|channel|>final<|message|>" + "word " * 2000 + "<|return|>"
+    (tmp_path / "script.json").write_text(json.dumps([long_answer]))
+    child = spawn_chat(tiny_repo, "--max-tokens", "0", script=tmp_path / "script.json",
+                       env={"OSSIE_TEST_SECONDS_PER_TOKEN": "0.05"})  # unbounded: only Ctrl-C ends this answer
     child.sendline("tell me everything")
-    child.expect(pexpect.TIMEOUT, timeout=3)
+    child.expect("word word")
     child.sendintr()
     child.expect(r"\[stopped\]")
     child.expect(">>> ")
