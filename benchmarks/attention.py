@@ -38,7 +38,7 @@ def main() -> None:
           f"{bandwidth:.1f} GB/s")
     full_layers = sum(not cfg.is_sliding(i) for i in range(cfg.num_layers))
     for n in args.keys:
-        q, sinks = torch.randn(h, d), torch.randn(h)
+        q, sinks = torch.randn(h, d).bfloat16().float(), torch.randn(h)  # a bf16 model's queries hold bf16 values
         k, v = (torch.randn(n, kv, d).bfloat16() for _ in range(2))
         cpu_kernels.attention_one_query(q, k, v, sinks)  # warm
         times = []

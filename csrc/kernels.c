@@ -722,6 +722,9 @@ typedef struct {
     int failed;  /* set by a worker that could not allocate */
     int64_t T, first, window;  /* prefill: T queries; query t is at position first + t and sees key rows
                                   (first + t - window, first + t] (all before it when window is 0); rows are positions */
+    int pairs, group;  /* set by attention_setup. pairs: a bf16 cache and queries holding bf16 values, whose scores
+                          the AVX-512 path takes in bf16 pairs; group: the query heads it scores together, 8 (pairs
+                          and 8 or 16... query heads per KV head, as gpt-oss has 8) or 4 */
 } attn_job_t;
 
 static inline float kv_at(const attn_job_t *a, const void *base, int64_t i) {
@@ -896,6 +899,74 @@ __attribute__((target(AVX512BF16))) static void quad_scores(const attn_job_t *a,
     }
 }
 
+/* quad_scores for nh = 4 or 8 heads from h0 whose queries hold bf16 values, over a bf16 cache: the same transposed
+ * keys, each word (dims d, d + 1 of 16 keys) multiplied by a head's pair of query values in one vdpbf16ps, whose
+ * products are exact (bf16 times bf16) and summed in float32 as the FMAs would: four instructions fewer per word and
+ * head, and eight heads share one transpose. qp[g * 32 + p]: head g's dims 2p, 2p + 1 as a bf16 pair. */
+__attribute__((target(AVX512BF16), always_inline)) static inline void pair_scores(const attn_job_t *a, const uint32_t *qp,
+                                                                                 int nh, int64_t h0, int64_t lo,
+                                                                                 int64_t S, int64_t s_begin,
+                                                                                 int64_t s_end, float *w, float *m) {
+    int64_t G = a->H / a->KV, row = a->KV * 64, kvh = h0 / G;
+    const uint16_t *kb = (const uint16_t *)a->k + kvh * 64;
+    for (int64_t s0 = s_begin; s0 < s_end; s0 += 16) {
+        __mmask16 valid = S - s0 >= 16 ? 0xffff : (__mmask16)((1u << (S - s0)) - 1);
+        __m512 acc[2][8];  /* four heads keep two chains each (even and odd words), for the instruction's latency */
+        for (int c = 0; c < 2; c++) for (int g = 0; g < nh; g++) acc[c][g] = _mm512_setzero_ps();
+        for (int half = 0; half < 2; half++) {
+            __m512i w16[16];
+            for (int i = 0; i < 16; i++) {
+                int64_t s = lo + s0 + (s0 + i < S ? i : S - 1 - s0);
+                w16[i] = _mm512_loadu_si512((const void *)(kb + s * row + 32 * half));
+            }
+            transpose16(w16);
+            for (int p = 0; p < 16; p++) {
+                int c = nh == 4 ? p & 1 : 0;
+                for (int g = 0; g < nh; g++)
+                    acc[c][g] = _mm512_dpbf16_ps(acc[c][g], (__m512bh)_mm512_set1_epi32((int)qp[g * 32 + 16 * half + p]),
+                                                 (__m512bh)w16[p]);
+            }
+        }
+        for (int g = 0; g < nh; g++) {
+            __m512 sum = nh == 4 ? _mm512_add_ps(acc[0][g], acc[1][g]) : acc[0][g];
+            __m512 sc = _mm512_mul_ps(sum, _mm512_set1_ps(a->scale));
+            _mm512_storeu_ps(w + g * (S + 16) + s0, sc);
+            float mx = _mm512_mask_reduce_max_ps(valid, sc);
+            if (mx > m[g]) m[g] = mx;
+        }
+    }
+}
+
+__attribute__((target(AVX512BF16))) static void pair_scores4(const attn_job_t *a, const uint32_t *qp, int64_t h0,
+                                                              int64_t lo, int64_t S, int64_t s_begin, int64_t s_end,
+                                                              float *w, float *m) {
+    pair_scores(a, qp, 4, h0, lo, S, s_begin, s_end, w, m);
+}
+
+__attribute__((target(AVX512BF16))) static void pair_scores8(const attn_job_t *a, const uint32_t *qp, int64_t h0,
+                                                              int64_t lo, int64_t S, int64_t s_begin, int64_t s_end,
+                                                              float *w, float *m) {
+    pair_scores(a, qp, 8, h0, lo, S, s_begin, s_end, w, m);
+}
+
+/* The scores of a group of a->group heads from h0 (q: their queries) over key rows [lo, lo + S), keys s_begin..
+ * s_end; qp: room for 8 * 32 words. Head g's scores go to w + g * (S + 16), its running maximum to m[g]. */
+__attribute__((target(AVX512BF16))) static void group_scores(const attn_job_t *a, const float *q, uint32_t *qp,
+                                                              int64_t h0, int64_t lo, int64_t S, int64_t s_begin,
+                                                              int64_t s_end, float *w, float *m) {
+    if (!a->pairs) {
+        quad_scores(a, q, h0, lo, S, s_begin, s_end, w, m);
+        return;
+    }
+    for (int i = 0; i < a->group * 32; i++) {
+        uint32_t lo16, hi16;
+        memcpy(&lo16, q + 2 * i, 4); memcpy(&hi16, q + 2 * i + 1, 4);
+        qp[i] = (lo16 >> 16) | (hi16 & 0xffff0000u);  /* exact: the values are bf16 */
+    }
+    if (a->group == 8) pair_scores8(a, qp, h0, lo, S, s_begin, s_end, w, m);
+    else pair_scores4(a, qp, h0, lo, S, s_begin, s_end, w, m);
+}
+
 /* the scores of all S keys as softmax numerators, in place; total[g]: their sum with the sink's */
 __attribute__((target(AVX512BF16))) static void quad_softmax(const attn_job_t *a, int64_t h0, int64_t S, float *w,
                                                               const float *m, float *total) {
@@ -943,47 +1014,53 @@ __attribute__((target(AVX512BF16))) static void quad_out(const float *acc, const
     }
 }
 
-/* one quad over key rows [lo, hi) in one go; w: room for 4 * (hi - lo + 16) floats */
-__attribute__((target(AVX512BF16))) static void attn_quad(const attn_job_t *a, const float *q, float *out, int64_t h0,
-                                                           int64_t lo, int64_t hi, float *w) {
+/* one group of a->group heads over key rows [lo, hi) in one go; w: room for 8 * (hi - lo + 16) floats */
+__attribute__((target(AVX512BF16))) static void attn_group(const attn_job_t *a, const float *q, float *out, int64_t h0,
+                                                            int64_t lo, int64_t hi, float *w) {
     int64_t S = hi - lo;
-    float m[4], total[4], acc[4 * 64] = {0};
-    for (int g = 0; g < 4; g++) m[g] = a->sinks[h0 + g];
-    quad_scores(a, q, h0, lo, S, 0, S, w, m);
-    quad_softmax(a, h0, S, w, m, total);
-    quad_values(a, h0, lo, S, 0, S, w, acc);
-    quad_out(acc, total, out);
+    float m[8], total[8], acc[8 * 64] = {0};
+    uint32_t qp[8 * 32];
+    for (int g = 0; g < a->group; g++) m[g] = a->sinks[h0 + g];
+    group_scores(a, q, qp, h0, lo, S, 0, S, w, m);
+    for (int j = 0; j < a->group; j += 4) {
+        quad_softmax(a, h0 + j, S, w + j * (S + 16), m + j, total + j);
+        quad_values(a, h0 + j, lo, S, 0, S, w + j * (S + 16), acc + j * 64);
+        quad_out(acc + j * 64, total + j, out + j * 64);
+    }
 }
 
-/* decoding: one query, every key; units: groups of four heads */
-__attribute__((target(AVX512BF16))) static void attn_quads_avx512(const void *p, int64_t u0, int64_t u1) {
+/* decoding: one query, every key; units: groups of heads */
+__attribute__((target(AVX512BF16))) static void attn_groups_avx512(const void *p, int64_t u0, int64_t u1) {
     const attn_job_t *a = p;
-    float *w = malloc(sizeof(float) * 4 * (a->S + 16));
+    float *w = malloc(sizeof(float) * 8 * (a->S + 16));
     if (!w) { __atomic_store_n(&((attn_job_t *)p)->failed, 1, __ATOMIC_RELAXED); return; }
-    for (int64_t u = u0; u < u1; u++) attn_quad(a, a->q + 4 * u * 64, a->out + 4 * u * 64, 4 * u, 0, a->S, w);
+    for (int64_t u = u0; u < u1; u++) attn_group(a, a->q + a->group * u * 64, a->out + a->group * u * 64, a->group * u, 0,
+                                                 a->S, w);
     free(w);
 }
 
-#define KV_BLOCK 256  /* keys a KV head's quads take in turn (a block of its rows: 32 KiB of keys, as much of values) */
+#define KV_BLOCK 256  /* keys a KV head's groups take in turn (a block of its rows: 32 KiB of keys, as much of values) */
 
-/* decoding at long contexts: units: KV heads, whose quads go through the keys block by block in turn, so that each
- * block of key and value rows comes from memory once rather than once per quad (the same sums as attn_quads) */
+/* decoding at long contexts: units: KV heads, whose groups go through the keys block by block in turn, so that each
+ * block of key and value rows comes from memory once rather than once per group (the same sums as attn_groups) */
 __attribute__((target(AVX512BF16))) static void attn_kv_heads_avx512(const void *p, int64_t u0, int64_t u1) {
     const attn_job_t *a = p;
-    int64_t S = a->S, quads = a->H / a->KV / 4;
-    float *w = malloc(sizeof(float) * 4 * quads * (S + 16) + sizeof(float) * quads * (4 * 64 + 8));
+    int64_t S = a->S, G = a->H / a->KV, groups = G / a->group, quads = G / 4;
+    float *w = malloc(sizeof(float) * G * (S + 16) + sizeof(float) * G * (64 + 2));
     if (!w) { __atomic_store_n(&((attn_job_t *)p)->failed, 1, __ATOMIC_RELAXED); return; }
-    float *acc = w + 4 * quads * (S + 16), *m = acc + quads * 4 * 64, *total = m + 4 * quads;
+    float *acc = w + G * (S + 16), *m = acc + G * 64, *total = m + G;
+    uint32_t qp[8 * 32];
     for (int64_t kvh = u0; kvh < u1; kvh++) {
-        int64_t h_first = kvh * 4 * quads;
-        for (int64_t j = 0; j < quads; j++)
-            for (int g = 0; g < 4; g++) m[4 * j + g] = a->sinks[h_first + 4 * j + g];
+        int64_t h_first = kvh * G;  /* head h_first + g: scores at w + g * (S + 16), maximum m[g], sum total[g] */
+        for (int64_t g = 0; g < G; g++) m[g] = a->sinks[h_first + g];
         for (int64_t b = 0; b < S; b += KV_BLOCK)
-            for (int64_t j = 0; j < quads; j++)
-                quad_scores(a, a->q + (h_first + 4 * j) * 64, h_first + 4 * j, 0, S, b, b + KV_BLOCK < S ? b + KV_BLOCK : S,
-                            w + 4 * j * (S + 16), m + 4 * j);
+            for (int64_t j = 0; j < groups; j++) {
+                int64_t g = j * a->group;
+                group_scores(a, a->q + (h_first + g) * 64, qp, h_first + g, 0, S, b, b + KV_BLOCK < S ? b + KV_BLOCK : S,
+                             w + g * (S + 16), m + g);
+            }
         for (int64_t j = 0; j < quads; j++) quad_softmax(a, h_first + 4 * j, S, w + 4 * j * (S + 16), m + 4 * j, total + 4 * j);
-        memset(acc, 0, sizeof(float) * quads * 4 * 64);
+        memset(acc, 0, sizeof(float) * G * 64);
         for (int64_t b = 0; b < S; b += KV_BLOCK)
             for (int64_t j = 0; j < quads; j++)
                 quad_values(a, h_first + 4 * j, 0, S, b, b + KV_BLOCK < S ? b + KV_BLOCK : S, w + 4 * j * (S + 16),
@@ -993,17 +1070,26 @@ __attribute__((target(AVX512BF16))) static void attn_kv_heads_avx512(const void 
     free(w);
 }
 
-/* prefill: T queries, each over the keys it may see (causal, within the window); units: (query, group of four) */
-__attribute__((target(AVX512BF16))) static void attn_quads_prefill_avx512(const void *p, int64_t u0, int64_t u1) {
-    const attn_job_t *a = p; int64_t quads = a->H / 4;
-    float *w = malloc(sizeof(float) * 4 * (a->S + 16));
+/* prefill: T queries, each over the keys it may see (causal, within the window); units: (query, group of heads) */
+__attribute__((target(AVX512BF16))) static void attn_groups_prefill_avx512(const void *p, int64_t u0, int64_t u1) {
+    const attn_job_t *a = p; int64_t groups = a->H / a->group;
+    float *w = malloc(sizeof(float) * 8 * (a->S + 16));
     if (!w) { __atomic_store_n(&((attn_job_t *)p)->failed, 1, __ATOMIC_RELAXED); return; }
     for (int64_t u = u0; u < u1; u++) {
-        int64_t t = u / quads, h0 = 4 * (u % quads), pos = a->first + t;
+        int64_t t = u / groups, h0 = a->group * (u % groups), pos = a->first + t;
         int64_t lo = a->window && pos - a->window + 1 > 0 ? pos - a->window + 1 : 0;
-        attn_quad(a, a->q + (t * a->H + h0) * 64, a->out + (t * a->H + h0) * 64, h0, lo, pos + 1, w);
+        attn_group(a, a->q + (t * a->H + h0) * 64, a->out + (t * a->H + h0) * 64, h0, lo, pos + 1, w);
     }
     free(w);
+}
+
+/* Chooses the AVX-512 path's scoring (attn_job_t's pairs and group) for q [n, D] floats. */
+static void attention_setup(attn_job_t *a, int64_t n) {
+    const uint32_t *bits = (const uint32_t *)a->q;
+    int q_bf16 = 1;
+    for (int64_t i = 0; i < n * a->D && q_bf16; i++) q_bf16 = (bits[i] & 0xffff) == 0;
+    a->pairs = a->bf16 && q_bf16;
+    a->group = a->pairs && (a->H / a->KV) % 8 == 0 ? 8 : 4;
 }
 #endif
 
@@ -1023,8 +1109,9 @@ static void attention_heads(attn_job_t *a) {
 #ifdef OSSIE_X86
     if (quads_apply(a)) {
         /* long contexts: a KV head's rows read once for all its quads, where that leaves a unit for every thread */
+        attention_setup(a, a->H);
         if (a->S >= 2048 && a->KV >= pool.nthreads) parallel_for(attn_kv_heads_avx512, a, a->KV, 1);
-        else parallel_for(attn_quads_avx512, a, a->H / 4, 1);
+        else parallel_for(attn_groups_avx512, a, a->H / a->group, 1);
         return;
     }
 #endif
@@ -1048,7 +1135,8 @@ static PyObject *py_attention_prefill(PyObject *self __attribute__((unused)), Py
 #ifdef OSSIE_X86
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&call_mu);
-    parallel_for(attn_quads_prefill_avx512, &a, T * (H / 4), 1);
+    attention_setup(&a, T * H);
+    parallel_for(attn_groups_prefill_avx512, &a, T * (H / a.group), 1);
     pthread_mutex_unlock(&call_mu);
     Py_END_ALLOW_THREADS
 #endif
