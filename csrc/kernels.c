@@ -373,6 +373,149 @@ __attribute__((target(AVX512BF16))) static void mxfp4_avx512bf16(const void *p, 
             }
 }
 
+/* r[i] = row i of a 16 x 16 matrix of 32-bit words; afterwards r[j] = its column j. Three rounds of unpacks within
+ * 128-bit lanes, then 128-bit lanes exchanged: 64 shuffles. */
+__attribute__((target(AVX512BF16))) static inline void transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);      /* per lane: r_i[0] r_i+1[0] r_i[1] r_i+1[1] */
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);  /* r_i[2] r_i+1[2] r_i[3] r_i+1[3] */
+    }
+    for (int i = 0; i < 16; i += 4) {  /* u[i + k], lane L: rows i..i+3 of column 4L + k */
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        __m512i v = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x44), w = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xEE);
+        __m512i v2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x44), w2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xEE);
+        r[k] = _mm512_shuffle_i32x4(v, v2, 0x88);
+        r[4 + k] = _mm512_shuffle_i32x4(v, v2, 0xDD);
+        r[8 + k] = _mm512_shuffle_i32x4(w, w2, 0x88);
+        r[12 + k] = _mm512_shuffle_i32x4(w, w2, 0xDD);
+    }
+}
+
+/* ---- MXFP4 for many tokens (a prompt's tokens per expert): decoded once, then a bf16 GEMM ---------------------
+ * With many tokens the product is compute-bound, and the tile kernel above spends as much on decoding chunks (for
+ * every tile of tokens) and on its loads (a whole vector of x per dot product) as on the dot products. Here a block
+ * of GROWS rows is decoded once into bf16, each group's scale folded in (2^(s-127) added to the exponent: exact as
+ * long as every value stays a normal number, which holds for scale bytes 2..252), and laid out as a panel: for each
+ * pair of elements p, the 16 rows of a row group side by side (one vector: the layout vdpbf16ps multiplies a
+ * broadcast pair of x by). Tiles of GROWS rows x GT tokens then keep GRG x GT accumulators in registers, each
+ * vdpbf16ps adding two products for 16 rows, with one vector of weights per 16 rows and one broadcast of x per token: no
+ * horizontal sums, and a third of the tile kernel's loads per product. Each (row, token) sum is one chain over the pairs of the
+ * row, in the same order whatever the token count. */
+#define GEMM_MIN_T 16   /* from this many tokens a call takes the panel GEMM */
+#define GRG 4           /* row groups of 16 per panel (64 rows: 368 KB of bf16 at 2,880 columns, in L2) */
+#define GT 6            /* tokens per tile: GRG x GT = 24 accumulators, GRG weight vectors, one broadcast of x */
+#define GROWS (16 * GRG)
+
+/* whether every scale byte of rows [r0, r1) keeps the folded values normal (see above) */
+static int scales_fold(const job_t *j, int64_t r0, int64_t r1) {
+    const uint8_t *sc = j->scales + r0 * (j->in / 32), *end = j->scales + r1 * (j->in / 32);
+    for (; sc < end; sc++) if (*sc < 2 || *sc > 252) return 0;
+    return 1;
+}
+
+/* row o as bf16 into w [in], each group's scale folded in, 4-group chunks in the order of decode4 (x's permuted
+ * order), tail groups in natural order */
+__attribute__((target(AVX512BF16))) static void decode_row(const job_t *j, int64_t o, uint16_t *w) {
+    int64_t G = j->in / 32, G4 = G / 4 * 4;
+    const __m512i lane_of_word = _mm512_set_epi16(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2,
+                                                   1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i bias = _mm512_set1_epi16(127), magnitude = _mm512_set1_epi16(0x7fff);
+    const uint8_t *blk = j->blocks + o * G * 16, *sc = j->scales + o * G;
+    for (int64_t g = 0; g < G4; g += 4) {
+        int32_t four; memcpy(&four, sc + g, 4);
+        /* word k of a decoded vector belongs to group g + k / 8 (one per 128-bit lane) */
+        __m512i e = _mm512_permutexvar_epi16(lane_of_word, _mm512_cvtepu8_epi16(_mm256_castsi128_si256(_mm_cvtsi32_si128(four))));
+        e = _mm512_slli_epi16(_mm512_sub_epi16(e, bias), 7);
+        __m512i v[4];
+        decode4(blk + g * 16, &v[0], &v[1], &v[2], &v[3]);
+        for (int k = 0; k < 4; k++) {
+            __mmask32 nonzero = _mm512_test_epi16_mask(v[k], magnitude);
+            _mm512_storeu_si512((void *)(w + g * 32 + 32 * k), _mm512_mask_add_epi16(v[k], nonzero, v[k], e));
+        }
+    }
+    for (int64_t g = G4; g < G; g++) {
+        const __m512i lut = _mm512_setr_epi32(0x3f000000, 0x3fc03f80, 0x40404000, 0x40c04080,
+                                              0xbf008000, 0xbfc0bf80, 0xc040c000, 0xc0c0c080, 0, 0, 0, 0, 0, 0, 0, 0);
+        __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + g * 16)));
+        __m512i idx = _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0x0f)),
+                                      _mm512_slli_epi32(_mm512_and_si512(d, _mm512_set1_epi32(0xf0)), 12));
+        __m512i v = _mm512_permutexvar_epi16(idx, lut), e = _mm512_set1_epi16((int16_t)((sc[g] - 127) << 7));
+        __mmask32 nonzero = _mm512_test_epi16_mask(v, magnitude);
+        _mm512_storeu_si512((void *)(w + g * 32), _mm512_mask_add_epi16(v, nonzero, v, e));
+    }
+}
+
+/* rows [r0, r0 + GROWS) (those below r1; the rest zero) into the panel: pair p of row group rg at
+ * panel + (GRG p + rg) * 32 words. rows: room for 16 decoded rows. */
+__attribute__((target(AVX512BF16))) static void decode_panel(const job_t *j, int64_t r0, int64_t r1, uint16_t *rows,
+                                                              uint16_t *panel) {
+    int64_t in = j->in;
+    for (int rg = 0; rg < GRG; rg++) {
+        for (int r = 0; r < 16; r++) {
+            if (r0 + 16 * rg + r < r1) decode_row(j, r0 + 16 * rg + r, rows + r * in);
+            else memset(rows + r * in, 0, sizeof(uint16_t) * in);
+        }
+        for (int64_t i = 0; i < in; i += 32) {  /* 16 rows x 16 pairs, transposed: vector p = pair p of each row */
+            __m512i v[16];
+            for (int r = 0; r < 16; r++) v[r] = _mm512_loadu_si512((const void *)(rows + r * in + i));
+            transpose16(v);
+            for (int p = 0; p < 16; p++) _mm512_store_si512((void *)(panel + (GRG * (i / 2 + p) + rg) * 32), v[p]);
+        }
+    }
+}
+
+/* the panel's GROWS rows from o (those below r1) against tokens t0..t0+NT-1, NT a compile-time constant */
+__attribute__((target(AVX512BF16), always_inline)) static inline void panel_tile(const job_t *j, const uint16_t *panel,
+                                                                                   int64_t o, int64_t r1, int64_t t0,
+                                                                                   const int NT) {
+    __m512 acc[GRG][GT];
+    for (int rg = 0; rg < GRG; rg++) for (int t = 0; t < NT; t++) acc[rg][t] = _mm512_setzero_ps();
+    const uint32_t *x = (const uint32_t *)(j->xb + t0 * j->in);
+    int64_t pairs = j->in / 2;
+    for (int64_t p = 0; p < pairs; p++) {
+        __m512bh w[GRG];
+        for (int rg = 0; rg < GRG; rg++) w[rg] = (__m512bh)_mm512_load_si512((const void *)(panel + (GRG * p + rg) * 32));
+        for (int t = 0; t < NT; t++) {
+            __m512bh xv = (__m512bh)_mm512_set1_epi32((int)x[t * pairs + p]);
+            for (int rg = 0; rg < GRG; rg++) acc[rg][t] = _mm512_dpbf16_ps(acc[rg][t], w[rg], xv);
+        }
+    }
+    for (int rg = 0; rg < GRG; rg++) {
+        int64_t first = o + 16 * rg, n = r1 - first < 16 ? r1 - first : 16;
+        if (n <= 0) break;
+        __mmask16 keep = (__mmask16)((1u << n) - 1);
+        __m512 b = j->bias ? _mm512_maskz_loadu_ps(keep, j->bias + first) : _mm512_setzero_ps();
+        for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(j->y + (t0 + t) * j->out + first, keep, _mm512_add_ps(acc[rg][t], b));
+    }
+}
+
+__attribute__((target(AVX512BF16))) static void mxfp4_avx512bf16_gemm(const void *p, int64_t r0, int64_t r1) {
+    const job_t *j = p;
+    uint16_t *rows = aligned_alloc(64, sizeof(uint16_t) * 16 * j->in), *panel = aligned_alloc(64, sizeof(uint16_t) * GROWS * j->in);
+    if (!rows || !panel) { free(rows); free(panel); mxfp4_avx512bf16(p, r0, r1); return; }  /* the tile kernel needs no room */
+    for (int64_t o = r0; o < r1; o += GROWS) {
+        int64_t oe = o + GROWS < r1 ? o + GROWS : r1;
+        if (!scales_fold(j, o, oe)) { mxfp4_avx512bf16(p, o, oe); continue; }
+        decode_panel(j, o, oe, rows, panel);
+        for (int64_t t0 = 0; t0 < j->T; t0 += GT)
+            switch (j->T - t0 < GT ? j->T - t0 : GT) {
+            case 1: panel_tile(j, panel, o, oe, t0, 1); break;
+            case 2: panel_tile(j, panel, o, oe, t0, 2); break;
+            case 3: panel_tile(j, panel, o, oe, t0, 3); break;
+            case 4: panel_tile(j, panel, o, oe, t0, 4); break;
+            case 5: panel_tile(j, panel, o, oe, t0, 5); break;
+            default: panel_tile(j, panel, o, oe, t0, GT); break;
+            }
+    }
+    free(rows); free(panel);
+}
+
 /* One row o against NT tokens from t0, NT a compile-time constant (see mxfp4_tile). Each token's sum runs exactly as
  * the one-token kernel's does (four accumulators over 128-element steps, added pairwise), so a token's result does
  * not depend on how many tokens share the call (continuous batching gives each sequence what it gets alone). */
@@ -509,7 +652,9 @@ static int choose_path(int kind, int bf16_ok, int64_t T, task_fn *fn) {
     if (path == PATH_AVX512BF16 && !bf16_ok) path = PATH_AVX2;
     *fn = kind == 0 ? mxfp4_scalar : bf16_scalar;
 #ifdef OSSIE_X86
-    if (path == PATH_AVX512BF16) *fn = kind == 0 ? mxfp4_avx512bf16 : (T == 1 ? bf16_avx512bf16_t1 : bf16_avx512bf16);
+    if (path == PATH_AVX512BF16)
+        *fn = kind == 0 ? (T >= GEMM_MIN_T ? mxfp4_avx512bf16_gemm : mxfp4_avx512bf16)
+                        : (T == 1 ? bf16_avx512bf16_t1 : bf16_avx512bf16);
     else if (path == PATH_AVX2) *fn = kind == 0 ? mxfp4_avx2 : bf16_avx2;
 #else
     (void)T;
@@ -556,7 +701,7 @@ static int product(int kind, const float *x, const void *wa, const void *wb, con
     }
 #endif
     if (path == PATH_AVX512BF16 && kind != 2) {
-        if (!(xb = malloc(sizeof(uint16_t) * T * in))) return -1;
+        if (!(xb = aligned_alloc(64, sizeof(uint16_t) * T * in + 64))) return -1;  /* loads within cache lines */
         for (int64_t t = 0; t < T; t++)
             for (int64_t i = 0; i < in; i++) xb[t * in + (kind == 0 ? permuted_pos(i, in) : i)] = f32_to_bf16(x[t * in + i]);
         j.xb = xb;
@@ -809,30 +954,6 @@ __attribute__((target(AVX512BF16))) static inline __m512 exp16(__m512 x) {
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
     y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
     return _mm512_scalef_ps(y, n);
-}
-
-/* r[i] = row i of a 16 x 16 matrix of 32-bit words; afterwards r[j] = its column j. Three rounds of unpacks within
- * 128-bit lanes, then 128-bit lanes exchanged: 64 shuffles. */
-__attribute__((target(AVX512BF16))) static inline void transpose16(__m512i r[16]) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);      /* per lane: r_i[0] r_i+1[0] r_i[1] r_i+1[1] */
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);  /* r_i[2] r_i+1[2] r_i[3] r_i+1[3] */
-    }
-    for (int i = 0; i < 16; i += 4) {  /* u[i + k], lane L: rows i..i+3 of column 4L + k */
-        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int k = 0; k < 4; k++) {
-        __m512i v = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x44), w = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xEE);
-        __m512i v2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x44), w2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xEE);
-        r[k] = _mm512_shuffle_i32x4(v, v2, 0x88);
-        r[4 + k] = _mm512_shuffle_i32x4(v, v2, 0xDD);
-        r[8 + k] = _mm512_shuffle_i32x4(w, w2, 0x88);
-        r[12 + k] = _mm512_shuffle_i32x4(w, w2, 0xDD);
-    }
 }
 
 /* Four query heads h0..h0+3 of one KV head (gpt-oss has 8 per KV head), head_dim 64, on AVX-512, over key rows

@@ -30,7 +30,7 @@ def close(y: torch.Tensor, ref: torch.Tensor) -> None:
 # nine (two tiles, one partial); the small ones with every token count.
 LARGE = [(5760, 2880), (2880, 2880)]
 SMALL = [(96, 4096), (40, 96), (33, 160), (17, 32)]
-CASES = [(o, i, t) for o, i in LARGE for t in (1, 9)] + [(o, i, t) for o, i in SMALL for t in (1, 3, 8, 9, 20)]
+CASES = [(o, i, t) for o, i in LARGE for t in (1, 9, 70)] + [(o, i, t) for o, i in SMALL for t in (1, 3, 8, 9, 20)]
 
 
 @pytest.mark.parametrize("out,n_in,tokens", CASES)
@@ -48,13 +48,17 @@ def test_mxfp4_matmul_matches_torch(path, out, n_in, tokens, bf16):
         close(y.double(), ref)
 
 
-def test_mxfp4_matmul_edge_scales(path):
-    """Scale bytes at the ends of the range (0 is 2**-127, far below any sum; 254 is 2**127) and every code."""
+@pytest.mark.parametrize("tokens", [2, 20])
+def test_mxfp4_matmul_edge_scales(path, tokens):
+    """Scale bytes at the ends of the range (0 is 2**-127, far below any sum; 254 is 2**127) and every code. From
+    16 tokens the bf16 path folds scales into decoded weights, which stay exact for scale bytes 2..252: the rows
+    of a panel with others take the tile kernel (rows 0-7 here), the rest (rows 8-79) the panel."""
     gen = torch.Generator().manual_seed(1)
-    blocks = torch.arange(256, dtype=torch.uint8).repeat(8).view(8, 16, 16)  # [8 rows, 16 groups, 16 bytes]
-    scales = torch.randint(100, 150, (8, 16), dtype=torch.uint8, generator=gen)
+    blocks = torch.arange(256, dtype=torch.uint8).repeat(80).view(80, 16, 16)  # [80 rows, 16 groups, 16 bytes]
+    scales = torch.randint(100, 150, (80, 16), dtype=torch.uint8, generator=gen)
     scales[0, 0], scales[1, 3], scales[2, 5] = 0, 1, 170
-    x = torch.randn(2, 512, generator=gen).bfloat16().float()
+    scales[70, :2] = torch.tensor([2, 230], dtype=torch.uint8)  # the smallest foldable, and a large one
+    x = torch.randn(tokens, 512, generator=gen).bfloat16().float()
     for bf16 in (False, True):
         y = kernels.mxfp4_matmul(x, blocks, scales, None, bf16_activations=bf16)
         ref = mxfp4_linear(x.double(), blocks, scales, None)
@@ -84,6 +88,17 @@ def test_products_of_tokens_together_equal_each_alone(path):
     alone = (torch.cat([kernels.bf16_matmul(x[t:t + 1], w, bias) for t in range(7)]),
              torch.cat([kernels.mxfp4_matmul(x[t:t + 1], blocks, scales, bias, True) for t in range(7)]))
     assert torch.equal(together[0], alone[0]) and torch.equal(together[1], alone[1])
+
+
+def test_many_token_products_do_not_depend_on_the_token_count(path):
+    """From 16 tokens MXFP4 products take the panel GEMM: each token's sum runs in one order whatever the token
+    count, so a prompt's tokens get the same products however the engine cuts its chunks."""
+    gen = torch.Generator().manual_seed(5)
+    blocks, scales = random_mxfp4(200, 2880, gen)
+    x = torch.randn(40, 2880, generator=gen).bfloat16().float()
+    together = kernels.mxfp4_matmul(x, blocks, scales, None, True)
+    assert torch.equal(together[:17], kernels.mxfp4_matmul(x[:17], blocks, scales, None, True))
+    assert torch.equal(together[17:], kernels.mxfp4_matmul(x[17:], blocks, scales, None, True))
 
 
 def test_threads_do_not_change_results():
