@@ -4,6 +4,10 @@ float32, where the machine holds the float32 model).
 
     python benchmarks/q8.py                       # the tiny synthetic checkpoint, made in a temporary folder
     python benchmarks/q8.py /tmp/m20b --tokens 256 --no-float32   # the 20b's shapes (float32 would need 52 GB)
+    python benchmarks/q8.py --kv-cache            # the 8-bit KV cache (kv_cache_dtype="q8") instead
+
+The 8-bit KV cache needs head_dim a multiple of 32: its default checkpoint is the tiny one with gpt-oss's head
+shape (head_dim 64, 8 query heads per KV head).
 
 Random synthetic weights amplify every rounding far more than a trained model does, so these figures bound the
 cost from above; they are comparable between modes, not with published perplexities. The first line is the floor:
@@ -15,6 +19,7 @@ checkpoint).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 
 import torch
@@ -32,13 +37,17 @@ def main() -> None:
     p.add_argument("checkpoint", nargs="?", help="a checkpoint folder (default: a tiny synthetic one)")
     p.add_argument("--tokens", type=int, default=512, help="prompt length")
     p.add_argument("--no-float32", action="store_true", help="skip the float32 model (large checkpoints)")
+    p.add_argument("--kv-cache", action="store_true", help="measure the 8-bit KV cache instead")
     args = p.parse_args()
     path = args.checkpoint
     if path is None:
         from ossie.model.config import PRESETS
         from ossie.synth import write_checkpoint
 
-        path = write_checkpoint(tempfile.mkdtemp(), PRESETS["tiny"], "hf", seed=1, progress=False)
+        cfg = PRESETS["tiny"]
+        if args.kv_cache:
+            cfg = dataclasses.replace(cfg, head_dim=64, num_kv_heads=1)
+        path = write_checkpoint(tempfile.mkdtemp(), cfg, "hf", seed=1, progress=False)
     ids = torch.randint(0, N_ORDINARY, (args.tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     load = dict(progress=False, enable_prefix_caching=False)
 
@@ -47,6 +56,8 @@ def main() -> None:
         cache = llm.runner.new_cache(len(ids))
         return torch.stack([llm.model.forward(torch.tensor([t]), cache)[-1].float() for t in ids])
 
+    if args.kv_cache:
+        return measure_kv_cache(path, ids, load, decoding, not args.no_float32)
     exact_llm = ossie.LLM(path, **load)
     exact = exact_llm.logits(ids)
     floor = decoding(exact_llm)  # the exact mode decoding: other float32 sums, the same bf16 weights
@@ -67,6 +78,25 @@ def main() -> None:
         agree = (decoded.argmax(-1) == f32.argmax(-1)).float().mean().item()
         print(f"  {'q8, decoding':32s} vs float32: relative logit error {rel(decoded, f32):.4f}, "
               f"top-1 agreement {agree:.1%}")
+
+
+def measure_kv_cache(path: str, ids: list[int], load: dict, decoding, float32: bool) -> None:
+    """The q8 KV cache against the exact one, in bf16 and (unless large) float32, decoding token by token."""
+    print(f"{path}: {len(ids)}-token prompt, decoded token by token")
+    for dtype in ("bfloat16", "float32") if float32 else ("bfloat16",):
+        exact = decoding(ossie.LLM(path, dtype=dtype, **load))
+        kv8 = ossie.LLM(path, dtype=dtype, kv_cache_dtype="q8", **load)
+        quantized = decoding(kv8)
+        agree = (quantized.argmax(-1) == exact.argmax(-1)).float().mean().item()
+        cache = kv8.runner.new_cache(len(ids))
+        print(f"  {dtype}: q8 KV cache vs exact: relative logit error {rel(quantized, exact):.4f}, top-1 agreement "
+              f"{agree:.1%}; cache {cache.nbytes() / 2**20:.2f} MiB against "
+              f"{ossie.LLM(path, dtype=dtype, **load).runner.new_cache(len(ids)).nbytes() / 2**20:.2f}")
+        if dtype == "float32":
+            bf16 = decoding(ossie.LLM(path, **load))
+            agree = (bf16.argmax(-1) == exact.argmax(-1)).float().mean().item()
+            print(f"  bf16 rounding alone (bf16 vs float32, exact cache): relative logit error {rel(bf16, exact):.4f}, "
+                  f"top-1 agreement {agree:.1%}")
 
 
 if __name__ == "__main__":

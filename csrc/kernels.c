@@ -167,6 +167,34 @@ static inline float half_to_f32(uint16_t h) {
     float f; memcpy(&f, &u, 4); return f;
 }
 
+/* float32 -> float16 bits, rounding to nearest even as torch's .half() */
+static uint16_t f32_to_f16(float f) {
+    uint32_t x; memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffff;
+    if (ax >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000 ? 0x200 : 0));  /* inf, nan */
+    if (ax >= 0x477ff000) return (uint16_t)(sign | 0x7c00);  /* 65520 and up round to inf */
+    if (ax < 0x38800000) {  /* below 2^-14: a subnormal, in units of 2^-24 (the product is exact) */
+        float a; memcpy(&a, &ax, 4);
+        return (uint16_t)(sign | (uint32_t)lrintf(a * 16777216.f));
+    }
+    uint32_t r = ax - 0x38000000;  /* the exponent rebiased from 127 to 15 */
+    return (uint16_t)(sign | ((r + 0x0fff + ((r >> 13) & 1)) >> 13));
+}
+
+/* 32 values as q8: int8 values v and the float16 scale (returned), as ossie.model.q8.quantize_torch rounds them */
+static uint16_t quant32(const float *x, int8_t *v) {
+    float amax = 0.f;
+    for (int k = 0; k < 32; k++) { float a = fabsf(x[k]); if (a > amax) amax = a; }
+    uint16_t h = f32_to_f16(amax / 127.f);
+    float d = half_to_f32(h);
+    if (d == 0.f) d = 1.f;  /* an all-zero group (or one below float16's range): values 0 */
+    for (int k = 0; k < 32; k++) {
+        long r = lrintf(x[k] / d);
+        v[k] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
+    }
+    return h;
+}
+
 /* q8 (llama.cpp's q8_0): int8 values [out, in] (in `blocks`) and a float16 scale for each 32 of a row [out, in/32]
  * (in `scales`); a weight is value * scale. x is float32. */
 static void q8_scalar(const void *p, int64_t r0, int64_t r1) {
@@ -868,11 +896,24 @@ typedef struct {
     int64_t T, first, window;  /* prefill: T queries; query t is at position first + t and sees key rows
                                   (first + t - window, first + t] (all before it when window is 0); rows are positions */
     int pairs, group;  /* set by attention_setup. pairs: a bf16 cache and queries holding bf16 values, whose scores
-                          the AVX-512 path takes in bf16 pairs; group: the query heads it scores together, 8 (pairs
-                          and 8 or 16... query heads per KV head, as gpt-oss has 8) or 4 */
+                          the AVX-512 path takes in bf16 pairs; group: the query heads it scores together: 8 (pairs
+                          or a q8 cache, and a multiple of 8 query heads per KV head, as gpt-oss has) or 4 */
+    int q8;  /* the cache holds packed q8 rows (ossie.model.q8.pack_kv): per position and KV head, D int8 values and
+                D/32 float16 scales, KV_ROW(D) bytes; bf16 is then 0 */
 } attn_job_t;
 
+#define KV_ROW(D) ((D) + 2 * ((D) / 32))
+
+/* element i (= (position * KV + kv_head) * D + d) of a q8 cache */
+static inline float q8_kv_at(const attn_job_t *a, const void *base, int64_t i) {
+    const uint8_t *row = (const uint8_t *)base + (i / a->D) * KV_ROW(a->D);
+    int64_t d = i % a->D; uint16_t h;
+    memcpy(&h, row + a->D + 2 * (d / 32), 2);
+    return (float)(int8_t)row[d] * half_to_f32(h);
+}
+
 static inline float kv_at(const attn_job_t *a, const void *base, int64_t i) {
+    if (a->q8) return q8_kv_at(a, base, i);
     return a->bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
 }
 
@@ -897,7 +938,8 @@ __attribute__((target("avx2,fma"))) static float dot_avx2(const attn_job_t *a, c
 
 /* o += p * v[off..off+D) */
 static void axpy_scalar(const attn_job_t *a, float *o, float p, int64_t off) {
-    if (a->bf16) { const uint16_t *v = (const uint16_t *)a->v + off; for (int64_t d = 0; d < a->D; d++) o[d] += p * bf16_to_f32(v[d]); }
+    if (a->q8) { for (int64_t d = 0; d < a->D; d++) o[d] += p * q8_kv_at(a, a->v, off + d); }
+    else if (a->bf16) { const uint16_t *v = (const uint16_t *)a->v + off; for (int64_t d = 0; d < a->D; d++) o[d] += p * bf16_to_f32(v[d]); }
     else { const float *v = (const float *)a->v + off; for (int64_t d = 0; d < a->D; d++) o[d] += p * v[d]; }
 }
 
@@ -920,7 +962,7 @@ static void attn_heads(const void *p, int64_t h0, int64_t h1) {
     float (*dot)(const attn_job_t *, const float *, int64_t) = dot_scalar;
     void (*axpy)(const attn_job_t *, float *, float, int64_t) = axpy_scalar;
 #ifdef OSSIE_X86
-    if (best_path >= PATH_AVX2 && forced_path != PATH_SCALAR && D % 8 == 0) { dot = dot_avx2; axpy = axpy_avx2; }
+    if (best_path >= PATH_AVX2 && forced_path != PATH_SCALAR && D % 8 == 0 && !a->q8) { dot = dot_avx2; axpy = axpy_avx2; }
 #endif
     for (int64_t h = h0; h < h1; h++) {
         const float *q = a->q + h * D; int64_t kvh = h / G; float m = a->sinks[h], total;
@@ -1070,22 +1112,110 @@ __attribute__((target(AVX512BF16))) static void pair_scores8(const attn_job_t *a
     pair_scores(a, qp, 8, h0, lo, S, s_begin, s_end, w, m);
 }
 
-/* The scores of a group of a->group heads from h0 (q: their queries) over key rows [lo, lo + S), keys s_begin..
- * s_end; qp: room for 8 * 32 words. Head g's scores go to w + g * (S + 16), its running maximum to m[g]. */
-__attribute__((target(AVX512BF16))) static void group_scores(const attn_job_t *a, const float *q, uint32_t *qp,
-                                                              int64_t h0, int64_t lo, int64_t S, int64_t s_begin,
-                                                              int64_t s_end, float *w, float *m) {
-    if (!a->pairs) {
-        quad_scores(a, q, h0, lo, S, s_begin, s_end, w, m);
-        return;
+/* Scores over a q8 cache, as llama.cpp computes q8_0 dot products: the queries rounded to int8 for each 32 dims too
+ * (qb: head g's dims 4p..4p+3 as bytes q + 128 at qb[g * 16 + p]; qd[g * 2 + b]: the scale of its block b), and
+ * AVX-512 VNNI's vpdpbusd multiplying four unsigned query bytes by four signed key bytes at once. The keys' 64
+ * value bytes are transposed as the bf16 rows are (vector p: dims 4p..4p+3 of 16 keys); the +128 offset is taken
+ * back with each key's sum over the block (one more vpdpbusd against ones); each block's integer sum is scaled by
+ * both scales (the keys' gathered from their rows). head_dim 64: two blocks. */
+#define VNNI AVX512BF16 ",avx512vnni"
+__attribute__((target(VNNI), always_inline)) static inline void q8_scores(const attn_job_t *a, const uint32_t *qb,
+                                                                          const float *qd, int nh, int64_t h0,
+                                                                          int64_t lo, int64_t S, int64_t s_begin,
+                                                                          int64_t s_end, float *w, float *m) {
+    int64_t G = a->H / a->KV, row = a->KV * KV_ROW(64), kvh = h0 / G;
+    const uint8_t *kb = (const uint8_t *)a->k + kvh * KV_ROW(64);
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t s0 = s_begin; s0 < s_end; s0 += 16) {
+        __mmask16 valid = S - s0 >= 16 ? 0xffff : (__mmask16)((1u << (S - s0)) - 1);
+        __m512i k16[16], at[16];
+        int32_t offs[16];
+        for (int i = 0; i < 16; i++) {
+            int64_t s = lo + s0 + (s0 + i < S ? i : S - 1 - s0);  /* past the last key: it again (masked out) */
+            k16[i] = _mm512_loadu_si512((const void *)(kb + s * row));
+            offs[i] = (int32_t)(s * row + 64);
+        }
+        __m512i sc = _mm512_i32gather_epi32(_mm512_loadu_si512((const void *)offs), (const void *)kb, 1);
+        __m512 ks[2] = {_mm512_cvtph_ps(_mm512_cvtepi32_epi16(sc)), _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(sc, 16)))};
+        transpose16(k16);
+        __m512 sum[8];
+        for (int b = 0; b < 2; b++) {
+            __m512i ksum = _mm512_setzero_si512();
+            for (int g = 0; g < nh; g++) at[g] = _mm512_setzero_si512();
+            for (int p = 8 * b; p < 8 * b + 8; p++) {
+                ksum = _mm512_dpbusd_epi32(ksum, ones, k16[p]);
+                for (int g = 0; g < nh; g++) at[g] = _mm512_dpbusd_epi32(at[g], _mm512_set1_epi32((int)qb[g * 16 + p]), k16[p]);
+            }
+            __m512i offset = _mm512_slli_epi32(ksum, 7);  /* 128 times the keys' sums */
+            for (int g = 0; g < nh; g++) {
+                __m512 part = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(at[g], offset)),
+                                            _mm512_mul_ps(ks[b], _mm512_set1_ps(qd[g * 2 + b])));
+                sum[g] = b ? _mm512_add_ps(sum[g], part) : part;
+            }
+        }
+        for (int g = 0; g < nh; g++) {
+            __m512 v = _mm512_mul_ps(sum[g], _mm512_set1_ps(a->scale));
+            _mm512_storeu_ps(w + g * (S + 16) + s0, v);
+            float mx = _mm512_mask_reduce_max_ps(valid, v);
+            if (mx > m[g]) m[g] = mx;
+        }
     }
-    for (int i = 0; i < a->group * 32; i++) {
-        uint32_t lo16, hi16;
-        memcpy(&lo16, q + 2 * i, 4); memcpy(&hi16, q + 2 * i + 1, 4);
-        qp[i] = (lo16 >> 16) | (hi16 & 0xffff0000u);  /* exact: the values are bf16 */
-    }
-    if (a->group == 8) pair_scores8(a, qp, h0, lo, S, s_begin, s_end, w, m);
-    else pair_scores4(a, qp, h0, lo, S, s_begin, s_end, w, m);
+}
+
+__attribute__((target(VNNI))) static void q8_scores4(const attn_job_t *a, const uint32_t *qb, const float *qd, int64_t h0,
+                                                      int64_t lo, int64_t S, int64_t s_begin, int64_t s_end, float *w,
+                                                      float *m) {
+    q8_scores(a, qb, qd, 4, h0, lo, S, s_begin, s_end, w, m);
+}
+
+__attribute__((target(VNNI))) static void q8_scores8(const attn_job_t *a, const uint32_t *qb, const float *qd, int64_t h0,
+                                                      int64_t lo, int64_t S, int64_t s_begin, int64_t s_end, float *w,
+                                                      float *m) {
+    q8_scores(a, qb, qd, 8, h0, lo, S, s_begin, s_end, w, m);
+}
+
+/* head g's query (64 floats at q + 64 g) as q8_scores takes it: bytes q / d + 128 per block of 32 with d its
+ * largest magnitude / 127 */
+static void quantize_queries(const float *q, int nh, uint32_t *qb, float *qd) {
+    for (int g = 0; g < nh; g++)
+        for (int b = 0; b < 2; b++) {
+            const float *x = q + g * 64 + 32 * b; float amax = 0.f;
+            for (int k = 0; k < 32; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+            float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+            qd[g * 2 + b] = d;
+            uint8_t *bytes = (uint8_t *)(qb + g * 16 + 8 * b);
+            for (int k = 0; k < 32; k++) {
+                long v = lrintf(x[k] * inv);
+                bytes[k] = (uint8_t)((v > 127 ? 127 : v < -127 ? -127 : v) + 128);
+            }
+        }
+}
+
+/* A group's queries as its scoring reads them, made once per call: bf16 pairs (pair_scores), or int8 bytes and
+ * their scales (q8_scores) */
+typedef struct { uint32_t words[8 * 32]; float qd[16]; } group_query_t;
+
+static void group_query(const attn_job_t *a, const float *q, group_query_t *gq) {
+    if (a->q8) quantize_queries(q, a->group, gq->words, gq->qd);
+    else if (a->pairs)
+        for (int i = 0; i < a->group * 32; i++) {
+            uint32_t lo16, hi16;
+            memcpy(&lo16, q + 2 * i, 4); memcpy(&hi16, q + 2 * i + 1, 4);
+            gq->words[i] = (lo16 >> 16) | (hi16 & 0xffff0000u);  /* exact: the values are bf16 */
+        }
+}
+
+/* The scores of a group of a->group heads from h0 (q: their queries, gq: as group_query made them) over key rows
+ * [lo, lo + S), keys s_begin..s_end. Head g's scores go to w + g * (S + 16), its running maximum to m[g]. */
+__attribute__((target(AVX512BF16))) static void group_scores(const attn_job_t *a, const float *q,
+                                                              const group_query_t *gq, int64_t h0, int64_t lo,
+                                                              int64_t S, int64_t s_begin, int64_t s_end, float *w,
+                                                              float *m) {
+    if (a->q8 && a->group == 8) q8_scores8(a, gq->words, gq->qd, h0, lo, S, s_begin, s_end, w, m);
+    else if (a->q8) q8_scores4(a, gq->words, gq->qd, h0, lo, S, s_begin, s_end, w, m);
+    else if (!a->pairs) quad_scores(a, q, h0, lo, S, s_begin, s_end, w, m);
+    else if (a->group == 8) pair_scores8(a, gq->words, h0, lo, S, s_begin, s_end, w, m);
+    else pair_scores4(a, gq->words, h0, lo, S, s_begin, s_end, w, m);
 }
 
 /* the scores of all S keys as softmax numerators, in place; total[g]: their sum with the sink's */
@@ -1111,6 +1241,19 @@ __attribute__((target(AVX512BF16))) static void quad_values(const attn_job_t *a,
     for (int g = 0; g < 4; g++) for (int c = 0; c < 4; c++) acc[g][c] = _mm512_loadu_ps(acc_mem + g * 64 + 16 * c);
     for (int64_t s = s_begin; s < s_end; s++) {
         __m512 v[4];
+        if (a->q8) {  /* int8 values, their two scales folded into the weights below */
+            const uint8_t *vr = (const uint8_t *)a->v + (lo + s) * a->KV * KV_ROW(64) + kvh * KV_ROW(64);
+            for (int c = 0; c < 4; c++) v[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(vr + 16 * c))));
+            uint16_t h[2]; memcpy(h, vr + 64, 4);
+            float d0 = half_to_f32(h[0]), d1 = half_to_f32(h[1]);
+            for (int g = 0; g < 4; g++) {
+                float e = w[g * (S + 16) + s];
+                __m512 e0 = _mm512_set1_ps(e * d0), e1 = _mm512_set1_ps(e * d1);
+                acc[g][0] = _mm512_fmadd_ps(e0, v[0], acc[g][0]); acc[g][1] = _mm512_fmadd_ps(e0, v[1], acc[g][1]);
+                acc[g][2] = _mm512_fmadd_ps(e1, v[2], acc[g][2]); acc[g][3] = _mm512_fmadd_ps(e1, v[3], acc[g][3]);
+            }
+            continue;
+        }
         if (a->bf16) {
             const uint16_t *vr = (const uint16_t *)a->v + (lo + s) * row + kvh * 64;
             for (int c = 0; c < 4; c++)
@@ -1140,9 +1283,10 @@ __attribute__((target(AVX512BF16))) static void attn_group(const attn_job_t *a, 
                                                             int64_t lo, int64_t hi, float *w) {
     int64_t S = hi - lo;
     float m[8], total[8], acc[8 * 64] = {0};
-    uint32_t qp[8 * 32];
+    group_query_t gq;
     for (int g = 0; g < a->group; g++) m[g] = a->sinks[h0 + g];
-    group_scores(a, q, qp, h0, lo, S, 0, S, w, m);
+    group_query(a, q, &gq);
+    group_scores(a, q, &gq, h0, lo, S, 0, S, w, m);
     for (int j = 0; j < a->group; j += 4) {
         quad_softmax(a, h0 + j, S, w + j * (S + 16), m + j, total + j);
         quad_values(a, h0 + j, lo, S, 0, S, w + j * (S + 16), acc + j * 64);
@@ -1170,15 +1314,17 @@ __attribute__((target(AVX512BF16))) static void attn_kv_heads_avx512(const void 
     float *w = malloc(sizeof(float) * G * (S + 16) + sizeof(float) * G * (64 + 2));
     if (!w) { __atomic_store_n(&((attn_job_t *)p)->failed, 1, __ATOMIC_RELAXED); return; }
     float *acc = w + G * (S + 16), *m = acc + G * 64, *total = m + G;
-    uint32_t qp[8 * 32];
+    group_query_t *gq = malloc(sizeof(group_query_t) * groups);
+    if (!gq) { free(w); __atomic_store_n(&((attn_job_t *)p)->failed, 1, __ATOMIC_RELAXED); return; }
     for (int64_t kvh = u0; kvh < u1; kvh++) {
         int64_t h_first = kvh * G;  /* head h_first + g: scores at w + g * (S + 16), maximum m[g], sum total[g] */
         for (int64_t g = 0; g < G; g++) m[g] = a->sinks[h_first + g];
+        for (int64_t j = 0; j < groups; j++) group_query(a, a->q + (h_first + j * a->group) * 64, &gq[j]);
         for (int64_t b = 0; b < S; b += KV_BLOCK)
             for (int64_t j = 0; j < groups; j++) {
                 int64_t g = j * a->group;
-                group_scores(a, a->q + (h_first + g) * 64, qp, h_first + g, 0, S, b, b + KV_BLOCK < S ? b + KV_BLOCK : S,
-                             w + g * (S + 16), m + g);
+                group_scores(a, a->q + (h_first + g) * 64, &gq[j], h_first + g, 0, S, b,
+                             b + KV_BLOCK < S ? b + KV_BLOCK : S, w + g * (S + 16), m + g);
             }
         for (int64_t j = 0; j < quads; j++) quad_softmax(a, h_first + 4 * j, S, w + 4 * j * (S + 16), m + 4 * j, total + 4 * j);
         memset(acc, 0, sizeof(float) * G * 64);
@@ -1188,7 +1334,7 @@ __attribute__((target(AVX512BF16))) static void attn_kv_heads_avx512(const void 
                             acc + j * 4 * 64);
         for (int64_t j = 0; j < quads; j++) quad_out(acc + j * 4 * 64, total + 4 * j, a->out + (h_first + 4 * j) * 64);
     }
-    free(w);
+    free(w); free(gq);
 }
 
 /* prefill: T queries, each over the keys it may see (causal, within the window); units: (query, group of heads) */
@@ -1210,15 +1356,17 @@ static void attention_setup(attn_job_t *a, int64_t n) {
     int q_bf16 = 1;
     for (int64_t i = 0; i < n * a->D && q_bf16; i++) q_bf16 = (bits[i] & 0xffff) == 0;
     a->pairs = a->bf16 && q_bf16;
-    a->group = a->pairs && (a->H / a->KV) % 8 == 0 ? 8 : 4;
+    a->group = (a->pairs || a->q8) && (a->H / a->KV) % 8 == 0 ? 8 : 4;
 }
 #endif
 
-/* whether the AVX-512 kernel applies: head_dim 64, query heads per KV head a multiple of 4, int32 gather indices */
+/* whether the AVX-512 kernel applies: head_dim 64, query heads per KV head a multiple of 4, int32 gather indices
+ * (and VNNI for a q8 cache) */
 static int quads_apply(const attn_job_t *a) {
 #ifdef OSSIE_X86
     int path = forced_path >= 0 && forced_path < best_path ? forced_path : best_path;
-    return path == PATH_AVX512BF16 && a->D == 64 && (a->H / a->KV) % 4 == 0 && a->S * a->KV * 64 < (1LL << 31);
+    return path == PATH_AVX512BF16 && a->D == 64 && (a->H / a->KV) % 4 == 0 && (!a->q8 || has_vnni) &&
+           a->S * a->KV * KV_ROW(64) < (1LL << 31);
 #else
     (void)a;
     return 0;
@@ -1265,13 +1413,18 @@ static PyObject *py_attention_prefill(PyObject *self __attribute__((unused)), Py
     Py_RETURN_TRUE;
 }
 
-/* attention(q, k, v, sinks, out, S, H, KV, D, scale, bf16): q float32 [H, D], out float32 [H, D] */
+/* attention(q, k, v, sinks, out, S, H, KV, D, scale, bf16[, q8]): q float32 [H, D], out float32 [H, D]; k, v
+ * [S, KV, D] bf16 or float32, or with q8 packed q8 rows [S, KV, KV_ROW(D)] */
 static PyObject *py_attention(PyObject *self __attribute__((unused)), PyObject *args) {
-    unsigned long long q, k, v, sinks, out; long long S, H, KV, D; float scale; int bf16;
-    if (!PyArg_ParseTuple(args, "KKKKKLLLLfp", &q, &k, &v, &sinks, &out, &S, &H, &KV, &D, &scale, &bf16)) return NULL;
-    if (S < 1 || KV < 1 || H % KV) { PyErr_SetString(PyExc_ValueError, "attention: S >= 1 and H a multiple of KV"); return NULL; }
+    unsigned long long q, k, v, sinks, out; long long S, H, KV, D; float scale; int bf16, q8 = 0;
+    if (!PyArg_ParseTuple(args, "KKKKKLLLLfp|p", &q, &k, &v, &sinks, &out, &S, &H, &KV, &D, &scale, &bf16, &q8))
+        return NULL;
+    if (S < 1 || KV < 1 || H % KV || (q8 && D % 32)) {
+        PyErr_SetString(PyExc_ValueError, "attention: S >= 1, H a multiple of KV (and D of 32 for q8)"); return NULL;
+    }
     attn_job_t a = {(const float *)q, (const void *)k, (const void *)v, (const float *)sinks, (float *)out, S, H, KV, D,
-                    scale, bf16, 0};
+                    scale, bf16 && !q8, 0};
+    a.q8 = q8;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&call_mu);
     attention_heads(&a);
@@ -1294,17 +1447,19 @@ static void rms_norm_bf16(const float *x, const float *w, float *out, int64_t n,
  * rounded to bf16 where the torch path rounds it (each op on bf16 tensors rounds its result), so the two paths
  * agree up to the order of float32 sums. x, y: float32 [hidden] holding bf16 values; cos2, sin2: float32 [D] as
  * in model.apply_rope; caches bf16 [rows, KV, D]; the new key and value go to row `slot`, and attention reads
- * rows 0..n_keys-1 (a ring buffer as it lies). With a router (gate_w not 0), it also gives the MoE block's input
+ * rows 0..n_keys-1 (a ring buffer as it lies); with kv_q8 the caches hold packed q8 rows [rows, KV, KV_ROW(D)] and the
+ * new key and value are written so (as ossie.model.q8.pack_kv writes them). With a router (gate_w not 0), it also gives the MoE block's input
  * RMSNorm(y) (float32 [hidden] holding bf16 values) and the router's logits (bf16 [E]), so the decoding loop runs
  * no torch op between the blocks but the top-k. */
 static PyObject *py_attention_block(PyObject *self __attribute__((unused)), PyObject *args) {
     unsigned long long x, nw, qw, qb, c2, s2, kc, vc, sk, ow, ob, y, mnw, gw, gb, hout, lout, qs = 0, os = 0;
     long long slot, nkeys, H, KV, D, hid, E; float eps; int wkind = 1;  /* the projections: 1 bf16, 2 q8 (+ scales) */
-    if (!PyArg_ParseTuple(args, "KKKKKKKKKKKKLLLLLLfKKKLKK|iKK", &x, &nw, &qw, &qb, &c2, &s2, &kc, &vc, &sk, &ow, &ob,
+    int kv_q8 = 0;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKKKKLLLLLLfKKKLKK|iKKp", &x, &nw, &qw, &qb, &c2, &s2, &kc, &vc, &sk, &ow, &ob,
                           &y, &slot, &nkeys, &H, &KV, &D, &hid, &eps, &mnw, &gw, &gb, &E, &hout, &lout, &wkind, &qs,
-                          &os)) return NULL;
+                          &os, &kv_q8)) return NULL;
     if (wkind != 1 && wkind != 2) { PyErr_SetString(PyExc_ValueError, "attention_block: wkind is 1 or 2"); return NULL; }
-    if (hid % 32 || (H * D) % 32 || D % 2 || KV < 1 || H % KV || nkeys < 1 || E > 256) {
+    if (hid % 32 || (H * D) % 32 || D % 2 || KV < 1 || H % KV || nkeys < 1 || E > 256 || (kv_q8 && D % 32)) {
         PyErr_SetString(PyExc_ValueError, "attention_block: unsupported shapes"); return NULL;
     }
     const float *xf = (const float *)x, *norm = (const float *)nw, *cos2 = (const float *)c2, *sin2 = (const float *)s2;
@@ -1313,7 +1468,8 @@ static PyObject *py_attention_block(PyObject *self __attribute__((unused)), PyOb
           *o = malloc(sizeof(float) * hid);
     int rc = !h || !qkv || !a || !o;
     attn_job_t job = {qkv, (const void *)kc, (const void *)vc, (const float *)sk, a, nkeys, H, KV, D,
-                      1.f / sqrtf((float)D), 1, 0};
+                      1.f / sqrtf((float)D), !kv_q8, 0};
+    job.q8 = kv_q8;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&call_mu);
     if (!rc) {
@@ -1331,10 +1487,21 @@ static PyObject *py_attention_block(PyObject *self __attribute__((unused)), PyOb
                 v[j + half] = rbf(rbf(hi * cos2[j + half]) + rbf(lo * sin2[j + half]));
             }
         }
-        uint16_t *kcache = (uint16_t *)kc + slot * KV * D, *vcache = (uint16_t *)vc + slot * KV * D;
-        for (int64_t i = 0; i < KV * D; i++) {
-            kcache[i] = f32_to_bf16(qkv[H * D + i]);
-            vcache[i] = f32_to_bf16(qkv[(H + KV) * D + i]);
+        if (kv_q8) {  /* each head's row: D int8 values, then a float16 scale per 32 */
+            uint8_t *kq = (uint8_t *)kc + slot * KV * KV_ROW(D), *vq = (uint8_t *)vc + slot * KV * KV_ROW(D);
+            for (int64_t h = 0; h < KV; h++)
+                for (int64_t g = 0; g < D / 32; g++) {
+                    uint16_t hk = quant32(qkv + H * D + h * D + 32 * g, (int8_t *)(kq + h * KV_ROW(D) + 32 * g));
+                    uint16_t hv = quant32(qkv + (H + KV) * D + h * D + 32 * g, (int8_t *)(vq + h * KV_ROW(D) + 32 * g));
+                    memcpy(kq + h * KV_ROW(D) + D + 2 * g, &hk, 2);
+                    memcpy(vq + h * KV_ROW(D) + D + 2 * g, &hv, 2);
+                }
+        } else {
+            uint16_t *kcache = (uint16_t *)kc + slot * KV * D, *vcache = (uint16_t *)vc + slot * KV * D;
+            for (int64_t i = 0; i < KV * D; i++) {
+                kcache[i] = f32_to_bf16(qkv[H * D + i]);
+                vcache[i] = f32_to_bf16(qkv[(H + KV) * D + i]);
+            }
         }
         attention_heads(&job);
         rc |= job.failed;
@@ -1381,37 +1548,15 @@ static void read_part(const void *ctx, int64_t b, int64_t e) {
 }
 
 /* ---- q8 quantization at load (ossie.model.q8.quantize; the torch version there is the reference) ---------- */
-/* float32 -> float16 bits, rounding to nearest even as torch's .half() */
-static uint16_t f32_to_f16(float f) {
-    uint32_t x; memcpy(&x, &f, 4);
-    uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffff;
-    if (ax >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000 ? 0x200 : 0));  /* inf, nan */
-    if (ax >= 0x477ff000) return (uint16_t)(sign | 0x7c00);  /* 65520 and up round to inf */
-    if (ax < 0x38800000) {  /* below 2^-14: a subnormal, in units of 2^-24 (the product is exact) */
-        float a; memcpy(&a, &ax, 4);
-        return (uint16_t)(sign | (uint32_t)lrintf(a * 16777216.f));
-    }
-    uint32_t r = ax - 0x38000000;  /* the exponent rebiased from 127 to 15 */
-    return (uint16_t)(sign | ((r + 0x0fff + ((r >> 13) & 1)) >> 13));
-}
-
 typedef struct { const uint16_t *w; int8_t *v; uint16_t *s; int64_t in; } quant_job_t;
 
 static void quant_rows(const void *p, int64_t r0, int64_t r1) {
     const quant_job_t *q = p; int64_t G = q->in / 32;
     for (int64_t o = r0; o < r1; o++)
         for (int64_t g = 0; g < G; g++) {
-            const uint16_t *w = q->w + o * q->in + g * 32; float amax = 0.f;
-            for (int k = 0; k < 32; k++) { float a = fabsf(bf16_to_f32(w[k])); if (a > amax) amax = a; }
-            uint16_t h = f32_to_f16(amax / 127.f);
-            float d = half_to_f32(h);
-            if (d == 0.f) d = 1.f;  /* an all-zero group (or one below float16's range): values 0 */
-            int8_t *v = q->v + o * q->in + g * 32;
-            for (int k = 0; k < 32; k++) {
-                long r = lrintf(bf16_to_f32(w[k]) / d);
-                v[k] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
-            }
-            q->s[o * G + g] = h;
+            float x[32];
+            for (int k = 0; k < 32; k++) x[k] = bf16_to_f32(q->w[o * q->in + g * 32 + k]);
+            q->s[o * G + g] = quant32(x, q->v + o * q->in + g * 32);
         }
 }
 

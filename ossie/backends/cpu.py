@@ -81,7 +81,7 @@ class CpuBackend(TorchBackend):
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_start: int,
                   k_start: int, window: int) -> torch.Tensor:
-        if k.dtype in (torch.bfloat16, torch.float32):
+        if k.dtype in (torch.bfloat16, torch.float32, torch.uint8):  # uint8: a q8 cache's packed rows (decoding)
             if q.shape[0] == 1:  # decoding: every key from `lo` on is visible to the single query, in any order
                 lo = max(k_start, q_start - window + 1) if window else k_start
                 return K.attention_one_query(q[0], k[lo - k_start:], v[lo - k_start:], sinks).view(1, -1).to(q.dtype)

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ..model.q8 import kv_row_bytes
+
 try:
     from .. import _kernels
 except ImportError:  # built without a C compiler: the torch backend serves
@@ -189,15 +191,20 @@ def moe(x: torch.Tensor, w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bi
 
 
 def _check_kv(fn: str, k: torch.Tensor, v: torch.Tensor, heads: int, head_dim: int) -> None:
-    if k.dim() != 3 or k.shape[-1] != head_dim or k.shape[1] < 1 or heads % k.shape[1]:
-        raise ValueError(f"{fn}: keys must be [rows, kv_heads, {head_dim}] with kv_heads dividing {heads}, got "
+    """Keys and values [rows, kv_heads, head_dim] in bf16 or float32, or a q8 cache's packed rows (uint8
+    [rows, kv_heads, kv_row_bytes(head_dim)], ossie.model.q8.pack_kv)."""
+    q8 = k.dtype == torch.uint8
+    width = kv_row_bytes(head_dim) if q8 else head_dim
+    if k.dim() != 3 or k.shape[-1] != width or k.shape[1] < 1 or heads % k.shape[1] or (q8 and head_dim % 32):
+        raise ValueError(f"{fn}: keys must be [rows, kv_heads, {width}] with kv_heads dividing {heads}, got "
                          f"{tuple(k.shape)}")
-    _expect(fn, "keys", k, tuple(k.shape), torch.bfloat16, torch.float32)
+    _expect(fn, "keys", k, tuple(k.shape), torch.bfloat16, torch.float32, torch.uint8)
     _expect(fn, "values", v, tuple(k.shape), k.dtype)
 
 
 def attention_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
-    """Attention of one query q [H, D] over keys/values [S, KV, D] (any order) with per-head sinks; float32 [H*D]."""
+    """Attention of one query q [H, D] over keys/values [S, KV, D] (any order) with per-head sinks; float32 [H*D].
+    Over a q8 cache's packed rows the scores round the query to int8 per 32 as well (llama.cpp's q8_0 products)."""
     fn = "attention_one_query"
     h, d = q.shape
     q, sinks, k, v = _f32(q), _f32(sinks), k.contiguous(), v.contiguous()
@@ -205,7 +212,7 @@ def attention_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks
     _expect(fn, "sinks", sinks, (h,), *F32)
     out = torch.empty(h * d, dtype=torch.float32)
     _kernels.attention(_ptr(q), _ptr(k), _ptr(v), _ptr(sinks), _ptr(out), k.shape[0], h, k.shape[1], d, d**-0.5,
-                       k.dtype == torch.bfloat16)
+                       k.dtype == torch.bfloat16, k.dtype == torch.uint8)
     return out
 
 
@@ -218,6 +225,8 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: 
     t, h, d = q.shape
     q, sinks, k, v = _f32(q), _f32(sinks), k.contiguous(), v.contiguous()
     _check_kv(fn, k, v, h, d)
+    if k.dtype == torch.uint8:
+        raise ValueError(f"{fn}: prompts read a q8 cache unpacked (KVCache.update unpacks what they see)")
     _expect(fn, "sinks", sinks, (h,), *F32)
     if not (0 <= first and first + t <= k.shape[0] and window >= 0):
         raise ValueError(f"{fn}: {t} queries from key row {first} do not fit {k.shape[0]} keys (window {window})")
@@ -251,9 +260,12 @@ def attention_block_one_token(x: torch.Tensor, lw, cos2: torch.Tensor, sin2: tor
             _expect(fn, name, t, shape, *dtype)
     _expect(fn, "cos2", cos2, (head_dim,), *F32)
     _expect(fn, "sin2", sin2, (head_dim,), *F32)
-    rows = k_cache.shape[0]
-    _expect(fn, "k_cache", k_cache, (rows, kv_heads, head_dim), *BF16)
-    _expect(fn, "v_cache", v_cache, (rows, kv_heads, head_dim), *BF16)
+    rows, kv_q8 = k_cache.shape[0], k_cache.dtype == torch.uint8  # a q8 cache: packed rows (ossie.model.q8.pack_kv)
+    width, cache_dtype = (kv_row_bytes(head_dim), U8) if kv_q8 else (head_dim, BF16)
+    if kv_q8 and head_dim % 32:
+        raise ValueError(f"{fn}: a q8 cache needs head_dim a multiple of 32, got {head_dim}")
+    _expect(fn, "k_cache", k_cache, (rows, kv_heads, width), *cache_dtype)
+    _expect(fn, "v_cache", v_cache, (rows, kv_heads, width), *cache_dtype)
     if not (0 <= slot < rows and slot < n_keys <= rows) or e > 256:
         raise ValueError(f"{fn}: slot {slot} and {n_keys} keys do not fit a cache of {rows} rows "
                          f"(or more than 256 experts: {e})")
@@ -264,7 +276,8 @@ def attention_block_one_token(x: torch.Tensor, lw, cos2: torch.Tensor, sin2: tor
     _kernels.attention_block(_ptr(x), _ptr(lw.attn_norm), _ptr(qkv_w), _ptr(lw.qkv_b), _ptr(cos2), _ptr(sin2),
                              _ptr(k_cache), _ptr(v_cache), _ptr(lw.sinks), _ptr(out_w), _ptr(lw.out_b), _ptr(y),
                              slot, n_keys, heads, kv_heads, head_dim, hid, eps,
-                             _ptr(lw.mlp_norm), _ptr(lw.gate_w), _ptr(lw.gate_b), e, _ptr(h), _ptr(logits), *scales)
+                             _ptr(lw.mlp_norm), _ptr(lw.gate_w), _ptr(lw.gate_b), e, _ptr(h), _ptr(logits), *scales,
+                             kv_q8)
     return y, h, logits
 
 

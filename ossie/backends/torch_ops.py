@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..model.checkpoint import LayerWeights, Weights
 from ..model.config import ModelConfig
 from ..model.mxfp4 import mxfp4_dequantize
-from ..model.q8 import Q8, dequantize
+from ..model.q8 import Q8, dequantize, unpack_kv
 
 if TYPE_CHECKING:
     from ..engine.kv_cache import KVCache
@@ -102,7 +102,10 @@ class TorchBackend:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_start: int,
                   k_start: int, window: int) -> torch.Tensor:
-        """One sequence's queries q [T, H, D] at positions q_start.. over keys k/v [S, KV, D] at k_start.."""
+        """One sequence's queries q [T, H, D] at positions q_start.. over keys k/v [S, KV, D] at k_start.. (or a
+        q8 cache's packed rows, decoding: see engine/kv_cache.py)."""
+        if k.dtype == torch.uint8:
+            k, v = unpack_kv(k, q.dtype), unpack_kv(v, q.dtype)
         return attention(q, k, v, sinks, q_start, k_start, window)
 
     def experts(self, x: torch.Tensor, lw: LayerWeights, chosen: torch.Tensor, weight: torch.Tensor,

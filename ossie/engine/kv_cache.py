@@ -8,6 +8,11 @@ For the prefix cache (prefix_cache.py) a sequence's KV rows are copied out by po
 complete, and a cached prefix is copied in before the rest of a prompt is read (`load_prefix`). A prompt chunk
 longer than the window overwrites part of its own rows in a sliding layer's ring; with `keep_overwritten` those
 rows are kept (until the caller clears `overwritten`), so that every block can still be copied out.
+
+With `quantized` (kv_cache_dtype="q8"), every row is stored packed as q8 (ossie.model.q8.pack_kv: int8 values and a
+float16 scale per 32, about half the bytes of bf16). A single new token's rows are handed back packed, as they lie
+(the backend's decoding attention reads them so); a prompt chunk gets every key it sees unpacked, its own included,
+so that it attends to exactly what later tokens will find in the cache.
 """
 
 from __future__ import annotations
@@ -15,18 +20,27 @@ from __future__ import annotations
 import torch
 
 from ..model.config import ModelConfig
+from ..model.q8 import kv_row_bytes, pack_kv, unpack_kv
+
+
+def kv_bytes_per_row(cfg: ModelConfig, dtype: torch.dtype, quantized: bool = False) -> int:
+    """Bytes of one position's keys and values in one layer."""
+    row = kv_row_bytes(cfg.head_dim) if quantized else cfg.head_dim * dtype.itemsize
+    return 2 * cfg.num_kv_heads * row
 
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 capacity: int = 256):
+                 capacity: int = 256, quantized: bool = False):
         self.window = cfg.sliding_window
         self.length = 0  # positions already written (the next token's position)
         self.sliding = [cfg.is_sliding(i) for i in range(cfg.num_layers)]
-        shape = (cfg.num_kv_heads, cfg.head_dim)
+        self.dtype, self.quantized = dtype, quantized  # dtype: what the model computes in (and unpacks to)
+        shape = (cfg.num_kv_heads, kv_row_bytes(cfg.head_dim) if quantized else cfg.head_dim)
+        stored = torch.uint8 if quantized else dtype
         sizes = [self.window if s else max(1, capacity) for s in self.sliding]
-        self.k = [torch.zeros(n, *shape, dtype=dtype, device=device) for n in sizes]
-        self.v = [torch.zeros(n, *shape, dtype=dtype, device=device) for n in sizes]
+        self.k = [torch.zeros(n, *shape, dtype=stored, device=device) for n in sizes]
+        self.v = [torch.zeros(n, *shape, dtype=stored, device=device) for n in sizes]
         self.keep_overwritten = False
         self.overwritten: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # layer -> (first position, k, v)
 
@@ -40,6 +54,8 @@ class KVCache:
         (for a single new token on a sliding layer: in ring order, which a single query does not mind).
         """
         t, p0 = k.shape[0], self.length
+        if self.quantized:
+            k, v = pack_kv(k), pack_kv(v)
         if t == 1:  # decoding: write the slot, hand back the rows as they lie (one query attends in any order)
             slot, n = self.decode_slot(layer)
             self.k[layer][slot] = k[0]
@@ -50,7 +66,7 @@ class KVCache:
                 self._grow(layer, p0 + t)
             self.k[layer][p0:p0 + t] = k
             self.v[layer][p0:p0 + t] = v
-            return self.k[layer][:p0 + t], self.v[layer][:p0 + t], 0
+            return self._unpacked(self.k[layer][:p0 + t]), self._unpacked(self.v[layer][:p0 + t]), 0
         w = self.window
         first = max(0, p0 - (w - 1))  # the oldest cached position the first new query can still see
         if first < p0:
@@ -58,6 +74,7 @@ class KVCache:
             keys, values = torch.cat([self.k[layer][slots], k]), torch.cat([self.v[layer][slots], v])
         else:
             keys, values = k, v
+        keys, values = self._unpacked(keys), self._unpacked(values)
         n = min(t, w)  # only the last `window` new positions survive in the ring
         if self.keep_overwritten and t > n:
             self.overwritten[layer] = (p0, k[:t - n], v[:t - n])
@@ -65,6 +82,9 @@ class KVCache:
         self.k[layer][slots] = k[t - n:]
         self.v[layer][slots] = v[t - n:]
         return keys, values, first
+
+    def _unpacked(self, rows: torch.Tensor) -> torch.Tensor:
+        return unpack_kv(rows, self.dtype) if self.quantized else rows
 
     def decode_slot(self, layer: int) -> tuple[int, int]:
         """For one new token (written by the caller): (the row to write it to, how many rows to attend to then).

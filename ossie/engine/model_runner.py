@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..model.transformer import Transformer
-from .kv_cache import KVCache
+from .kv_cache import KVCache, kv_bytes_per_row
 from .prefix_cache import PrefixCache
 from .sampling import sample
 from .sequence import Sequence
@@ -27,19 +27,20 @@ INITIAL_ROOM = 256  # KV positions reserved past the prompt at first; the cache 
 class ModelRunner:
     """prefill_chunk: the most tokens one step computes for a sequence. prefix_cache: where computed blocks are
     kept and looked up. kv_budget: bytes of KV memory for the running sequences and the cached prefixes together
-    (the engine preempts and evicts to stay within it; None: no limit)."""
+    (the engine preempts and evicts to stay within it; None: no limit). quantized_kv: KV rows stored as q8
+    (kv_cache.py), about half the memory of bf16."""
 
     def __init__(self, model: Transformer, prefill_chunk: int = PREFILL_CHUNK, prefix_cache: PrefixCache | None = None,
-                 kv_budget: int | None = None):
+                 kv_budget: int | None = None, quantized_kv: bool = False):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.prefill_chunk, self.prefix_cache = model, prefill_chunk, prefix_cache
-        self.kv_budget = kv_budget
+        self.kv_budget, self.quantized_kv = kv_budget, quantized_kv
         self.config, self.device = model.cfg, model.device
 
     # ---- KV memory ------------------------------------------------------------------------------------------
     def new_cache(self, capacity: int = INITIAL_ROOM) -> KVCache:
-        return KVCache(self.config, self.model.dtype, self.device, capacity)
+        return KVCache(self.config, self.model.dtype, self.device, capacity, self.quantized_kv)
 
     def _capacity(self, seq: Sequence) -> int:
         # its tokens and a little room, not max_tokens (which defaults to the rest of a 131k context: gigabytes of
@@ -49,7 +50,7 @@ class ModelRunner:
     def cache_bytes(self, seq: Sequence) -> int:
         """The KV memory `allocate` would give a sequence now."""
         cfg = self.config
-        row = 2 * cfg.num_kv_heads * cfg.head_dim * self.model.dtype.itemsize
+        row = kv_bytes_per_row(cfg, self.model.dtype, self.quantized_kv)
         return row * sum(cfg.sliding_window if cfg.is_sliding(i) else self._capacity(seq)
                          for i in range(cfg.num_layers))
 

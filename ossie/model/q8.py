@@ -77,3 +77,40 @@ def quantize_weights(weights: Weights, kernel: Kernel | None = None) -> None:
     for lw in weights.layers:
         lw.qkv_w, lw.out_w = quantize(lw.qkv_w, kernel), quantize(lw.out_w, kernel)
     weights.unembedding = quantize(weights.unembedding, kernel)
+
+
+# ---- the 8-bit KV cache (kv_cache_dtype="q8") ----------------------------------------------------------------------
+# A cached key or value row of one KV head is packed as its q8_0 form: the head_dim int8 values, then the float16
+# scale of each 32 of them, little-endian (68 bytes for head_dim 64, against 128 in bf16). One uint8 tensor
+# [positions, kv_heads, row bytes] holds them, so the cache's slicing, ring slots, copies and the prefix cache's
+# blocks work on it as on bf16 rows. The C kernels read it in place (csrc/kernels.c, attention over a q8 cache).
+KV_DTYPES = ("auto", "q8")
+
+
+def kv_row_bytes(head_dim: int) -> int:
+    """Bytes of one packed q8 row of head_dim values."""
+    return head_dim + 2 * (head_dim // GROUP)
+
+
+def pack_kv(x: torch.Tensor) -> torch.Tensor:
+    """Keys or values [T, kv_heads, head_dim] (bf16 or float32) as packed q8 rows, uint8 [T, kv_heads, row bytes]:
+    the same rounding as `quantize` (so the C kernels' writes give the same bytes)."""
+    t, kv, d = x.shape
+    q = quantize_torch(x.reshape(t * kv, d))
+    return torch.cat([q.values.view(torch.uint8), q.scales.view(torch.uint8)], dim=1).view(t, kv, kv_row_bytes(d))
+
+
+UNPACK_ROWS = 65536  # rows unpacked at a time: a prompt over a long context never holds all of them in float32
+
+
+def unpack_kv(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed q8 rows [T, kv_heads, row bytes] as values [T, kv_heads, head_dim] of `dtype`."""
+    t, kv, nbytes = packed.shape
+    d = nbytes * GROUP // (GROUP + 2)
+    rows = packed.reshape(t * kv, nbytes)
+    out = torch.empty(t * kv, d, dtype=dtype, device=packed.device)
+    for r in range(0, t * kv, UNPACK_ROWS):
+        part = rows[r:r + UNPACK_ROWS]
+        q = Q8(part[:, :d].contiguous().view(torch.int8), part[:, d:].contiguous().view(torch.float16))
+        out[r:r + UNPACK_ROWS] = dequantize(q, dtype)
+    return out.view(t, kv, d)
