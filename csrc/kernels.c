@@ -1387,19 +1387,20 @@ static void attention_heads(attn_job_t *a) {
     parallel_for(attn_heads, a, a->H, 4);
 }
 
-/* attention_prefill(q, k, v, sinks, out, T, S, H, KV, D, scale, bf16, first, window) -> bool: T queries q float32
- * [T, H, D] at key rows first.. of k, v [S, KV, D] (rows in position order), causal, within `window` rows if not
- * 0; out float32 [T, H, D]. False (nothing done) where the AVX-512 kernel does not apply: the caller's torch path
- * then serves. */
+/* attention_prefill(q, k, v, sinks, out, T, S, H, KV, D, scale, bf16, first, window[, q8]) -> bool: T queries q
+ * float32 [T, H, D] at key rows first.. of k, v [S, KV, D] (rows in position order; with q8 packed q8 rows [S, KV,
+ * KV_ROW(D)]), causal, within `window` rows if not 0; out float32 [T, H, D]. False (nothing done) where the
+ * AVX-512 kernel does not apply: the caller's torch path then serves. */
 static PyObject *py_attention_prefill(PyObject *self __attribute__((unused)), PyObject *args) {
-    unsigned long long q, k, v, sinks, out; long long T, S, H, KV, D, first, window; float scale; int bf16;
-    if (!PyArg_ParseTuple(args, "KKKKKLLLLLfpLL", &q, &k, &v, &sinks, &out, &T, &S, &H, &KV, &D, &scale, &bf16, &first,
-                          &window)) return NULL;
+    unsigned long long q, k, v, sinks, out; long long T, S, H, KV, D, first, window; float scale; int bf16, q8 = 0;
+    if (!PyArg_ParseTuple(args, "KKKKKLLLLLfpLL|p", &q, &k, &v, &sinks, &out, &T, &S, &H, &KV, &D, &scale, &bf16,
+                          &first, &window, &q8)) return NULL;
     if (T < 1 || KV < 1 || H % KV || first < 0 || first + T > S || window < 0) {
         PyErr_SetString(PyExc_ValueError, "attention_prefill: T >= 1, H a multiple of KV, first + T <= S"); return NULL;
     }
     attn_job_t a = {(const float *)q, (const void *)k, (const void *)v, (const float *)sinks, (float *)out, S, H, KV, D,
-                    scale, bf16, 0, T, first, window};
+                    scale, bf16 && !q8, 0, T, first, window};
+    a.q8 = q8;
     if (!quads_apply(&a)) Py_RETURN_FALSE;
 #ifdef OSSIE_X86
     Py_BEGIN_ALLOW_THREADS

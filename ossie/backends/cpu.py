@@ -85,7 +85,7 @@ class CpuBackend(TorchBackend):
             if q.shape[0] == 1:  # decoding: every key from `lo` on is visible to the single query, in any order
                 lo = max(k_start, q_start - window + 1) if window else k_start
                 return K.attention_one_query(q[0], k[lo - k_start:], v[lo - k_start:], sinks).view(1, -1).to(q.dtype)
-            if k.dtype == q.dtype:
+            if k.dtype in (q.dtype, torch.uint8):
                 out = K.attention_prefill(q, k, v, sinks, q_start - k_start, window)
                 if out is not None:
                     return out.to(q.dtype)

@@ -218,21 +218,21 @@ def attention_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks
 
 def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, first: int,
                       window: int) -> torch.Tensor | None:
-    """Causal attention of T queries q [T, H, D] at key rows first.. of k/v [S, KV, D] (rows in position order),
-    within `window` rows if not 0; float32 [T, H*D]. None where the C kernel does not apply (see quads_apply in
-    csrc/kernels.c): the torch path serves then."""
+    """Causal attention of T queries q [T, H, D] at key rows first.. of k/v [S, KV, D] (rows in position order, or a
+    q8 cache's packed rows, whose scores round the queries to int8 per 32 as decoding's do), within `window` rows if
+    not 0; float32 [T, H*D]. None where the C kernel does not apply (see quads_apply in csrc/kernels.c): the torch
+    path serves then."""
     fn = "attention_prefill"
     t, h, d = q.shape
     q, sinks, k, v = _f32(q), _f32(sinks), k.contiguous(), v.contiguous()
     _check_kv(fn, k, v, h, d)
-    if k.dtype == torch.uint8:
-        raise ValueError(f"{fn}: prompts read a q8 cache unpacked (KVCache.update unpacks what they see)")
     _expect(fn, "sinks", sinks, (h,), *F32)
     if not (0 <= first and first + t <= k.shape[0] and window >= 0):
         raise ValueError(f"{fn}: {t} queries from key row {first} do not fit {k.shape[0]} keys (window {window})")
     out = torch.empty(t, h * d, dtype=torch.float32)
     done = _kernels.attention_prefill(_ptr(q), _ptr(k), _ptr(v), _ptr(sinks), _ptr(out), t, k.shape[0], h,
-                                      k.shape[1], d, d**-0.5, k.dtype == torch.bfloat16, first, window)
+                                      k.shape[1], d, d**-0.5, k.dtype == torch.bfloat16, first, window,
+                                      k.dtype == torch.uint8)
     return out if done else None
 
 

@@ -10,9 +10,9 @@ longer than the window overwrites part of its own rows in a sliding layer's ring
 rows are kept (until the caller clears `overwritten`), so that every block can still be copied out.
 
 With `quantized` (kv_cache_dtype="q8"), every row is stored packed as q8 (ossie.model.q8.pack_kv: int8 values and a
-float16 scale per 32, about half the bytes of bf16). A single new token's rows are handed back packed, as they lie
-(the backend's decoding attention reads them so); a prompt chunk gets every key it sees unpacked, its own included,
-so that it attends to exactly what later tokens will find in the cache.
+float16 scale per 32, about half the bytes of bf16), and handed back packed: the backends' attention reads them
+(the C kernels in place, the torch reference unpacked), a prompt chunk's own keys included, so that it attends to
+exactly what later tokens will find in the cache.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..model.config import ModelConfig
-from ..model.q8 import kv_row_bytes, pack_kv, unpack_kv
+from ..model.q8 import kv_row_bytes, pack_kv
 
 
 def kv_bytes_per_row(cfg: ModelConfig, dtype: torch.dtype, quantized: bool = False) -> int:
@@ -35,7 +35,7 @@ class KVCache:
         self.window = cfg.sliding_window
         self.length = 0  # positions already written (the next token's position)
         self.sliding = [cfg.is_sliding(i) for i in range(cfg.num_layers)]
-        self.dtype, self.quantized = dtype, quantized  # dtype: what the model computes in (and unpacks to)
+        self.quantized = quantized
         shape = (cfg.num_kv_heads, kv_row_bytes(cfg.head_dim) if quantized else cfg.head_dim)
         stored = torch.uint8 if quantized else dtype
         sizes = [self.window if s else max(1, capacity) for s in self.sliding]
@@ -66,7 +66,7 @@ class KVCache:
                 self._grow(layer, p0 + t)
             self.k[layer][p0:p0 + t] = k
             self.v[layer][p0:p0 + t] = v
-            return self._unpacked(self.k[layer][:p0 + t]), self._unpacked(self.v[layer][:p0 + t]), 0
+            return self.k[layer][:p0 + t], self.v[layer][:p0 + t], 0
         w = self.window
         first = max(0, p0 - (w - 1))  # the oldest cached position the first new query can still see
         if first < p0:
@@ -74,7 +74,6 @@ class KVCache:
             keys, values = torch.cat([self.k[layer][slots], k]), torch.cat([self.v[layer][slots], v])
         else:
             keys, values = k, v
-        keys, values = self._unpacked(keys), self._unpacked(values)
         n = min(t, w)  # only the last `window` new positions survive in the ring
         if self.keep_overwritten and t > n:
             self.overwritten[layer] = (p0, k[:t - n], v[:t - n])
@@ -82,9 +81,6 @@ class KVCache:
         self.k[layer][slots] = k[t - n:]
         self.v[layer][slots] = v[t - n:]
         return keys, values, first
-
-    def _unpacked(self, rows: torch.Tensor) -> torch.Tensor:
-        return unpack_kv(rows, self.dtype) if self.quantized else rows
 
     def decode_slot(self, layer: int) -> tuple[int, int]:
         """For one new token (written by the caller): (the row to write it to, how many rows to attend to then).
