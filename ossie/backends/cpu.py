@@ -7,7 +7,7 @@
 - Products: the bf16 kernel for the few rows of decoding (memory-bound: it reads each weight once); torch's GEMM
   on every core for prefill's many rows (compute-bound). MXFP4 experts are read packed, never decoded to bf16.
 - Attention: one C call for a single query over the cache (any row order); prefill's queries each over the keys
-  they see, where the AVX-512 kernel applies.
+  they see, where the AVX-512 kernel applies. A q8 KV cache's packed rows are read in place by both.
 The kernels use every core; torch's OpenMP workers, which spin-wait after each parallel op, would take cores from
 them. So torch runs on one thread during a forward pass, except in the large GEMMs.
 """
@@ -81,7 +81,7 @@ class CpuBackend(TorchBackend):
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_start: int,
                   k_start: int, window: int) -> torch.Tensor:
-        if k.dtype in (torch.bfloat16, torch.float32, torch.uint8):  # uint8: a q8 cache's packed rows (decoding)
+        if k.dtype in (torch.bfloat16, torch.float32, torch.uint8):  # uint8: a q8 cache's packed rows
             if q.shape[0] == 1:  # decoding: every key from `lo` on is visible to the single query, in any order
                 lo = max(k_start, q_start - window + 1) if window else k_start
                 return K.attention_one_query(q[0], k[lo - k_start:], v[lo - k_start:], sinks).view(1, -1).to(q.dtype)

@@ -103,7 +103,7 @@ class TorchBackend:
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_start: int,
                   k_start: int, window: int) -> torch.Tensor:
         """One sequence's queries q [T, H, D] at positions q_start.. over keys k/v [S, KV, D] at k_start.. (or a
-        q8 cache's packed rows, decoding: see engine/kv_cache.py)."""
+        q8 cache's packed rows, unpacked here: see engine/kv_cache.py)."""
         if k.dtype == torch.uint8:
             k, v = unpack_kv(k, q.dtype), unpack_kv(v, q.dtype)
         return attention(q, k, v, sinks, q_start, k_start, window)
