@@ -233,3 +233,15 @@ def test_q8_kv_cache_is_refused_where_it_does_not_apply(tiny_repo):
         ossie.LLM(tiny_repo, kv_cache_dtype="q8", progress=False)
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         ossie.LLM(tiny_repo, kv_cache_dtype="fp8", progress=False)
+
+
+def test_q8_kv_cache_from_the_command_line(head64_repo):
+    import json
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "ossie", "generate", str(head64_repo), "--prompt", "hi",
+                        "--kv-cache-dtype", "q8", "--max-tokens", "6", "--temperature", "0", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["usage"]["completion_tokens"] == 6
