@@ -425,6 +425,20 @@ __attribute__((target(AVX512BF16))) static inline void transpose16(__m512i r[16]
     }
 }
 
+/* Keys s0..s0+15 of the key rows from lo (S of them; past the last, it again: their lanes are masked out later),
+ * 64 bytes of each from `base` (positions `stride` bytes apart), transposed: w16[p] holds 32-bit word p of each
+ * key, so that a score is a lane of a vector sum (no horizontal adds), where gathering lane by lane cost several
+ * times more. */
+__attribute__((target(AVX512BF16), always_inline)) static inline void keys16(const uint8_t *base, int64_t stride,
+                                                                           int64_t lo, int64_t s0, int64_t S,
+                                                                           __m512i w16[16]) {
+    for (int i = 0; i < 16; i++) {
+        int64_t s = lo + s0 + (s0 + i < S ? i : S - 1 - s0);
+        w16[i] = _mm512_loadu_si512((const void *)(base + s * stride));
+    }
+    transpose16(w16);
+}
+
 /* ---- MXFP4 for many tokens (a prompt's tokens per expert): decoded once, then a bf16 GEMM ---------------------
  * With many tokens the product is compute-bound, and the tile kernel above spends as much on decoding chunks (for
  * every tile of tokens) and on its loads (a whole vector of x per dot product) as on the dot products. Here a block
@@ -1017,17 +1031,12 @@ __attribute__((target(AVX512BF16))) static void quad_scores(const attn_job_t *a,
         __m512 even[4], odd[4];
         for (int g = 0; g < 4; g++) even[g] = odd[g] = _mm512_setzero_ps();
         if (a->bf16) {
-            /* dims d, d+1 of a bf16 row share a 32-bit word: the 16 keys' rows are read whole, half a row (16 words)
-             * at a time, and transposed in registers so that vector p holds word p of each key, where gathering them
-             * lane by lane cost several times more. Rows past the last key repeat it (their lanes are masked out). */
+            /* dims d, d+1 of a bf16 row share a 32-bit word: the 16 keys' rows are read half a row (16 words)
+             * at a time, transposed (keys16) */
             const uint16_t *kb = (const uint16_t *)a->k + kvh * 64;
             for (int half = 0; half < 2; half++) {
                 __m512i w16[16];
-                for (int i = 0; i < 16; i++) {
-                    int64_t s = lo + s0 + (s0 + i < S ? i : S - 1 - s0);
-                    w16[i] = _mm512_loadu_si512((const void *)(kb + s * row + 32 * half));
-                }
-                transpose16(w16);
+                keys16((const uint8_t *)(kb + 32 * half), 2 * row, lo, s0, S, w16);
                 for (int p = 0; p < 16; p++) {
                     int d = 32 * half + 2 * p;
                     __m512 k0 = _mm512_castsi512_ps(_mm512_slli_epi32(w16[p], 16));
@@ -1078,11 +1087,7 @@ __attribute__((target(AVX512BF16), always_inline)) static inline void pair_score
         for (int c = 0; c < 2; c++) for (int g = 0; g < nh; g++) acc[c][g] = _mm512_setzero_ps();
         for (int half = 0; half < 2; half++) {
             __m512i w16[16];
-            for (int i = 0; i < 16; i++) {
-                int64_t s = lo + s0 + (s0 + i < S ? i : S - 1 - s0);
-                w16[i] = _mm512_loadu_si512((const void *)(kb + s * row + 32 * half));
-            }
-            transpose16(w16);
+            keys16((const uint8_t *)(kb + 32 * half), 2 * row, lo, s0, S, w16);
             for (int p = 0; p < 16; p++) {
                 int c = nh == 4 ? p & 1 : 0;
                 for (int g = 0; g < nh; g++)
@@ -1129,15 +1134,11 @@ __attribute__((target(VNNI), always_inline)) static inline void q8_scores(const 
     for (int64_t s0 = s_begin; s0 < s_end; s0 += 16) {
         __mmask16 valid = S - s0 >= 16 ? 0xffff : (__mmask16)((1u << (S - s0)) - 1);
         __m512i k16[16], at[16];
-        int32_t offs[16];
-        for (int i = 0; i < 16; i++) {
-            int64_t s = lo + s0 + (s0 + i < S ? i : S - 1 - s0);  /* past the last key: it again (masked out) */
-            k16[i] = _mm512_loadu_si512((const void *)(kb + s * row));
-            offs[i] = (int32_t)(s * row + 64);
-        }
+        int32_t offs[16];  /* each key's two scales, after its 64 values */
+        for (int i = 0; i < 16; i++) offs[i] = (int32_t)((lo + s0 + (s0 + i < S ? i : S - 1 - s0)) * row + 64);
         __m512i sc = _mm512_i32gather_epi32(_mm512_loadu_si512((const void *)offs), (const void *)kb, 1);
         __m512 ks[2] = {_mm512_cvtph_ps(_mm512_cvtepi32_epi16(sc)), _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(sc, 16)))};
-        transpose16(k16);
+        keys16(kb, row, lo, s0, S, k16);
         __m512 sum[8];
         for (int b = 0; b < 2; b++) {
             __m512i ksum = _mm512_setzero_si512();
