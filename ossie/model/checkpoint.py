@@ -13,7 +13,6 @@ import logging
 import mmap
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -368,21 +367,19 @@ class TensorFiles:
             raise CheckpointError(f"{file}: tensor {name} cannot be read ({e})") from None
 
 
-MADV_DONTNEED = 4  # Linux's value (not in Python's mmap module before 3.8 on every platform)
-
-
 def _drop_pages(t: torch.Tensor) -> None:
     """Hand back to the kernel the memory-mapped pages of `t`, which nothing will read again (the HF layout's q, k
     and v projections, once concatenated): they would otherwise stay in the process's resident memory beside the
     copy (0.7 GB at 20b). Only whole pages inside the tensor; best effort (a no-op where madvise is unavailable)."""
-    if not sys.platform.startswith("linux") or t.device.type != "cpu":
+    advice = getattr(mmap, "MADV_DONTNEED", None)  # where the platform has madvise
+    if advice is None or t.device.type != "cpu":
         return
     start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
     last = end // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
         ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first),
-                                                  MADV_DONTNEED)
+                                                  advice)
 
 
 def _load_one(files: TensorFiles, names: list[str], shape: tuple[int, ...], kind: str,
@@ -396,7 +393,7 @@ def _load_one(files: TensorFiles, names: list[str], shape: tuple[int, ...], kind
             raise CheckpointError(f"{files.where[name]}: tensor {name} has dtype {t.dtype}, expected a float type")
         parts.append((name, t))
     t = parts[0][1] if len(parts) == 1 else torch.cat([p for _, p in parts], dim=0)
-    if len(parts) > 1 and t.device.type == "cpu":
+    if len(parts) > 1:
         for _, p in parts:
             _drop_pages(p)
     if tuple(t.shape) != shape:
