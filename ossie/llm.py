@@ -6,7 +6,9 @@ A thin facade: loading builds the model (ossie.model) on a backend chosen once (
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -29,6 +31,9 @@ from .tools import BuiltinTools, ToolSettings
 from .tools.loop import ToolLoop
 
 log = logging.getLogger("ossie")
+# LLM freezes what loading made (gc.freeze); at exit it goes back within the collector's reach, so that the
+# interpreter's last collections free it as they would have (extension modules count what is never freed)
+atexit.register(gc.unfreeze)
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
@@ -90,6 +95,10 @@ class LLM:
         self.kv_cache_dtype = kv_cache_dtype
         self.runner = ModelRunner(self.model, prefill_chunk, prefix_cache, kv_budget=budget,
                                   quantized_kv=kv_cache_dtype == "q8")
+        # What loading made lives as long as the model: moved out of the collector's reach, so the full collections
+        # that decoding's allocations trigger now and then do not walk it (they cost ~2 % of the 20b's decode time)
+        gc.collect()
+        gc.freeze()
         self.load_seconds = time.perf_counter() - t0
         log.info("loaded %s (%s layout, %d layers, %d experts, %s backend) in %.1f s", folder, self.layout,
                  self.config.num_layers, self.config.num_experts, self.backend.name, self.load_seconds)

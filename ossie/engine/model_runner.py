@@ -87,10 +87,13 @@ class ModelRunner:
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
         logits = self.model.forward_batch(tokens, [seq.cache for seq in batch], sizes)
         out: list[int | None] = []
-        for seq, n, row in zip(batch, sizes, logits, strict=True):
-            seq.num_computed += n
-            self._keep_blocks(seq)
-            out.append(self.sample(seq, row) if seq.pending == 0 else None)
+        # sampling under the backend's threads too: on the CPU, torch's own workers would otherwise spin after the
+        # argmax over the vocabulary, on the cores the next step's kernels need
+        with self.model.ops.running():
+            for seq, n, row in zip(batch, sizes, logits, strict=True):
+                seq.num_computed += n
+                self._keep_blocks(seq)
+                out.append(self.sample(seq, row) if seq.pending == 0 else None)
         return out
 
     def _keep_blocks(self, seq: Sequence) -> None:
