@@ -3,6 +3,7 @@ prompt, as relative error and top-1 agreement, beside what bf16 rounding alone c
 float32, where the machine holds the float32 model).
 
     python benchmarks/q8.py                       # the tiny synthetic checkpoint, made in a temporary folder
+    python benchmarks/q8.py --mid                 # a mid-size one: the 20b's widths, 2 layers (3.4 GB on disk)
     python benchmarks/q8.py /tmp/m20b --tokens 256 --no-float32   # the 20b's shapes (float32 would need 52 GB)
     python benchmarks/q8.py --kv-cache            # the 8-bit KV cache (kv_cache_dtype="q8") instead
 
@@ -19,7 +20,9 @@ checkpoint).
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
+import shutil
 import tempfile
 
 import torch
@@ -38,16 +41,19 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=512, help="prompt length")
     p.add_argument("--no-float32", action="store_true", help="skip the float32 model (large checkpoints)")
     p.add_argument("--kv-cache", action="store_true", help="measure the 8-bit KV cache instead")
+    p.add_argument("--mid", action="store_true", help="a mid-size synthetic checkpoint: the 20b's widths, 2 layers")
     args = p.parse_args()
     path = args.checkpoint
     if path is None:
         from ossie.model.config import PRESETS
         from ossie.synth import write_checkpoint
 
-        cfg = PRESETS["tiny"]
-        if args.kv_cache:
+        cfg = dataclasses.replace(PRESETS["20b"], num_layers=2, layer_types=()) if args.mid else PRESETS["tiny"]
+        if args.kv_cache and not args.mid:
             cfg = dataclasses.replace(cfg, head_dim=64, num_kv_heads=1)
-        path = write_checkpoint(tempfile.mkdtemp(), cfg, "hf", seed=1, progress=False)
+        path = tempfile.mkdtemp()
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        write_checkpoint(path, cfg, "hf", seed=1, progress=False)
     ids = torch.randint(0, N_ORDINARY, (args.tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     load = dict(progress=False, enable_prefix_caching=False)
 
