@@ -2,6 +2,9 @@
 forward pass (ring buffer, rope offsets, chunks smaller than the window, prompts longer than both); generate,
 chat and sampling."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -127,6 +130,17 @@ def test_stopping_early_frees_the_cache(tiny_llm, monkeypatch):
     assert seqs[-1].cache is not None
     tokens.close()  # the consumer stops early
     assert seqs[-1].cache is None
+
+
+def test_a_discarded_llm_frees_its_weights(tiny_repo):
+    """Loading freezes what it made out of the garbage collector's walks (gc.freeze): that must not keep a model
+    alive once its user lets it go (reference counting frees it; nothing of it may sit in a reference cycle)."""
+    llm = ossie.LLM(tiny_repo, progress=False)
+    list(llm.generate(PROMPT[:5], max_tokens=3))
+    model, weights = weakref.ref(llm.model), weakref.ref(llm.model.w.unembedding)
+    del llm
+    gc.collect()
+    assert model() is None and weights() is None
 
 
 def test_bad_token_ids_raise(tiny_llm):
