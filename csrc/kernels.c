@@ -203,6 +203,17 @@ static uint16_t quant32(const float *x, int8_t *v) {
     return h;
 }
 
+/* 32 activations rounded to int8 with the scale amax / 127, as llama.cpp rounds them for its q8_0 products: the
+ * values into q, their sum into *sum; returns the scale */
+static float round_act32(const float *x, int8_t *q, int *sum) {
+    float amax = 0.f; int total = 0;
+    for (int k = 0; k < 32; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+    float inv = amax > 0.f ? 127.f / amax : 0.f;  /* |x * inv| <= 127: no clamp needed */
+    for (int k = 0; k < 32; k++) { int v = (int)lrintf(x[k] * inv); q[k] = (int8_t)v; total += v; }
+    *sum = total;
+    return amax / 127.f;
+}
+
 /* q8 (llama.cpp's q8_0): int8 values [out, in] (in `blocks`) and a float16 scale for each 32 of a row [out, in/32]
  * (in `scales`); a weight is value * scale. x is float32. */
 static void q8_scalar(const void *p, int64_t r0, int64_t r1) {
@@ -740,13 +751,8 @@ static int product(int kind, const float *x, const void *wa, const void *wb, con
         if (!xq || !xs) { free(xq); free(xs); return -1; }
         for (int64_t t = 0; t < T; t++)
             for (int64_t g = 0; g < G; g++) {
-                const float *xg = x + t * in + g * 32; float amax = 0.f; int sum = 0;
-                for (int k = 0; k < 32; k++) amax = fabsf(xg[k]) > amax ? fabsf(xg[k]) : amax;
-                float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-                for (int k = 0; k < 32; k++) {
-                    int v = (int)lrintf(xg[k] * inv);
-                    xq[(t * G + g) * 32 + k] = (int8_t)v; sum += v;
-                }
+                int sum;
+                float d = round_act32(x + t * in + g * 32, xq + (t * G + g) * 32, &sum);
                 xs[t * G + g] = d; xs[T * G + t * G + g] = 128.f * (float)sum * d;
             }
         j.xq = xq; j.xs = xs; j.xc = xs + T * G;
@@ -1190,15 +1196,10 @@ __attribute__((target(VNNI))) static void q8_scores8(const attn_job_t *a, const 
 static void quantize_queries(const float *q, int nh, uint32_t *qb, float *qd) {
     for (int g = 0; g < nh; g++)
         for (int b = 0; b < 2; b++) {
-            const float *x = q + g * 64 + 32 * b; float amax = 0.f;
-            for (int k = 0; k < 32; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
-            float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-            qd[g * 2 + b] = d;
+            int8_t v[32]; int sum;
+            qd[g * 2 + b] = round_act32(q + g * 64 + 32 * b, v, &sum);
             uint8_t *bytes = (uint8_t *)(qb + g * 16 + 8 * b);
-            for (int k = 0; k < 32; k++) {
-                long v = lrintf(x[k] * inv);
-                bytes[k] = (uint8_t)((v > 127 ? 127 : v < -127 ? -127 : v) + 128);
-            }
+            for (int k = 0; k < 32; k++) bytes[k] = (uint8_t)(v[k] + 128);
         }
 }
 
