@@ -18,10 +18,13 @@ TOKENS = torch.randint(0, 201088, (200,), generator=torch.Generator().manual_see
 
 @pytest.fixture(scope="module")
 def hf_model(tiny_repo):
-    from transformers import GptOssForCausalLM
+    from transformers import GptOssForCausalLM, Mxfp4Config
 
-    # On a CPU without triton kernels, transformers dequantizes the MXFP4 experts itself: that is the peer.
-    model = GptOssForCausalLM.from_pretrained(tiny_repo, dtype=torch.float32)
+    # transformers dequantizes the MXFP4 experts itself, as a user of it can offline: that is the peer. Left to
+    # choose, transformers >= 5.2x loads them through a Triton kernel fetched from the Hub (and stops at a
+    # publisher trust check without a network), so the dequantizing path is asked for by name.
+    model = GptOssForCausalLM.from_pretrained(tiny_repo, dtype=torch.float32,
+                                              quantization_config=Mxfp4Config(dequantize=True))
     return model.eval()
 
 
