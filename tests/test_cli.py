@@ -86,3 +86,37 @@ def test_synth_to_a_file_or_a_full_disk(tmp_path):
     p = run("synth", "/dev/shm/ossie-synth-test/120b", "--preset", "120b", check=False)
     assert "GB free" in one_line_error(p)
     assert not Path("/dev/shm/ossie-synth-test").exists()
+
+
+class SlowClock:
+    """torch.matmul at a fixed rate on a simulated clock: what bench's matmul probe sees on a CPU where the product
+    is that fast (26.5 s for 32 x 2880 x 5760 in bf16 on a Zen 3 without AVX-512 BF16 is 40 MFLOP/s)."""
+
+    def __init__(self, flop_s: float):
+        self.flop_s, self.now, self.shapes = flop_s, 0.0, []
+
+    def matmul(self, a, b):
+        self.shapes.append((a.shape[0], a.shape[1], b.shape[1]))
+        self.now += 2 * a.shape[0] * a.shape[1] * b.shape[1] / self.flop_s
+
+    def perf_counter(self):
+        return self.now
+
+
+@pytest.mark.parametrize("flop_s", [40e6, 1e12])
+def test_bench_matmul_probe_is_bounded(monkeypatch, flop_s):
+    from ossie import bench
+
+    clock = SlowClock(flop_s)
+    monkeypatch.setattr(bench.torch, "matmul", clock.matmul)
+    monkeypatch.setattr(bench.time, "perf_counter", clock.perf_counter)
+    rate = bench.measure_matmul_flops(bench.torch.bfloat16, budget_s=2.0)
+    assert clock.now <= 2.0 * 1.5, clock.shapes  # at most one product's overrun past the budget
+    assert rate.flop_s == pytest.approx(flop_s)
+    assert rate.shape == clock.shapes[-1]
+    if flop_s > 1e9:  # a fast product reaches prefill's shape
+        assert rate.shape == bench.PREFILL_SHAPE
+    else:  # a pathological one stops at a small shape, and the report says so
+        assert rate.shape[0] < bench.PREFILL_SHAPE[0]
+        result = bench.BenchResult(load_s=0, flops_per_token=10**9, matmul=rate)
+        assert "would take too long" in result._ceiling(1.0)
