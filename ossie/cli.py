@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .defaults import DEFAULT_BUDGET_GB, PREFILL_CHUNK
 
 MODEL_HELP = "a local checkpoint folder, a Hugging Face repo id such as openai/gpt-oss-20b, or gpt-oss:20b"
 
@@ -27,15 +28,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="cpu: ossie's C kernels (the default on a CPU); cuda: its Triton kernels and CUDA graphs "
                         "(the default with --device cuda); torch: the reference ops (default: $OSSIE_KERNELS, "
                         "else auto)")
-    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="N",
                    help="tokens computed per step: a prompt chunk, and in the server the budget of all requests "
-                        "together, decoding ones first (default: ossie.engine.PREFILL_CHUNK)")
+                        f"together, decoding ones first (default {PREFILL_CHUNK})")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the KV of computed tokens so that a prompt that starts like an earlier one (a "
                         "conversation, an agent loop) computes only the rest (default: on)")
-    p.add_argument("--kv-cache-gb", type=float, default=None, metavar="GB",
+    p.add_argument("--kv-cache-gb", type=float, default=DEFAULT_BUDGET_GB, metavar="GB",
                    help="KV memory in GiB for the running requests and cached prefixes together (default: "
-                        "ossie.engine.DEFAULT_BUDGET_GB)")
+                        f"{DEFAULT_BUDGET_GB:g})")
     p.add_argument("--quantization", choices=["q8"], default=None,
                    help="q8: hold the attention projections and the unembedding in 8 bits (llama.cpp's q8_0), made "
                         "at load; decoding reads ~2.5 GB a token instead of ~3.7 (the 20b) at a small cost in "
@@ -47,19 +48,41 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 MAX_THREADS = 4096
+INF = float("inf")
+# Each numeric option's range, checked before anything loads (a bad --port was a traceback after a minute's load):
+# dest -> (lowest, highest, whether the lowest itself is refused).
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "threads": (1, MAX_THREADS, False), "prefill_chunk": (1, INF, False), "kv_cache_gb": (0, INF, False),
+    "port": (1, 65535, False), "max_running": (1, INF, False), "max_queued": (0, INF, False),
+    "prefill_while_decoding": (1, INF, False), "max_prompt_tokens": (1, INF, False),
+    "default_max_tokens": (1, INF, False), "request_timeout": (0, INF, True), "max_body_mb": (0, INF, True),
+    "shutdown_timeout": (0, INF, False), "python_timeout": (0, INF, True), "max_tool_calls": (1, INF, False),
+    "max_tokens": (0, INF, False), "temperature": (0, 2, False), "top_p": (0, 1, True),
+    "prompt_tokens": (1, INF, False), "gen_tokens": (1, INF, False), "runs": (1, INF, False), "depth": (0, INF, False),
+}
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """ValueError naming the first option outside its range (RANGES)."""
+    for dest, (low, high, strict) in RANGES.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if value < low or (strict and value == low) or value > high:
+            flag = "--" + dest.replace("_", "-")
+            above = f"above {low:g}" if strict else f"at least {low:g}"
+            want = above if high == INF else f"{above} and at most {high:g}"
+            raise ValueError(f"{flag} must be {want}, got {value:g}")
 
 
 def load_llm(args: argparse.Namespace):
     """The model a command runs, loaded as its options say."""
-    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
-        raise ValueError(f"--threads must be between 1 and {MAX_THREADS}, got {args.threads}")
-    from .engine import DEFAULT_BUDGET_GB, PREFILL_CHUNK
     from .llm import LLM
 
     return LLM(args.model, device=args.device, dtype=args.dtype, layout=args.layout, num_threads=args.threads,
-               progress=sys.stderr.isatty(), backend=args.backend, prefill_chunk=args.prefill_chunk or PREFILL_CHUNK,
+               progress=sys.stderr.isatty(), backend=args.backend, prefill_chunk=args.prefill_chunk,
                enable_prefix_caching=args.enable_prefix_caching,
-               kv_cache_gb=DEFAULT_BUDGET_GB if args.kv_cache_gb is None else args.kv_cache_gb,
+               kv_cache_gb=args.kv_cache_gb,
                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
 
 
@@ -280,6 +303,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import OLLAMA_PORT, ServerOptions, create_app, default_model_name, run_server
 
     builtin, settings = _builtin_tools(args)
+    ports = [args.port] + ([OLLAMA_PORT] if args.ollama and args.port != OLLAMA_PORT else [])
+    for port in ports:
+        _check_listen(args.host, port)
     llm = load_llm(args)
     names = args.served_model_name or [default_model_name(llm)]
     options = ServerOptions(
@@ -295,8 +321,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
              llm.config.num_layers, llm.config.num_experts, args.dtype, ", ".join(names))
     log.info("memory: %.2f GiB of weights, peak RSS %.2f GiB", llm.model.w.nbytes() / 2**30, peak_rss_gib())
 
-    ports = [args.port] + ([OLLAMA_PORT] if args.ollama and args.port != OLLAMA_PORT else [])
-
     def ready() -> None:
         log.info("serving the OpenAI API at http://%s:%d/v1 (chat/completions, responses, completions, models)",
                  args.host, args.port)
@@ -305,6 +329,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     run_server(app, args.host, ports, "info" if args.verbose else "warning", ready)
     return 0
+
+
+def _check_listen(host: str, port: int) -> None:
+    """ValueError when the server could not listen there: found before the model loads, not after."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"--host {host}: {e}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="interactive chat in the terminal",
                        description="Chat with MODEL. Commands: /effort low|medium|high, /system TEXT, /reset, "
-                                   "/save FILE, /help, /bye. Start and end multi-line input with \"\"\". "
+                                   "/save FILE, /load FILE, /help, /bye. Start and end multi-line input with \"\"\". "
                                    "Ctrl-C stops an answer; Ctrl-D exits.")
     _add_model_args(p)
     _add_chat_args(p)
@@ -378,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--served-model-name", action="append", metavar="NAME",
-                   help="the model name clients must ask for (default: MODEL as given); repeat for aliases")
+                   help="the model name clients must ask for (default: the checkpoint folder's name, or the repo id "
+                        "of a downloaded model, e.g. openai/gpt-oss-20b); repeat for aliases")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health (also: "
                                      "$OSSIE_API_KEY)")
     p.add_argument("--ollama", action="store_true",
@@ -421,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     from .tokenizer import VocabularyError
 
     try:
+        check_ranges(args)
         return args.func(args)
     except (CheckpointError, ConfigError, ModelNotFoundError, ChatFormatError, VocabularyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

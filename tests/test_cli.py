@@ -14,10 +14,14 @@ def run(*args, check=True):
     return p
 
 
-@pytest.mark.parametrize("sub", [[], ["synth"], ["bench"]])
+@pytest.mark.parametrize("sub", [[], ["synth"], ["bench"], ["serve"], ["chat"]])
 def test_help(sub):
     out = run(*sub, "--help").stdout
     assert "usage: ossie" in out
+    assert "ossie." not in out.replace("ossie.cli", "")  # defaults as values, not as Python names
+    if sub == ["chat"]:
+        for command in ("/effort", "/system", "/reset", "/save", "/load", "/bye"):
+            assert command in out
 
 
 def test_synth_then_bench(tmp_path):
@@ -120,3 +124,30 @@ def test_bench_matmul_probe_is_bounded(monkeypatch, flop_s):
         assert rate.shape[0] < bench.PREFILL_SHAPE[0]
         result = bench.BenchResult(load_s=0, flops_per_token=10**9, matmul=rate)
         assert "would take too long" in result._ceiling(1.0)
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["serve", "--port", "99999"], "--port"), (["serve", "--port", "0"], "--port"),
+    (["serve", "--max-running", "0"], "--max-running"), (["serve", "--request-timeout", "0"], "--request-timeout"),
+    (["serve", "--max-body-mb", "-1"], "--max-body-mb"), (["generate", "--prompt", "x", "--max-tokens", "-1"],
+                                                          "--max-tokens"),
+    (["generate", "--prompt", "x", "--top-p", "0"], "--top-p"), (["bench", "--runs", "0"], "--runs"),
+    (["chat", "--temperature", "-0.5"], "--temperature"), (["serve", "--kv-cache-gb", "-2"], "--kv-cache-gb"),
+])
+def test_bad_numbers_are_refused_before_the_model_loads(tmp_path, args, flag):
+    """The model does not exist: an error about it would mean the model was looked for before the option was
+    checked (a bad --port was a traceback after the load)."""
+    command, *rest = args
+    line = one_line_error(run(command, str(tmp_path / "no-such-model"), *rest, check=False))
+    assert flag in line and "no-such-model" not in line
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = one_line_error(run("serve", str(tmp_path / "no-such-model"), "--port", str(port), check=False))
+    assert f"cannot listen on 127.0.0.1:{port}" in line

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import torch
 
+from ..defaults import PREFILL_CHUNK
 from ..model.transformer import Transformer
 from .kv_cache import KVCache, kv_bytes_per_row
 from .prefix_cache import PrefixCache
 from .sampling import sample
 from .sequence import Sequence
 
-PREFILL_CHUNK = 512  # tokens computed per step (a prompt chunk; with several sequences, all of theirs together)
 INITIAL_ROOM = 256  # KV positions reserved past the prompt at first; the cache grows by doubling after that
 
 

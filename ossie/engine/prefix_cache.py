@@ -22,14 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..defaults import DEFAULT_BUDGET_GB  # noqa: F401 (re-exported by ossie.engine)
 from ..model.config import ModelConfig
 from .kv_cache import KVCache
 
 BLOCK_SIZE = 64  # positions per block: fine enough to reuse most of a prefix, coarse enough to copy quickly
-# The default KV budget, for the running requests' caches and the cached prefixes together: the 20b's weights take
-# about 12.8 GiB resident, so 2 GiB of KV (about 43,000 cached positions at 48 KiB each in bf16, all 24 layers;
-# twice as many with kv_cache_dtype="q8") keeps it within 16 GiB.
-DEFAULT_BUDGET_GB = 2.0
 
 
 @dataclass(eq=False)
