@@ -1,5 +1,6 @@
 """The `ossie` command line, run as a user would."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ def run(*args, check=True):
 def test_help(sub):
     out = run(*sub, "--help").stdout
     assert "usage: ossie" in out
-    assert "ossie." not in out.replace("ossie.cli", "")  # defaults as values, not as Python names
+    assert not re.search(r"ossie\.[a-z_]+\.", out), out  # defaults as values, not as Python names
     if sub == ["chat"]:
         for command in ("/effort", "/system", "/reset", "/save", "/load", "/bye"):
             assert command in out
