@@ -303,13 +303,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import OLLAMA_PORT, ServerOptions, create_app, default_model_name, run_server
 
     builtin, settings = _builtin_tools(args)
+    keys = api_keys(args.api_key or os.environ.get("OSSIE_API_KEY"), args.api_keys)
+    shared = tuple(_read_text(path, "--shared-prefix") for path in args.shared_prefix or ())
     ports = [args.port] + ([OLLAMA_PORT] if args.ollama and args.port != OLLAMA_PORT else [])
     for port in ports:
         _check_listen(args.host, port)
     llm = load_llm(args)
     names = args.served_model_name or [default_model_name(llm)]
     options = ServerOptions(
-        api_key=args.api_key or os.environ.get("OSSIE_API_KEY"), allowed_origins=tuple(args.allowed_origins or ()),
+        api_keys=keys, trust_cache_salt=args.trust_cache_salt, shared_prefixes=shared,
+        allowed_origins=tuple(args.allowed_origins or ()),
         max_running=args.max_running, max_queued=args.max_queued,
         prefill_while_decoding=args.prefill_while_decoding, max_prompt_tokens=args.max_prompt_tokens,
         default_max_tokens=args.default_max_tokens, request_timeout_s=args.request_timeout,
@@ -329,6 +332,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     run_server(app, args.host, ports, "info" if args.verbose else "warning", ready)
     return 0
+
+
+def api_keys(key: str | None, path: str | None) -> dict[str, str]:
+    """The server's keys and their principals' names: --api-key's is "default"; an --api-keys file has a `name:key`
+    line per principal (blank lines and # comments skipped)."""
+    keys = {key: "default"} if key else {}
+    if path:
+        for n, line in enumerate(_read_text(path, "--api-keys").splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, sep, secret = (part.strip() for part in line.partition(":"))
+            if not (sep and name and secret):
+                raise ValueError(f"--api-keys {path}, line {n}: expected name:key")
+            if secret in keys or name in keys.values():
+                raise ValueError(f"--api-keys {path}, line {n}: the {'key' if secret in keys else 'name'} "
+                                 "is given twice")
+            keys[secret] = name
+        if not keys:
+            raise ValueError(f"--api-keys {path}: no name:key line")
+    return keys
+
+
+def _read_text(path: str, option: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{option} {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def _check_listen(host: str, port: int) -> None:
@@ -422,7 +453,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model name clients must ask for (default: the checkpoint folder's name, or the repo id "
                         "of a downloaded model, e.g. openai/gpt-oss-20b); repeat for aliases")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health (also: "
-                                     "$OSSIE_API_KEY)")
+                                     "$OSSIE_API_KEY); without any key, every client shares one prefix cache")
+    p.add_argument("--api-keys", metavar="FILE",
+                   help="several keys, one 'name:key' line per API principal: each principal's cached prompts and "
+                        "stored responses are its own, and the access log names it (never the key)")
+    p.add_argument("--trust-cache-salt", action="store_true",
+                   help="requests' cache_salt comes from a trusted gateway: requests with different salts share no "
+                        "cached prefix, even under one key (default: cache_salt is ignored)")
+    p.add_argument("--shared-prefix", action="append", metavar="FILE",
+                   help="a system prompt (a text file) whose cached tokens every principal may share; repeat for "
+                        "several (default: no prefix is shared between principals)")
     p.add_argument("--ollama", action="store_true",
                    help="also listen on Ollama's port 11434, so clients set up for Ollama work unchanged")
     p.add_argument("--max-running", type=int, default=16,

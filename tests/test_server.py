@@ -59,7 +59,7 @@ class Server:
     """`ossie serve` in a subprocess; with `script`, its runner replays that script (tests/scripted.py)."""
 
     def __init__(self, checkpoint, *args, script=None):
-        self.port = free_port()
+        self.port, self.args = free_port(), args
         self.url = f"http://127.0.0.1:{self.port}"
         command = ["-m", "tests.scripted_main", str(script)] if script else ["-m", "ossie"]
         # the log goes to a file: a pipe nobody reads until the end would fill up (access lines) and stall the server
@@ -80,7 +80,9 @@ class Server:
         raise RuntimeError("ossie serve did not come up")
 
     def health(self) -> dict:
-        return httpx.get(self.url + "/health").json()
+        """The engine's counters (with the server's key: without one, /health says only that it is alive)."""
+        key = self.args[self.args.index("--api-key") + 1] if "--api-key" in self.args else None
+        return httpx.get(self.url + "/health", headers={"authorization": f"Bearer {key}"} if key else {}).json()
 
     def log(self) -> str:
         self.log_file.seek(0)

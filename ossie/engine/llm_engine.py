@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .model_runner import ModelRunner
+from .prefix_cache import EVERYONE, CacheScope
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, check_prompt
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from ..chat.constraints import Steering
 
 log = logging.getLogger("ossie")
+MEAN_WEIGHT = 0.1  # the weight of the latest request in EngineStats.mean_request_s
 
 
 def stream(runner: ModelRunner, seq: Sequence) -> Iterator[int]:
@@ -90,6 +92,7 @@ class EngineStats:
     kv_running_bytes: int = 0  # the running sequences' KV caches
     kv_cached_bytes: int = 0  # the prefix cache's blocks
     kv_cached_blocks: int = 0
+    mean_request_s: float = 0.0  # how long recent requests took from submission to their end (a moving average)
 
 
 class Engine:
@@ -108,12 +111,14 @@ class Engine:
         self._thread.start()
 
     def submit(self, prompt: list[int], params: SamplingParams, steering: Steering | None,
-               on_event: Callable[[Event], None], timeout_s: float | None = None) -> Handle:
+               on_event: Callable[[Event], None], timeout_s: float | None = None,
+               scope: CacheScope = EVERYONE) -> Handle:
         """Queue a request; raises ValueError at once for a prompt outside the vocabulary or invalid params.
         `on_event` is called on the engine thread. timeout_s: the request generates until then at most (counted
-        from now, waiting included) and then finishes as at its token budget ("length")."""
+        from now, waiting included) and then finishes as at its token budget ("length"). scope: whose cached
+        prefixes it may reuse (a server's API principal)."""
         params.validate()
-        seq = Sequence(check_prompt(prompt, self.runner.config.vocab_size), params, steering)
+        seq = Sequence(check_prompt(prompt, self.runner.config.vocab_size), params, steering, scope=scope)
         handle = Handle(seq, on_event, timeout_s)
         with self._lock:
             self.stats.waiting += 1
@@ -167,7 +172,8 @@ class Engine:
                 self._end(seq, Finished("length"))
         self._admit()
         batch, sizes = self.scheduler.schedule()
-        if not batch:
+        if not batch:  # idle, or every request ended above: the gauges must say so (they read non-zero when idle)
+            self._measure_kv()
             return
         try:
             tokens = self.runner.run(batch, sizes)
@@ -255,6 +261,9 @@ class Engine:
                 self.stats.running -= 1
             else:
                 self.stats.waiting -= 1
+            took = time.perf_counter() - self.handles[seq.id].submitted
+            m = self.stats.mean_request_s
+            self.stats.mean_request_s = took if m == 0 else m + MEAN_WEIGHT * (took - m)
             if isinstance(event, Finished):
                 self.stats.finished += 1
             elif isinstance(event, Cancelled):

@@ -62,7 +62,7 @@ class ModelRunner:
         seq.cache = self.new_cache(self._capacity(seq))
         seq.num_computed, seq.block_keys = 0, []
         if self.prefix_cache is not None:
-            chain = self.prefix_cache.match(seq.tokens(0, seq.num_tokens))
+            chain = self.prefix_cache.match(seq.tokens(0, seq.num_tokens), seq.scope)
             seq.num_computed = self.prefix_cache.load(chain, seq.cache)
             if not seq.output:
                 seq.num_cached_tokens = seq.num_computed
@@ -105,7 +105,7 @@ class ModelRunner:
             i = len(seq.block_keys)
             parent = seq.block_keys[-1] if seq.block_keys else None
             block = tuple(seq.tokens(i * b, (i + 1) * b))
-            seq.block_keys.append(self.prefix_cache.store(parent, block, seq.cache, i * b))
+            seq.block_keys.append(self.prefix_cache.store(parent, block, seq.cache, i * b, seq.scope.owner_of(i, b)))
         seq.cache.overwritten.clear()
 
     def sample(self, seq: Sequence, logits: torch.Tensor) -> int:

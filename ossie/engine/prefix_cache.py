@@ -11,6 +11,11 @@ window - 1 positions, the sliding layers' rows too (vLLM's hybrid allocator asks
 Sliding rows are kept for every block, not as snapshots at a few points (llama.cpp's SWA checkpoints), so that
 any block boundary is a resume point: an agent or a client that edits its history may diverge anywhere.
 
+Blocks are private to their owner (`CacheScope`): a block's key chains in the owner, so a request finds only its
+own owner's blocks, and a server gives each API principal its own. A shared cache tells one client what another
+sent: a guessed prompt comes back with cached_tokens and a fast first token (vLLM's CVE-2025-46570). Only the
+prompt's first `shared` tokens, declared public by the operator (a common system prompt), are cached for everyone.
+
 Memory is bounded by a budget in bytes. When it is exceeded, the least recently used block that no other
 cached block extends is dropped (dropping a block another extends would strand the longer prefix).
 """
@@ -22,16 +27,31 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..defaults import DEFAULT_BUDGET_GB  # noqa: F401 (re-exported by ossie.engine)
 from ..model.config import ModelConfig
 from .kv_cache import KVCache
 
 BLOCK_SIZE = 64  # positions per block: fine enough to reuse most of a prefix, coarse enough to copy quickly
 
 
+@dataclass(frozen=True)
+class CacheScope:
+    """Who may reuse the blocks a sequence computes, and whose it may reuse."""
+
+    owner: str | None = None  # None: everyone's (a library's single user, a server without API keys)
+    shared: int = 0  # the first tokens declared public: their whole blocks are everyone's, whatever the owner
+
+    def owner_of(self, index: int, block_size: int) -> str | None:
+        """The owner of the sequence's block `index`."""
+        return None if (index + 1) * block_size <= self.shared else self.owner
+
+
+EVERYONE = CacheScope()
+
+
 @dataclass(eq=False)
 class Block:
     key: int
+    owner: str | None  # who may reuse it (CacheScope.owner; None: everyone)
     parent: int | None  # the key of the block before it (None: the first block)
     tokens: tuple[int, ...]
     full: list[tuple[torch.Tensor, torch.Tensor]]  # per full-attention layer: keys, values [BLOCK_SIZE, kv, d]
@@ -47,8 +67,8 @@ def _nbytes(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
     return sum(t.numel() * t.element_size() for pair in pairs for t in pair)
 
 
-def block_key(parent: int | None, tokens: tuple[int, ...]) -> int:
-    return hash((parent, tokens))
+def block_key(owner: str | None, parent: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((owner, parent, tokens))
 
 
 @dataclass
@@ -68,16 +88,16 @@ class PrefixCache:
         self.stats = PrefixCacheStats()
 
     # ---- lookup ------------------------------------------------------------------------------------------------
-    def match(self, prompt: list[int]) -> list[Block]:
+    def match(self, prompt: list[int], scope: CacheScope = EVERYONE) -> list[Block]:
         """The blocks of the longest cached prefix of `prompt` that can be resumed, leaving at least one prompt
-        token to compute (its logits give the first new token)."""
+        token to compute (its logits give the first new token), among those `scope` may reuse."""
         b = self.block_size
         chain: list[Block] = []
         parent = None
         for i in range((len(prompt) - 1) // b):
-            tokens = tuple(prompt[i * b:(i + 1) * b])
-            block = self.blocks.get(block_key(parent, tokens))
-            if block is None or block.tokens != tokens or block.parent != parent:  # a hash collision is a miss
+            tokens, owner = tuple(prompt[i * b:(i + 1) * b]), scope.owner_of(i, b)
+            block = self.blocks.get(block_key(owner, parent, tokens))
+            if block is None or (block.owner, block.parent, block.tokens) != (owner, parent, tokens):  # a collision
                 break
             chain.append(block)
             parent = block.key
@@ -110,15 +130,16 @@ class PrefixCache:
         return length
 
     # ---- storing -----------------------------------------------------------------------------------------------
-    def store(self, parent: int | None, tokens: tuple[int, ...], cache: KVCache, start: int) -> int:
-        """Keep the block of `tokens` at positions start.. (after the block keyed `parent`) from a sequence's cache;
-        returns its key. A block already kept is only marked as used (and given sliding rows if it lacked them).
-        Nothing is kept after a parent that is no longer cached (the block could never be matched)."""
-        key = block_key(parent, tokens)
+    def store(self, parent: int | None, tokens: tuple[int, ...], cache: KVCache, start: int,
+              owner: str | None = None) -> int:
+        """Keep the block of `tokens` at positions start.. (after the block keyed `parent`) from a sequence's cache,
+        for `owner`; returns its key. A block already kept is only marked as used (and given sliding rows if it
+        lacked them). Nothing is kept after a parent that is no longer cached (the block could never be matched)."""
+        key = block_key(owner, parent, tokens)
         if parent is not None and parent not in self.blocks:
             return key
         block = self.blocks.get(key)
-        if block is not None and (block.tokens != tokens or block.parent != parent):
+        if block is not None and (block.owner, block.parent, block.tokens) != (owner, parent, tokens):
             return key  # a hash collision: keep the block there, cache nothing for this one
         end = start + self.block_size
         sliding = [cache.rows(i, start, end) for i in self.sliding_layers]
@@ -131,7 +152,7 @@ class PrefixCache:
             self.blocks.move_to_end(key)
         else:
             full = [tuple(t.clone() for t in cache.rows(i, start, end)) for i in self.full_layers]
-            block = Block(key, parent, tokens, full, sliding)
+            block = Block(key, owner, parent, tokens, full, sliding)
             self.blocks[key] = block
             if parent is not None:
                 self.blocks[parent].children += 1

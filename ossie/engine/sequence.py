@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .prefix_cache import EVERYONE, CacheScope
 from .sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     cache: KVCache | None = None
     block_keys: list[int] = field(default_factory=list)  # prefix-cache keys of its complete blocks, in order
+    scope: CacheScope = EVERYONE  # whose cached prefixes it may reuse, and who may reuse its blocks
     generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

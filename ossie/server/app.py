@@ -25,8 +25,8 @@ from ..chat import constraints
 from ..engine import Engine
 from ..llm import LLM
 from . import chat_completions, completions, ollama, responses
-from .middleware import AccessLog, APIKeyCheck, BodyLimit, RequestIdFilter
-from .protocol import APIError, ModelCard, ModelList, error_body
+from .middleware import AccessLog, APIKeyCheck, BodyLimit, JSONBodies, RequestIdFilter, principal
+from .protocol import APIError, ModelCard, ModelList, error_for
 from .serving import ServerOptions, Serving
 from .streaming import ServerShuttingDown
 
@@ -37,7 +37,11 @@ info = APIRouter()
 
 @info.get("/health")
 async def health(request: Request) -> dict:
+    """Liveness for anyone (load balancers' probes carry no key); the engine's counters only with a key where keys
+    are required: they tell how much others send and how much of it the cache served."""
     serving: Serving = request.app.state.serving
+    if serving.options.api_keys and principal(request.scope) is None:
+        return {"status": "ok"}
     return {"status": "ok", "model": serving.names[0], **vars(serving.engine.snapshot())}
 
 
@@ -95,9 +99,8 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None,
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        if request.url.path.startswith("/api/"):  # Ollama's error shape
-            return JSONResponse(status_code=e.status, content={"error": e.message}, headers=e.headers)
-        return e.response()
+        return JSONResponse(status_code=e.status, headers=e.headers,
+                            content=error_for(request.url.path, e.message, e.type, e.param, e.code))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -107,27 +110,27 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None,
             msg, param = "the request body is not valid JSON", None
         else:
             msg, param = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}", ".".join(loc) or None
-        if request.url.path.startswith("/api/"):
-            return JSONResponse(status_code=400, content={"error": msg})
-        return JSONResponse(status_code=400, content=error_body(msg, param=param))
+        return JSONResponse(status_code=400, content=error_for(request.url.path, msg, param=param))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(status_code=e.status_code, content=error_body(str(e.detail), code=str(e.status_code)))
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(status_code=e.status_code,
+                            content=error_for(request.url.path, str(e.detail), code=str(e.status_code)))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
         rid = request.scope.get("state", {}).get("request_id", "")
         log.exception("internal error")
         # uvicorn closes the connection after an unhandled error: say so, or the client's next request on it fails
-        return JSONResponse(status_code=500, headers={"Connection": "close"}, content=error_body(
-            f"internal error (request {rid}; the server's log has the details)", "server_error"))
+        return JSONResponse(status_code=500, headers={"Connection": "close"}, content=error_for(
+            request.url.path, f"internal error (request {rid}; the server's log has the details)", "server_error"))
 
-    # pure ASGI middleware (see middleware.py), innermost first: the body limit, the key check, CORS outermost
-    # (a browser's preflight carries no key), the access log around everything
+    # pure ASGI middleware (see middleware.py), innermost first: bodies as JSON, the body limit, the key check, CORS
+    # outermost (a browser's preflight carries no key), the access log around everything
+    app.add_middleware(JSONBodies)
     app.add_middleware(BodyLimit, max_bytes=options.max_body_bytes)
-    if options.api_key:
-        app.add_middleware(APIKeyCheck, api_key=options.api_key)
+    if options.api_keys:
+        app.add_middleware(APIKeyCheck, keys=options.api_keys)
     if options.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(options.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-request-id", "retry-after"])

@@ -90,20 +90,22 @@ def reasoning_budget(max_tokens: int) -> int:
 async def start_chat(serving: Serving, request: Request, req: SamplingRequest, messages: list[dict],
                      tools: list[dict] | None, *, tool_choice: Any, response_format: dict | None, effort: str,
                      max_tokens: int | None, max_tokens_param: str, messages_param: str,
-                     context: int | None = None, builtin: tuple[str, ...] = ()) -> Run:
+                     context: int | None = None, default_max_tokens: int | None = None,
+                     builtin: tuple[str, ...] = ()) -> Run:
     """Render the conversation with what tool_choice and response_format demand and the built-in tools declared
     (off the event loop when it is large), and start its generation with the request's sampling, within `context`
-    tokens if given. The *_param names are what a 400 points at."""
+    tokens if given; default_max_tokens: the API's own limit when the request gives none. The *_param names are
+    what a 400 points at."""
     serving.check_capacity()
     steering, instructions = chat_steering(tools, tool_choice, response_format)
     size = int(request.headers.get("content-length") or 0)
     prompt = await serving.tokenizing.render(size, messages + instructions, tools, effort, messages_param, builtin)
-    budget = serving.budget(prompt, max_tokens, max_tokens_param, messages_param, context)
+    budget = serving.budget(prompt, max_tokens, max_tokens_param, messages_param, context, default_max_tokens)
     if steering is not None:
         steering.reasoning_budget = reasoning_budget(budget)
         steering.budget = budget  # a demanded JSON object is closed in time to fit
     run = Run(serving.engine, prompt, req.to_sampling_params(budget, list(STOP_TOKEN_IDS)), steering,
-              serving.options.request_timeout_s)
+              serving.options.request_timeout_s, serving.cache_scope(request, prompt, req.cache_salt))
     run.context = min(context or serving.config.max_context, serving.config.max_context)
     if builtin:
         run.tools = BuiltinTools(builtin, serving.options.tool_settings)

@@ -61,7 +61,8 @@ async def create_completion(req: CompletionRequest, request: Request):
     prompt = await prompt_tokens(serving, request, req)
     params = req.to_sampling_params(serving.budget(prompt, req.max_tokens, "max_tokens", "prompt"),
                                     [ENDOFTEXT, *STOP_TOKEN_IDS])
-    run = Run(serving.engine, prompt, params, None, serving.options.request_timeout_s)
+    run = Run(serving.engine, prompt, params, None, serving.options.request_timeout_s,
+              serving.cache_scope(request, prompt, req.cache_salt))
     request.state.run = run  # for the access log
     cid, now = "cmpl-" + uuid.uuid4().hex, int(time.time())
     echo = harmony_encoding().decode(prompt) if req.echo else ""

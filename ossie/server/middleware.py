@@ -1,4 +1,5 @@
-"""The server's ASGI middleware: the access log with request ids, the API key check, the request body limit.
+"""The server's ASGI middleware: the access log with request ids, the API key check, the request body limit, and
+request bodies read as JSON whatever their Content-Type.
 
 Both are plain ASGI callables, not Starlette's BaseHTTPMiddleware (`@app.middleware("http")`): that one runs the
 endpoint behind a channel of its own, and `request.is_disconnected()` then never sees a client leave, so a
@@ -16,7 +17,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .protocol import error_body
+from .protocol import error_for
 
 OPEN_PATHS = frozenset({"/health"})  # answered without the API key (load balancers' probes)
 
@@ -71,8 +72,9 @@ class AccessLog:
         def log_line() -> None:
             run = state.get("run")  # the generation, if the request started one (streaming.Run)
             tokens = f" {run.prompt_tokens}+{run.completion_tokens} tokens" if run is not None else ""
-            access_log.info("%s %s %s %d%s %.2fs", rid, scope["method"], scope["path"], status, tokens,
-                            time.perf_counter() - start)
+            who = principal(scope)
+            access_log.info("%s %s%s %s %d%s %.2fs", rid, f"[{who}] " if who else "", scope["method"], scope["path"],
+                            status, tokens, time.perf_counter() - start)
 
         try:
             await self.app(scope, receive, logging_send)
@@ -82,27 +84,43 @@ class AccessLog:
             raise
 
 
+def principal(scope: Scope) -> str | None:
+    """The API principal a request was authenticated as (APIKeyCheck), or None (no key, or none configured)."""
+    return scope.get("state", {}).get("principal")
+
+
 class APIKeyCheck:
-    """Every path but /health (the API, /metrics, the docs and their schema) needs `Authorization: Bearer KEY`;
-    the scheme is case-insensitive (RFC 7235) and the key compared in constant time."""
+    """Every path but /health (the API, /metrics, the docs and their schema) needs `Authorization: Bearer KEY` with
+    one of `keys` (key -> the principal's name, which the request then carries in its state: its prefix cache and
+    stored responses are its own, and the access log names it). The scheme is case-insensitive (RFC 7235); the
+    token is compared with every key in constant time, so the time taken says nothing about which is close."""
 
-    def __init__(self, app: ASGIApp, api_key: str):
-        self.app, self.key = app, api_key.encode()
+    def __init__(self, app: ASGIApp, keys: dict[str, str]):
+        self.app = app
+        self.keys = [(key.encode(), name) for key, name in keys.items()]
 
-    def _authorized(self, scope: Scope) -> bool:
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
+    def _principal(self, scope: Scope) -> str | None:
+        for header, value in scope.get("headers", ()):
+            if header == b"authorization":
                 scheme, _, token = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
-        return False
+                found = None
+                for key, name in self.keys:
+                    if hmac.compare_digest(token.strip(), key):
+                        found = name
+                return found if scheme.lower() == b"bearer" else None
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS" \
-                and not self._authorized(scope):
-            await _send_json(send, 401, error_body("Incorrect or missing API key: send 'Authorization: Bearer KEY'",
-                                                   code="invalid_api_key"),
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        name = self._principal(scope)
+        if name is None and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
+            await _send_json(send, 401, error_for(scope["path"], "Incorrect or missing API key: send "
+                                                  "'Authorization: Bearer KEY'", code="invalid_api_key"),
                              [(b"www-authenticate", b'Bearer realm="ossie"')])
             return
+        scope.setdefault("state", {})["principal"] = name
         await self.app(scope, receive, send)
 
 
@@ -113,9 +131,9 @@ class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
 
-    def _too_large(self) -> dict:
-        return error_body(f"the request body exceeds {self.max_bytes} bytes (ossie serve --max-body-mb)",
-                          code="request_too_large")
+    def _too_large(self, scope: Scope) -> dict:
+        return error_for(scope["path"], f"the request body exceeds {self.max_bytes} bytes (ossie serve "
+                                        "--max-body-mb)", code="request_too_large")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -123,7 +141,7 @@ class BodyLimit:
             return
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await _send_json(send, 413, self._too_large())
+                await _send_json(send, 413, self._too_large(scope))
                 return
         seen, started = 0, False
 
@@ -145,8 +163,23 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
             if not started:
-                await _send_json(send, 413, self._too_large())
+                await _send_json(send, 413, self._too_large(scope))
 
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class JSONBodies:
+    """Every request body is read as JSON, whatever its Content-Type says, as Ollama reads them: `curl -d '{...}'`
+    sends application/x-www-form-urlencoded, and Ollama's API docs write every example that way. FastAPI hands
+    such a body to validation as raw bytes, which was a 500."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)

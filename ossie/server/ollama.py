@@ -32,6 +32,10 @@ from .streaming import Run, StopStrings, cancel_on_disconnect
 router = APIRouter()
 
 OLLAMA_VERSION = "0.13.0"  # the Ollama API version ossie answers to (clients check a minimum)
+# Ollama's default context (OLLAMA_CONTEXT_LENGTH): a request that sets neither num_predict (or sets it to 0 or
+# below, "no limit") nor num_ctx generates at most this many tokens, as it would in Ollama, instead of running to the
+# end of gpt-oss's 131k context (what the Ollama clients' default requests did here).
+DEFAULT_NUM_CTX = 4096
 THINK_LEVELS = {True: "medium", False: "low", "low": "low", "medium": "medium", "high": "high"}
 FAMILY = "gptoss"  # as Ollama names gpt-oss's architecture
 
@@ -43,7 +47,7 @@ class OllamaOptions(StrictBody):
     min_p: float | None = Field(default=None, ge=0, le=1)
     seed: int | None = Field(default=None, ge=SEED_RANGE[0], lt=SEED_RANGE[1])
     num_predict: int | None = None  # -1: no limit, -2: fill the context
-    num_ctx: int | None = Field(default=None, ge=1)  # accepted; ossie's context is the model's
+    num_ctx: int | None = Field(default=None, ge=1)  # the prompt and its answer fit within it
     stop: str | list[str] | None = None
 
 
@@ -324,10 +328,11 @@ async def _start(serving: Serving, request: Request, req: _OllamaRequest, messag
                  tools: list[dict] | None) -> tuple[Run, StopStrings, bool]:
     effort, show_thinking = _effort(req.think)
     sampling, max_tokens, stops = _sampling(req)
+    num_ctx = req.options.num_ctx if req.options else None
     run = await start_chat(serving, request, sampling, messages, tools, tool_choice=None,
                            response_format=_response_format(req.format), effort=effort, max_tokens=max_tokens,
-                           max_tokens_param="options.num_predict", messages_param="messages",
-                           context=req.options.num_ctx if req.options else None,
+                           max_tokens_param="options.num_predict", messages_param="messages", context=num_ctx,
+                           default_max_tokens=None if num_ctx else DEFAULT_NUM_CTX,
                            builtin=serving.options.builtin_tools)
     return run, stops, show_thinking
 

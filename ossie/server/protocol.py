@@ -32,6 +32,15 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code)).model_dump()
 
 
+def error_for(path: str, message: str, type: str = "invalid_request_error", param: str | None = None,
+              code: str | None = None) -> dict:
+    """The error body a client of `path` reads: Ollama's {"error": "..."} on Ollama's paths (its client shows an
+    OpenAI-shaped body as a dict), OpenAI's everywhere else."""
+    if path.startswith("/api/"):
+        return {"error": message}
+    return error_body(message, type, param, code)
+
+
 class APIError(Exception):
     """A request that cannot be served: its HTTP status and the OpenAI-style body that says why."""
 
@@ -147,6 +156,8 @@ class StrictBody(BaseModel):
             raise ValueError("the request holds a lone surrogate (such as \\ud800): not valid Unicode") from None
         except RecursionError:
             raise ValueError("the request nests too deeply") from None
+        except TypeError:  # raw bytes: a body that reached validation unparsed (server.middleware.JSONBodies)
+            raise ValueError("the request body must be a JSON object") from None
         return data
 
 
@@ -163,6 +174,7 @@ class SamplingRequest(StrictBody):
     min_p: float | None = Field(default=None, ge=0, le=1)
     seed: int | None = Field(default=None, ge=SEED_RANGE[0], lt=SEED_RANGE[1])
     stream: bool = False
+    cache_salt: str | None = Field(default=None, max_length=1024)  # vLLM's: honoured from a trusted gateway only
 
     def to_sampling_params(self, max_tokens: int, stop_token_ids: list[int] | None) -> SamplingParams:
         p = SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,

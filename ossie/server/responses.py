@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from ..chat import harmony
 from ..tools import BuiltinTools
 from .chat_completions import chat_deltas, start_chat
+from .middleware import principal
 from .protocol import (
     APIError,
     InputTokensDetails,
@@ -34,25 +35,27 @@ STORED_RESPONSES = 1000  # responses kept for previous_response_id (least recent
 
 class ResponseStore:
     """Stored responses and the conversation each ends (for previous_response_id), least recently used dropped
-    first beyond `capacity`."""
+    first beyond `capacity`. Each is its principal's: another principal asking for its id finds nothing."""
 
     def __init__(self, capacity: int = STORED_RESPONSES):
         self.capacity = capacity
-        self.items: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()  # id -> (response, messages)
+        # (principal, id) -> (response, messages)
+        self.items: OrderedDict[tuple[str | None, str], tuple[dict, list[dict]]] = OrderedDict()
 
-    def put(self, rid: str, response: dict, messages: list[dict]) -> None:
-        self.items[rid] = (response, messages)
+    def put(self, owner: str | None, rid: str, response: dict, messages: list[dict]) -> None:
+        self.items[owner, rid] = (response, messages)
         while len(self.items) > self.capacity:
             self.items.popitem(last=False)
 
-    def response(self, rid: str) -> dict | None:
-        return self.items[rid][0] if rid in self.items else None
+    def response(self, owner: str | None, rid: str) -> dict | None:
+        item = self.items.get((owner, rid))
+        return item[0] if item else None
 
-    def messages(self, rid: str) -> list[dict] | None:
-        if rid not in self.items:
+    def messages(self, owner: str | None, rid: str) -> list[dict] | None:
+        if (owner, rid) not in self.items:
             return None
-        self.items.move_to_end(rid)
-        return list(self.items[rid][1])
+        self.items.move_to_end((owner, rid))
+        return list(self.items[owner, rid][1])
 
 
 # ---- Responses items <-> chat messages ----------------------------------------------------------------------
@@ -329,7 +332,7 @@ async def create_response(req: ResponsesRequest, request: Request):
     serving.check_model(req.model)
     history: list[dict] = []
     if req.previous_response_id:
-        history = store.messages(req.previous_response_id)
+        history = store.messages(principal(request.scope), req.previous_response_id)
         if history is None:
             raise APIError(404, f"Previous response with id '{req.previous_response_id}' not found.",
                            "previous_response_id", "previous_response_not_found")
@@ -360,7 +363,8 @@ async def create_response(req: ResponsesRequest, request: Request):
                                    output_tokens_details=OutputTokensDetails(
                                        reasoning_tokens=result.reasoning_tokens))}).model_dump()
         if req.store:
-            store.put(body["id"], body, history + new_messages + [output_to_message(answer.output)])
+            store.put(principal(request.scope), body["id"], body,
+                      history + new_messages + [output_to_message(answer.output)])
         return body
 
     if req.stream:
@@ -373,7 +377,7 @@ async def create_response(req: ResponsesRequest, request: Request):
 
 @router.get("/v1/responses/{response_id}")
 async def get_response(response_id: str, request: Request) -> dict:
-    body = request.app.state.responses.response(response_id)
+    body = request.app.state.responses.response(principal(request.scope), response_id)
     if body is None:
         raise APIError(404, f"Response with id '{response_id}' not found.", "response_id", "not_found")
     return body
@@ -393,11 +397,17 @@ async def responses_stream(run: Run, base: ResponseObject,
     start = base.model_dump()
     yield event("response.created", response=start)
     yield event("response.in_progress", response=start)
-    async for item in collect(run):
-        if isinstance(item, Answer):
-            body = finish(item)
-            yield event("response.incomplete" if body["status"] == "incomplete" else "response.completed",
-                        response=body)
-        else:
-            kind, fields = item
-            yield event(kind, **fields)
+    try:
+        async for item in collect(run):
+            if isinstance(item, Answer):
+                body = finish(item)
+                yield event("response.incomplete" if body["status"] == "incomplete" else "response.completed",
+                            response=body)
+            else:
+                kind, fields = item
+                yield event(kind, **fields)
+    except APIError as e:  # the Responses API's ending of a failed stream: an error event, then response.failed
+        code = e.code or e.type
+        yield event("error", code=code, message=e.message, param=e.param)
+        yield event("response.failed", response={**start, "status": "failed",
+                                                 "error": {"code": code, "message": e.message}})

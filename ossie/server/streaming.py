@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from ..chat.constraints import Steering
-from ..engine import Cancelled, Engine, Event, Failed, Finished, SamplingParams, Token
+from ..engine import EVERYONE, CacheScope, Cancelled, Engine, Event, Failed, Finished, SamplingParams, Token
 from ..engine.sequence import Status
 from ..tools import BuiltinTools
 from .protocol import APIError
@@ -35,9 +35,9 @@ class Run:
     built-in tools is several generations, one after each tool's message: `resume` starts the next."""
 
     def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, steering: Steering | None,
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, scope: CacheScope = EVERYONE):
         self.loop = asyncio.get_running_loop()
-        self.engine, self.timeout_s, self.started = engine, timeout_s, self.loop.time()
+        self.engine, self.timeout_s, self.started, self.scope = engine, timeout_s, self.loop.time(), scope
         self.prompt, self.params = prompt, params
         self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" once over
         self.prompt_tokens = len(prompt)
@@ -51,7 +51,7 @@ class Run:
                 timeout_s: float | None) -> None:
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         try:
-            self.handle = self.engine.submit(prompt, params, steering, self._on_event, timeout_s)
+            self.handle = self.engine.submit(prompt, params, steering, self._on_event, timeout_s, self.scope)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
