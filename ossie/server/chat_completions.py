@@ -20,6 +20,7 @@ from ..chat import constraints, harmony
 from ..special_tokens import STOP_TOKEN_IDS
 from ..tools import BuiltinTools
 from ..tools.loop import ToolLoop
+from .middleware import client_of
 from .protocol import (
     APIError,
     ChatChoice,
@@ -99,7 +100,8 @@ async def start_chat(serving: Serving, request: Request, req: SamplingRequest, m
     serving.check_capacity()
     steering, instructions = chat_steering(tools, tool_choice, response_format)
     size = int(request.headers.get("content-length") or 0)
-    prompt = await serving.tokenizing.render(size, messages + instructions, tools, effort, messages_param, builtin)
+    prompt = await serving.tokenizing.render(size, messages + instructions, tools, effort, messages_param, builtin,
+                                             client_of(request.scope))
     budget = serving.budget(prompt, max_tokens, max_tokens_param, messages_param, context, default_max_tokens)
     if steering is not None:
         steering.reasoning_budget = reasoning_budget(budget)

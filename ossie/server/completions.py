@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 
 from ..special_tokens import ENDOFTEXT, STOP_TOKEN_IDS
 from ..tokenizer import TextDecoder, harmony_encoding
+from .middleware import client_of
 from .protocol import APIError, Completion, CompletionChoice, CompletionRequest, Usage
 from .serving import Serving
 from .streaming import Run, StopStrings, cancel_on_disconnect, data, sse
@@ -28,7 +29,7 @@ async def prompt_tokens(serving: Serving, request: Request, req: CompletionReque
         if len(texts) != 1:
             raise APIError(400, "give one prompt (a string or a list of token ids)", "prompt")
         size = int(request.headers.get("content-length") or 0)
-        prompt = await serving.tokenizing.encode(size, texts[0], "prompt")
+        prompt = await serving.tokenizing.encode(size, texts[0], "prompt", client_of(request.scope))
     if not prompt:
         raise APIError(400, "the prompt is empty", "prompt")
     return prompt

@@ -89,6 +89,15 @@ def principal(scope: Scope) -> str | None:
     return scope.get("state", {}).get("principal")
 
 
+def client_of(scope: Scope) -> str:
+    """Who a request comes from, for per-client limits: its principal, else its address."""
+    name = principal(scope)
+    if name is not None:
+        return "principal:" + name
+    client = scope.get("client")
+    return "address:" + (client[0] if client else "")
+
+
 class APIKeyCheck:
     """Every path but /health (the API, /metrics, the docs and their schema) needs `Authorization: Bearer KEY` with
     one of `keys` (key -> the principal's name, which the request then carries in its state: its prefix cache and
