@@ -40,9 +40,12 @@ class Scheduler:
 
     def admit(self, fits: Callable[[Sequence], bool] = lambda seq: True) -> list[Sequence]:
         """Move waiting sequences to running, in order, while there is room (`fits` says whether the next one's
-        KV memory does; the first always gets in when nothing runs)."""
+        KV memory does, and counts it; the first always gets in when nothing runs). `fits` is asked about that
+        first one too: not counting it admitted a second and a third beside it past the budget."""
         admitted = []
-        while self.waiting and len(self.running) < self.max_running and (not self.running or fits(self.waiting[0])):
+        while self.waiting and len(self.running) < self.max_running:
+            if not fits(self.waiting[0]) and self.running:
+                break
             seq = self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)

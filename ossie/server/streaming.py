@@ -156,16 +156,19 @@ class StopStrings:
         buf = self.pending + text
         start = len(self.pending)
         for j, ch in enumerate(text):
-            for i, stop in enumerate(self.stops):
+            done = 0  # the longest stop string completed by this character: "STOP" and "TOP" end together, and
+            for i, stop in enumerate(self.stops):  # the text is cut where "STOP" starts (its "S" must not leak)
                 k = self.matched[i]
                 while k and stop[k] != ch:
                     k = self.fail[i][k - 1]
                 if stop[k] == ch:
                     k += 1
                 if k == len(stop):
-                    self.hit, self.pending = True, ""
-                    return buf[:start + j + 1 - k]
+                    done = max(done, k)
                 self.matched[i] = k
+            if done:
+                self.hit, self.pending = True, ""
+                return buf[:start + j + 1 - done]
         keep = max(self.matched)  # the held-back tail: the longest partial match
         self.pending = buf[len(buf) - keep:] if keep else ""
         return buf[:len(buf) - keep]
