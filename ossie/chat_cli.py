@@ -31,18 +31,27 @@ class Input:
     folder), plainly otherwise (a pipe, or a dumb terminal that cannot edit a line)."""
 
     def __init__(self, console: Console):
-        self.console, self.session = console, None
+        self.console, self.session, self.more = console, None, None
         if sys.stdin.isatty() and sys.stdout.isatty() and os.environ.get("TERM", "dumb") != "dumb":
             from prompt_toolkit import PromptSession
-            from prompt_toolkit.history import FileHistory
+            from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+            class History(FileHistory):
+                """The history file, where a multi-line message is one entry, recalled whole: its opening line is
+                not kept alone (its other lines are read without history), the whole is added when it ends."""
+
+                def append_string(self, string: str) -> None:
+                    if not opens_block(string):
+                        super().append_string(string)
 
             history = cache_dir() / "chat_history"
             history.parent.mkdir(parents=True, exist_ok=True)
-            self.session = PromptSession(history=FileHistory(str(history)))
+            self.session = PromptSession(history=History(str(history)))
+            self.more = PromptSession(history=InMemoryHistory())  # a multi-line message's following lines
 
-    def line(self, prompt: str) -> str:
+    def line(self, prompt: str, more: bool = False) -> str:
         if self.session is not None:
-            return self.session.prompt(prompt)
+            return (self.more if more else self.session).prompt(prompt)
         return self.console.input(prompt)
 
     def message(self) -> str:
@@ -52,15 +61,24 @@ class Input:
         stripped = line.strip()
         if not stripped.startswith('"""'):
             return line
-        if len(stripped) >= 6 and stripped.endswith('"""'):
+        if not opens_block(stripped):
             return stripped[3:-3]
         lines = [stripped[3:]]
         while True:
-            nxt = self.line("... ")
+            nxt = self.line("... ", more=True)
             if nxt.rstrip().endswith('"""'):
                 lines.append(nxt.rstrip()[:-3])
-                return "\n".join(lines).strip("\n")
+                message = "\n".join(lines).strip("\n")
+                if self.session is not None:
+                    self.session.history.append_string(f'"""{message}"""')
+                return message
             lines.append(nxt)
+
+
+def opens_block(line: str) -> bool:
+    """Whether a line opens a multi-line message (\"\"\" without its closing \"\"\" on the same line)."""
+    stripped = line.strip()
+    return stripped.startswith('"""') and not (len(stripped) >= 6 and stripped.endswith('"""'))
 
 
 class Chat:

@@ -212,8 +212,6 @@ def _builtin_tools(args: argparse.Namespace) -> tuple[list[str], Any]:
     for n in names:
         if n not in NAMES:
             raise ValueError(f"--builtin-tools: unknown tool {n!r} (python, browser)")
-    if args.python_timeout <= 0 or args.max_tool_calls < 1:
-        raise ValueError("--python-timeout and --max-tool-calls must be positive")
     settings = ToolSettings(python=Limits(timeout_s=args.python_timeout),
                             dangerously_unsandboxed=args.dangerously_run_python_unsandboxed,
                             search_backend=args.search_backend, allow_private=args.browser_allow_private,

@@ -174,8 +174,25 @@ def test_chat_cli_line_editing_and_history(tiny_repo, tmp_path):
     child.send("\x1b[A\r")  # up: the last line of the previous run
     child.expect("reasoning effort: low")
     child.expect(">>>")
+    child.send('"""first line\r')  # a multi-line message: one entry in the history, recalled whole
+    child.expect(r"\.\.\.")
+    child.send('second line"""\r')
+    child.expect("tok/s")
+    child.expect(">>>")
     child.sendeof()
     child.expect(pexpect.EOF)
+    child = chat()
+    child.send("\x1b[A\r")  # up: the whole message, both lines
+    child.expect("tok/s")
+    child.expect(">>>")
+    child.send(f"/save {tmp_path / 'recalled.json'}\r")
+    child.expect("saved 2 messages")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    saved = json.loads((tmp_path / "recalled.json").read_text())
+    assert saved["messages"][0] == {"role": "user", "content": "first line\nsecond line"}
+    history = (tmp_path / "chat_history").read_text()
+    assert '+"""first line\n+second line"""' in history and '\n+"""first line\n\n' not in history
 
 
 def test_chat_cli_says_what_is_wrong_and_goes_on(tiny_repo, tmp_path):
@@ -262,7 +279,7 @@ def test_chat_cli_runs_python_and_keeps_its_state_for_the_conversation(tiny_repo
 
 def test_tool_options_fail_in_one_line(tiny_repo):
     for args, message in ((["--builtin-tools", "shell"], "error: --builtin-tools: unknown tool 'shell'"),
-                          (["--tools", "python", "--python-timeout", "0"], "must be positive"),
+                          (["--tools", "python", "--python-timeout", "0"], "--python-timeout must be above 0"),
                           (["--builtin-tools", "browser", "--search-backend", "exa"], "EXA_API_KEY")):
         p = subprocess.run([sys.executable, "-m", "ossie", "generate", str(tiny_repo), "--prompt", "hi", *args],
                            capture_output=True, text=True, timeout=300,

@@ -64,7 +64,7 @@ def test_python_sees_no_hidden_files_and_writes_only_its_scratch(py, tmp_path):
     secret.write_text("do not read")
     assert "FileNotFoundError" in py.run(f"open({str(secret)!r}).read()")  # the host's /tmp is not there
     assert "FileNotFoundError" in py.run("open('/root/.bash_history')")  # nor are home folders
-    assert "Read-only file system" in py.run("open('/etc/ossie-test', 'w')")
+    assert py.run("open('/etc/ossie-test', 'w')").startswith("Traceback")  # /etc: read-only or not its own
     assert "Read-only file system" in py.run("open('/usr/ossie-test', 'w')")
     assert py.run(f"open({str(tmp_path / 'out.txt')!r}, 'w')").startswith("Traceback")
     assert not (tmp_path / "out.txt").exists()
@@ -141,6 +141,49 @@ def test_python_without_a_sandbox_runs_nothing(monkeypatch):
         PythonTool()
     with PythonTool(dangerously_unsandboxed=True) as tool:  # the loud opt-in
         assert tool.run("21 * 2") == "42\n"
+
+
+def test_a_sandbox_that_dies_at_once_is_always_said_so(monkeypatch, tmp_path):
+    """A container without user namespaces: bwrap exits before the interpreter reads a line. Closing the pipe it
+    left then raised BrokenPipeError (2 of 15 tries) instead of SandboxUnavailable."""
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(python_tool, "find_bwrap", lambda: str(fake))
+    for _ in range(20):
+        with pytest.raises(SandboxUnavailable, match="No permissions to create new namespace"):
+            PythonTool()
+
+
+def test_python_sees_only_what_it_needs_of_etc(py):
+    listed = py.run("import os; sorted(os.listdir('/etc'))")
+    assert set(eval(listed)) <= {*python_tool.ETC, "passwd", "group"}, listed  # no pip.conf, no host settings
+    assert py.run("print(open('/etc/passwd').read())").split() == python_tool.PASSWD.split()  # no host users
+    if os.geteuid() == 0:  # it runs as nobody, whom its own passwd names
+        assert py.run("import pwd; pwd.getpwuid(os.getuid()).pw_name") == "'nobody'\n"
+
+
+def test_python_cannot_make_a_user_namespace(py):
+    code = ("import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); "
+            "(libc.unshare(0x10000000), os.strerror(ctypes.get_errno()))")
+    assert py.run(code) == "(-1, 'Operation not permitted')\n"
+    if os.path.exists("/usr/bin/unshare"):  # util-linux's, as a shell user would try it
+        out = py.run("import subprocess; subprocess.run(['unshare', '-U', 'true'], capture_output=True).returncode")
+        assert out != "0\n", out
+    assert py.run("import os; os.fork() or os._exit(0); 'forked'") == "'forked'\n"  # plain processes still work
+
+
+def test_the_interpreter_source_is_not_on_any_command_line(py):
+    py.run("1")
+    seen = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                seen.append(f.read())
+        except OSError:
+            pass
+    assert any(b"/ossie/repl.py" in line for line in seen)  # the sandbox's interpreter is there, by its file
+    assert not any(b"def drop_privileges" in line for line in seen)
 
 
 # ---- browser ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ are a few microseconds a call; a decode step makes about fifty calls).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -18,6 +19,12 @@ try:
     from .. import _kernels
 except ImportError:  # built without a C compiler: the torch backend serves
     _kernels = None
+
+# OSSIE_CPU_PATH=avx2 (or scalar) runs a slower path than the CPU's best, in this process and the processes it
+# starts (a server, a test's): to compare paths, or to run an AVX2 laptop's code on an AVX-512 machine.
+PATH_ENV = "OSSIE_CPU_PATH"
+if _kernels is not None and os.environ.get(PATH_ENV):
+    _kernels.set_path(os.environ[PATH_ENV])
 
 _threads = [torch.get_num_threads()]
 

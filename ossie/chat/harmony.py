@@ -38,6 +38,10 @@ from ..tokenizer import TextDecoder, harmony_encoding
 log = logging.getLogger("ossie")
 
 REASONING_EFFORTS = ("low", "medium", "high")
+# A model that writes no harmony header at all (a random synthetic checkpoint does it in every answer): said in the
+# log once per process, not at every answer, and in the same words whether streamed or not.
+NO_HEADER = "output has no harmony header; returned as text"
+_logged_once: set[str] = set()
 HEADERLESS_AFTER = 16  # completion tokens without a harmony header after which the text is streamed as it is
 BUILTIN_TOOLS = ("browser", "python")
 
@@ -286,8 +290,13 @@ class ChatParser:
     def _plain(self, tokens: list[int]) -> str:
         return self.enc.decode([t for t in tokens if not self.enc.is_special_token(t)])
 
-    def _warn(self, text: str) -> None:
-        log.warning("model output: %s", text)
+    def _warn(self, text: str, once: bool = False) -> None:
+        """Record a warning in the result, and log it (`once`: the first time in this process only)."""
+        if not once:
+            log.warning("model output: %s", text)
+        elif text not in _logged_once:
+            _logged_once.add(text)
+            log.warning("model output: %s (said once)", text)
         self.result.warnings.append(text)
 
     def feed(self, token: int) -> list[ChatDelta]:
@@ -302,7 +311,7 @@ class ChatParser:
         if self._no_header():  # a model that writes plain text (a random one): stream it rather than hold it
             self.headerless = TextDecoder()
             text = "".join(self.headerless.push(t) for t in self.message_tokens)
-            self._warn("output has no harmony header; streamed as text")
+            self._warn(NO_HEADER, once=True)
             return [self._apply(ChatDelta("content", text))] if text else []
         channel_before = self.parser.current_channel
         try:
@@ -397,7 +406,7 @@ class ChatParser:
             if CHANNEL in self.message_tokens or START in self.message_tokens or plain.lstrip().startswith("to="):
                 self._warn("output ended inside a message header; the partial header was dropped")
             else:  # no header at all: the model wrote plain text
-                self._warn("output had no harmony header; returned as text")
+                self._warn(NO_HEADER, once=True)
                 out.append(self._apply(ChatDelta("content", plain)))
         elif self.call_pieces and drop_partial_call:
             self._warn(f"output ended inside a call to {self.parser.current_recipient}; the partial call was dropped")

