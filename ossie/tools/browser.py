@@ -196,7 +196,7 @@ class YouComBackend(KeyedBackend):
 
 
 class DDGSBackend(Backend):
-    """Metasearch (DuckDuckGo, Bing, ...) through the `ddgs` package: no key needed (pip install ddgs)."""
+    """Metasearch (DuckDuckGo, Bing, ...) through the `ddgs` package (a dependency of ossie): no key needed."""
 
     name = "ddgs"
 
