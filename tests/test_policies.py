@@ -180,9 +180,16 @@ def test_a_request_larger_than_the_whole_budget_runs_alone_and_is_never_preempte
 
 
 class FakeKV:
-    """A sequence's cache as the prefix cache reads it: rows of every layer (2 floats a position)."""
+    """A sequence's cache as the prefix cache reads it: rows of every layer (2 floats a position); with `rng`, a
+    sliding layer's rows are sometimes gone from its ring (the block is kept without them, and gains them when a
+    later sequence stores it again)."""
+
+    def __init__(self, rng: random.Random | None = None, sliding: tuple[int, ...] = (0,)):
+        self.rng, self.sliding = rng, sliding
 
     def rows(self, layer: int, start: int, end: int):
+        if self.rng is not None and layer in self.sliding and self.rng.random() < 0.3:
+            return None
         return torch.zeros(end - start, 2), torch.zeros(end - start, 2)
 
 
@@ -200,20 +207,26 @@ def test_prefix_cache_invariants_hold_through_a_random_workload():
     cfg = types.SimpleNamespace(sliding_window=8, num_layers=2, is_sliding=lambda i: i == 0)
     block_bytes = 2 * 2 * 2 * 4 * 4  # 2 layers x keys and values x 4 positions x 2 floats x 4 bytes
     cache = PrefixCache(cfg, budget_bytes=10 * block_bytes, block_size=4)
-    rng, kv = random.Random(0), FakeKV()
+    rng = random.Random(0)
+    kv = FakeKV(rng)
+    gained = 0
     for _ in range(400):
         op = rng.random()
         if op < 0.6:  # a sequence's blocks kept, from a small alphabet so that chains share and branch
             tokens = [rng.randrange(3) for _ in range(4 * rng.randint(1, 5))]
             parent = None
             for i in range(len(tokens) // 4):
+                before = {k: b.sliding is None for k, b in cache.blocks.items()}
                 parent = cache.store(parent, tuple(tokens[4 * i:4 * i + 4]), kv, 4 * i)
+                gained += before.get(parent, False) and cache.blocks.get(parent) is not None \
+                    and cache.blocks[parent].sliding is not None
         elif op < 0.85:
             cache.match([rng.randrange(3) for _ in range(4 * rng.randint(1, 6) + 1)])
         else:
             cache.evict(rng.randrange(12) * block_bytes)
         check_invariants(cache)
         assert cache.stats.bytes <= 10 * block_bytes
+    assert gained > 0  # the workload did reach the path where a kept block gains its sliding rows
 
 
 def test_eviction_drops_the_least_recently_used_leaf():
@@ -402,3 +415,23 @@ def test_pull_checks_every_file_against_its_hash(tmp_path, corrupt):
     assert corrupt in str(e.value)
     assert not blob.exists() and not (snap / corrupt).exists()  # deleted: the next pull fetches it anew
     assert all((snap / name).exists() for name in FILES if name != corrupt)
+
+
+def test_browser_fetch_limits(monkeypatch):
+    """At most MAX_REDIRECTS hops, and at most max_bytes of a page read."""
+    import httpx
+
+    from ossie.tools import browser
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        n = int(request.url.path.strip("/") or 0)
+        if request.url.host == "loop.example":
+            return httpx.Response(302, headers={"location": f"/{n + 1}"})
+        return httpx.Response(200, content=b"x" * 10_000, headers={"content-type": "text/plain"})
+
+    client = httpx.Client
+    monkeypatch.setattr(browser.socket, "getaddrinfo", resolving_to("93.184.216.34"))
+    monkeypatch.setattr(httpx, "Client", lambda **kw: client(transport=httpx.MockTransport(handler), **kw))
+    with pytest.raises(browser.BrowserError, match=f"more than {browser.MAX_REDIRECTS} redirects"):
+        browser.fetch("http://loop.example/0")
+    assert len(browser.fetch("http://big.example/", max_bytes=4096).text) == 4096
