@@ -1,5 +1,6 @@
-"""`ossie serve` attacked as an exposed server would be, on 127.0.0.1 only: fuzzed requests, concurrent streams,
-clients that leave mid-stream, and more requests at once than it queues. Prints the requests sent, 2xx/4xx/5xx, the
+"""`ossie serve` attacked as an exposed server would be, on 127.0.0.1 only: fuzzed requests (bodies, paths of both
+APIs, content types), concurrent streams, clients that leave mid-stream, more requests at once than it queues,
+and prompts that are slow to tokenize sent beside ordinary ones. Prints the requests sent, 2xx/4xx/5xx, the
 latency percentiles, the server's RSS before and after, and what is still running at the end (nothing should be).
 
     python benchmarks/server_load.py /tmp/tiny                       # starts `ossie serve /tmp/tiny` itself
@@ -32,14 +33,19 @@ VALID = {
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "Say something"}], "max_tokens": 8},
     "/v1/completions": {"prompt": "Once upon a time", "max_tokens": 8},
     "/v1/responses": {"input": "Say something", "max_output_tokens": 8},
+    "/api/chat": {"messages": [{"role": "user", "content": "Say something"}], "options": {"num_predict": 8}},
+    "/api/generate": {"prompt": "Say something", "options": {"num_predict": 8}, "stream": False},
 }
+# what clients send as Content-Type: curl -d sends the form type, some send none (all must be read as JSON)
+CONTENT_TYPES = ["application/json", "application/x-www-form-urlencoded", "text/plain", None,
+                 "multipart/form-data; boundary=x", "application/json; charset=latin-1"]
 NASTY_VALUES = [None, True, -1, 0, 2**64, -(2**63) - 1, 1e308, "16", "yes", "", "\ud800", "x" * 20_000, [], {},
                 [None], {"type": 5}, [{"type": "function", "function": "x"}], "<|call|>", {"a": [1, {"b": None}]}]
 FIELDS = ["model", "messages", "prompt", "input", "max_tokens", "max_output_tokens", "temperature", "top_p", "seed",
           "stream", "stop", "tools", "tool_choice", "response_format", "text", "instructions", "reasoning", "n"]
 
 
-def fuzzed(rng: random.Random, model: str) -> tuple[str, bytes]:
+def fuzzed(rng: random.Random, model: str) -> tuple[str, bytes, bool, int, str | None]:
     path = rng.choice(list(VALID))
     body = {"model": model, **VALID[path]}
     for _ in range(rng.randint(1, 3)):
@@ -51,7 +57,7 @@ def fuzzed(rng: random.Random, model: str) -> tuple[str, bytes]:
     text = json.dumps(body)
     if rng.random() < 0.1:  # broken JSON
         text = text[: rng.randint(0, len(text))]
-    return path, text.encode("utf-8", "surrogatepass")
+    return path, text.encode("utf-8", "surrogatepass"), False, 0, rng.choice(CONTENT_TYPES)
 
 
 def free_port() -> int:
@@ -84,6 +90,9 @@ def main() -> int:
     p.add_argument("--streams", type=int, default=32, help="concurrent valid streaming requests")
     p.add_argument("--disconnects", type=int, default=30, help="streams closed after their first chunks")
     p.add_argument("--overload", type=int, default=200, help="requests sent at once at the end")
+    p.add_argument("--hostile", type=int, default=2,
+                   help="540,000-character prompts without spaces (slow to tokenize), each with 5 ordinary 10 KB "
+                        "chats sent a second later: those must all be answered")
     p.add_argument("--rounds", type=int, default=3, help="times to repeat it all (RSS after each: no growth)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -122,19 +131,38 @@ def main() -> int:
             statuses[key] += 1
             latencies.append(seconds)
 
-    def send(path: str, content: bytes, stream: bool = False, leave_after: int = 0) -> None:
+    def send(path: str, content: bytes, stream: bool = False, leave_after: int = 0,
+             content_type: str | None = "application/json") -> int | str:
         t0 = time.perf_counter()
         try:
             with httpx.stream("POST", url + path, content=content, timeout=300,
-                              headers={"content-type": "application/json"}) as r:
+                              headers={"content-type": content_type} if content_type else {}) as r:
                 lines = 0
                 for line in r.iter_lines():
                     lines += bool(line.strip())
                     if leave_after and lines >= leave_after:
                         break  # the client leaves
                 record(r.status_code, time.perf_counter() - t0)
+                return r.status_code
         except httpx.HTTPError as e:
             record(type(e).__name__, time.perf_counter() - t0)
+            return type(e).__name__
+
+    ordinary: Counter[str] = Counter()
+
+    def hostile_round() -> None:
+        """One hostile prompt, and five ordinary large chats a second later (each over the 8 KiB that is tokenized
+        inline): the hostile one may fail, the ordinary ones must not."""
+        huge = json.dumps({"model": model, "messages": [{"role": "user", "content": "x" * 540_000}],
+                           "max_tokens": 1}).encode()
+        large = json.dumps({"model": model, "messages": [{"role": "user", "content": "word " * 2_000}],
+                            "max_tokens": 1}).encode()
+        with ThreadPoolExecutor(6) as pool:
+            first = pool.submit(send, "/v1/chat/completions", huge)
+            time.sleep(1)
+            for status in pool.map(lambda _: send("/v1/chat/completions", large), range(5)):
+                ordinary[str(status)] += 1
+            first.result()
 
     pid = proc.pid if proc else None
     rss_before = rss_mib(pid)
@@ -155,6 +183,8 @@ def main() -> int:
                 list(pool.map(lambda _, p=path, b=body, n=leave_after: send(p, b, True, n), range(count)))
         with ThreadPoolExecutor(max(1, args.overload)) as pool:
             list(pool.map(lambda _: send("/v1/chat/completions", short), range(args.overload)))
+        for _ in range(args.hostile):
+            hostile_round()
         rss = rss_mib(pid)
         print(f"round {round_}: {dict(sorted(statuses.items()))}" + (f", server RSS {rss:.0f} MiB" if rss else ""))
     elapsed = time.perf_counter() - t_start
@@ -167,6 +197,8 @@ def main() -> int:
     rss_after = rss_mib(pid)
     sent = sum(statuses.values())
     print(f"sent {sent} requests in {elapsed:.1f} s: {dict(sorted(statuses.items()))}")
+    if args.hostile:
+        print(f"ordinary large chats sent beside hostile prompts: {dict(ordinary)} (all must be 200)")
     print(f"latency p50 {percentile(latencies, 0.5):.2f} s, p99 {percentile(latencies, 0.99):.2f} s, "
           f"mean {statistics.fmean(latencies):.2f} s")
     print(f"at the end: running {health.get('running')}, waiting {health.get('waiting')}, "
@@ -184,7 +216,7 @@ def main() -> int:
         if tracebacks:
             at = log.index("Traceback")
             print(log[max(0, at - 300):at + 3000])
-    return 1 if statuses.get("5xx") else 0
+    return 1 if statuses.get("5xx") or set(ordinary) - {"200"} else 0
 
 
 if __name__ == "__main__":
