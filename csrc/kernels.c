@@ -1455,6 +1455,20 @@ static void rms_norm_bf16(const float *x, const float *w, float *out, int64_t n,
     for (int64_t i = 0; i < n; i++) out[i] = rbf(x[i] * inv * w[i]);
 }
 
+/* rms_norm(x, w, out, T, n, eps): rms_norm_bf16 on each of T rows (x, out float32 [T, n], w float32 [n]): the
+ * op-by-op path of a bf16 model norms as the fused blocks do, in the same order, so that a token decoded in a batch
+ * (op by op) gets bit for bit what it gets alone (fused). torch's rms_norm sums the squares in another order: at
+ * the 20b's width its last bit differed often enough to change bf16 roundings and then tokens. */
+static PyObject *py_rms_norm(PyObject *self __attribute__((unused)), PyObject *args) {
+    unsigned long long x, w, out; long long T, n; float eps;
+    if (!PyArg_ParseTuple(args, "KKKLLf", &x, &w, &out, &T, &n, &eps)) return NULL;
+    if (T < 0 || n < 1) { PyErr_SetString(PyExc_ValueError, "rms_norm: T >= 0, n >= 1"); return NULL; }
+    Py_BEGIN_ALLOW_THREADS
+    for (long long t = 0; t < T; t++) rms_norm_bf16((const float *)x + t * n, (const float *)w, (float *)out + t * n, n, eps);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* The attention block of one token (decoding) in one call, for a bf16 model: RMSNorm, the qkv product, RoPE on
  * q and k, the KV cache write, attention over the cache, the out product and the residual add. Every value is
  * rounded to bf16 where the torch path rounds it (each op on bf16 tensors rounds its result), so the two paths
@@ -1635,6 +1649,7 @@ static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "y = x @ W.T + bias for an MXFP4 (kind 0), bf16 (1) or q8 (2) weight"},
     {"moe", py_moe, METH_VARARGS, "the MoE block of T tokens: experts' products, SwiGLU and weighted sums"},
     {"attention_block", py_attention_block, METH_VARARGS, "the attention block of one token of a bf16 model"},
+    {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of T rows, rounded to bf16, as the fused blocks norm"},
     {"attention", py_attention, METH_VARARGS, "attention of one query over the KV cache, with sinks"},
     {"attention_prefill", py_attention_prefill, METH_VARARGS, "causal attention of a block of queries, with sinks"},
     {"quantize_q8", py_quantize_q8, METH_VARARGS, "bf16 rows into q8 (int8 values, a float16 scale per 32)"},

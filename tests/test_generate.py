@@ -173,9 +173,11 @@ def test_sampling_filters():
 
 
 @pytest.mark.skipif(not kernels_built(), reason="the C kernels were not built (no C compiler at install)")
-def test_fused_decode_step_equals_op_by_op(tiny_repo):
-    """bf16 decoding on the CPU runs each layer as two C calls; it must give the op-by-op path's logits, across the
-    sliding window's ring buffer (100-token prompt + 40 steps > 128)."""
+def test_fused_decode_step_equals_op_by_op(tiny_repo, path):
+    """bf16 decoding on the CPU runs each layer as two C calls; it must give the op-by-op path's logits bit for bit
+    (a batch decodes op by op), across the sliding window's ring buffer (100-token prompt + 40 steps > 128), on
+    every kernel path. (The norms were torch's op by op and C's in the fused blocks: at the 20b's width their
+    sums' last bits differed often enough to change tokens.)"""
     fused = ossie.LLM(tiny_repo, dtype="bfloat16", progress=False, backend=CpuBackend(fused_decode=True))
     plain = ossie.LLM(tiny_repo, dtype="bfloat16", progress=False, backend=CpuBackend(fused_decode=False))
 
@@ -187,6 +189,4 @@ def test_fused_decode_step_equals_op_by_op(tiny_repo):
     fused_tokens, fused_logits = run(fused)
     plain_tokens, plain_logits = run(plain)
     assert fused_tokens == plain_tokens
-    # the same bf16 roundings in the same places; only float32 sums may differ in order
-    err = (fused_logits - plain_logits).norm(dim=-1) / plain_logits.norm(dim=-1)
-    assert err.max() < 1e-3, err
+    assert torch.equal(fused_logits, plain_logits), (fused_logits - plain_logits).abs().max()

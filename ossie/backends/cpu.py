@@ -68,6 +68,11 @@ class CpuBackend(TorchBackend):
                       chosen, weight, cfg.swiglu_alpha, cfg.swiglu_limit, True, residual=x.view(1, -1))[0]
         return x.to(torch.bfloat16).view(1, -1)
 
+    def rms_norm(self, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.dim() == 2:  # as the fused decoding blocks norm, bit for bit
+            return K.rms_norm(x, scale, eps).to(x.dtype)
+        return super().rms_norm(x, scale, eps)
+
     def linear(self, x: torch.Tensor, w: torch.Tensor | Q8, bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(w, Q8):
             if x.dim() == 2 and x.shape[0] <= SMALL_BATCH:  # the 8-bit mode's decoding: read as it is stored

@@ -243,6 +243,19 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: 
     return out if done else None
 
 
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * scale rounded to bf16, row by row, summed as the fused decoding blocks sum:
+    x [T, n] holding bf16 values, scale [n]; float32 [T, n] holding bf16 values."""
+    x, scale = _f32(x), _f32(scale)
+    if x.dim() != 2:
+        raise ValueError(f"rms_norm: x must be [T, n], got {tuple(x.shape)}")
+    _expect("rms_norm", "x", x, tuple(x.shape), *F32)
+    _expect("rms_norm", "scale", scale, (x.shape[1],), *F32)
+    out = torch.empty_like(x)
+    _kernels.rms_norm(_ptr(x), _ptr(scale), _ptr(out), x.shape[0], x.shape[1], eps)
+    return out
+
+
 def attention_block_one_token(x: torch.Tensor, lw, cos2: torch.Tensor, sin2: torch.Tensor, k_cache: torch.Tensor,
                               v_cache: torch.Tensor, slot: int, n_keys: int, heads: int, kv_heads: int,
                               head_dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

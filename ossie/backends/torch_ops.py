@@ -84,6 +84,10 @@ class TorchBackend:
             x = model.layer(i, x, cos, sin, caches, sizes)
         return x
 
+    def rms_norm(self, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        """x / sqrt(mean(x^2) + eps) * scale, in float32, in x's dtype."""
+        return F.rms_norm(x.float(), scale.shape, scale, eps).to(x.dtype)
+
     def linear(self, x: torch.Tensor, w: torch.Tensor | Q8, bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(w, Q8):  # the 8-bit mode's matrices, decoded for this product
             w = dequantize(w, x.dtype)

@@ -46,11 +46,6 @@ def apply_rope(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch
     return x * cos2[:, None] + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin2[:, None]
 
 
-def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * scale, in float32."""
-    return F.rms_norm(x.float(), scale.shape, scale, eps).to(x.dtype)
-
-
 def route(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's top-k experts [T, k] and their weights [T, k] (a softmax over the chosen logits, float32).
     torch.topk breaks ties among bf16 logits as the peers do: every path routes through this call."""
@@ -94,7 +89,7 @@ class Transformer:
                 cache.advance(n)
             if not all_logits:
                 x = x[torch.tensor(sizes, device=x.device).cumsum(0) - 1]  # each sequence's last row
-            return self.ops.linear(rms_norm(x, self.w.norm, cfg.rms_norm_eps), self.w.unembedding).float()
+            return self.ops.linear(self.ops.rms_norm(x, self.w.norm, cfg.rms_norm_eps), self.w.unembedding).float()
 
     def layer(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache],
               sizes: list[int]) -> torch.Tensor:
@@ -102,12 +97,12 @@ class Transformer:
         + MoE(RMSNorm(x)). Products and the experts see all rows at once; attention each sequence's own."""
         cfg, lw, ops = self.cfg, self.w.layers[i], self.ops
         n_q, n_kv, d, t = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, x.shape[0]
-        qkv = ops.linear(rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), lw.qkv_w, lw.qkv_b)
+        qkv = ops.linear(ops.rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), lw.qkv_w, lw.qkv_b)
         qk = apply_rope(qkv[:, :(n_q + n_kv) * d].view(t, n_q + n_kv, d), cos, sin)  # q and k heads at once
         q, k, v = qk[:, :n_q], qk[:, n_q:], qkv[:, (n_q + n_kv) * d:].view(t, n_kv, d)
         window = cfg.sliding_window if cfg.is_sliding(i) else 0
         a = ops.attend(i, q, k, v, lw.sinks, window, caches, sizes)
         x = x + ops.linear(a, lw.out_w, lw.out_b)
-        h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
+        h = ops.rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
         chosen, weight = route(ops.linear(h, lw.gate_w, lw.gate_b), cfg.experts_per_token)
         return x + ops.experts(h, lw, chosen, weight, cfg)
