@@ -155,3 +155,32 @@ def test_step_budget_favours_short_prompts_and_decoding():
     sched.running.remove(short)
     batch, sizes = sched.schedule()
     assert batch == [long] and sizes == [512]  # nothing decodes: a whole chunk
+
+
+@pytest.mark.skipif(not kernels_built(), reason="the C kernels were not built (no C compiler at install)")
+def test_decoding_beside_arriving_prompts_equals_alone_bit_for_bit(wide_repo, path):
+    """Continuous batching as a server does it: two sequences decode while two prompts arrive and are read beside
+    them in the same step (more than 8 rows). The decoding sequences' logits are those of decoding alone, bit for
+    bit: their rows take the decode kernels whatever the step also carries (in one large product, torch's GEMM and
+    the experts' panel kernel gave them sums that depend on the other rows)."""
+    llm = ossie.LLM(wide_repo, dtype="bfloat16", progress=False, enable_prefix_caching=False)
+    gen = torch.Generator().manual_seed(8)
+    early = [torch.randint(0, 4096, (n,), generator=gen).tolist() for n in (12, 30)]
+    late = [torch.randint(0, 4096, (n,), generator=gen).tolist() for n in (40, 25)]
+    steps = 6 if path != "scalar" else 3
+
+    solo = RecordingRunner(llm.model)
+    expected = [alone(solo, p, greedy(steps)) for p in early]
+    runner = RecordingRunner(llm.model)
+    decoding = [Sequence(p, greedy(steps)) for p in early]
+    for seq in decoding:  # their prompts read alone, as the solo runs read them
+        (tok,) = runner.run([seq])
+        seq.append(tok)
+    arriving = [Sequence(p, greedy(2)) for p in late]
+    batch = decoding + arriving
+    for seq, tok in zip(batch, runner.run(batch), strict=True):  # two decode rows beside 65 prompt rows
+        seq.append(tok)
+    step_together(runner, decoding)
+    for seq, want, logits in zip(decoding, expected, solo.by_sequence.values(), strict=True):
+        assert seq.output == want
+        assert torch.equal(torch.stack(runner.by_sequence[seq.id]), torch.stack(logits))

@@ -15,6 +15,7 @@ them. So torch runs on one thread during a forward pass, except in the large GEM
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +32,19 @@ if TYPE_CHECKING:
     from ..model.transformer import Transformer
 
 SMALL_BATCH = 8  # up to this many rows, the bf16 kernel beats torch's GEMM; above, torch's GEMM is compute-bound
+
+
+def _apart(alone: Sequence[int], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(the decoding rows, the others) where a step's rows would not all take the decode kernels but its decoding
+    rows can: more than SMALL_BATCH rows, of which 1..SMALL_BATCH decode. Then each decoding row is computed as it
+    is alone (the products and the MoE kernel give each row what it gets alone); in one large product it went
+    through torch's GEMM or the experts' panel kernel, whose sums depend on the other rows, and a sequence's tokens
+    changed with the prompts that arrived beside it. None otherwise."""
+    if not alone or len(alone) > SMALL_BATCH or x.shape[0] <= SMALL_BATCH:
+        return None
+    mask = torch.zeros(x.shape[0], dtype=torch.bool)
+    mask[list(alone)] = True
+    return mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
 
 
 class CpuBackend(TorchBackend):
@@ -73,7 +87,13 @@ class CpuBackend(TorchBackend):
             return K.rms_norm(x, scale, eps).to(x.dtype)
         return super().rms_norm(x, scale, eps)
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor | Q8, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: torch.Tensor | Q8, bias: torch.Tensor | None = None,
+               alone: Sequence[int] = ()) -> torch.Tensor:
+        rows = _apart(alone, x)
+        if rows is not None:  # decoding rows beside a prompt's: each as the decode kernels compute it alone
+            out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
+            out[rows[0]], out[rows[1]] = self.linear(x[rows[0]], w, bias), self.linear(x[rows[1]], w, bias)
+            return out
         if isinstance(w, Q8):
             if x.dim() == 2 and x.shape[0] <= SMALL_BATCH:  # the 8-bit mode's decoding: read as it is stored
                 return K.q8_matmul(x, w, bias).to(x.dtype)
@@ -97,7 +117,13 @@ class CpuBackend(TorchBackend):
         return super().attention(q, k, v, sinks, q_start, k_start, window)
 
     def experts(self, x: torch.Tensor, lw: LayerWeights, chosen: torch.Tensor, weight: torch.Tensor,
-                cfg: ModelConfig) -> torch.Tensor:
+                cfg: ModelConfig, alone: Sequence[int] = ()) -> torch.Tensor:
+        rows = _apart(alone, x)
+        if rows is not None:  # as linear's
+            out = torch.empty_like(x)
+            for r in rows:
+                out[r] = self.experts(x[r], lw, chosen[r], weight[r], cfg)
+            return out
         # one C call for all tokens: each chosen expert read once for the tokens that chose it (decoding, and the
         # decode steps of a batch); a prompt's many tokens go expert by expert through the products instead, which
         # keeps the activations of one expert's tokens at a time

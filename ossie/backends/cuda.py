@@ -14,6 +14,7 @@ bf16 products, and decode steps replayed as CUDA graphs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -75,7 +76,7 @@ class CudaBackend(TorchBackend):
 
     # ---- operations --------------------------------------------------------------------------------------------
     def experts(self, x: torch.Tensor, lw: LayerWeights, chosen: torch.Tensor, weight: torch.Tensor,
-                cfg: ModelConfig) -> torch.Tensor:
+                cfg: ModelConfig, alone: Sequence[int] = ()) -> torch.Tensor:
         return K.moe(x, lw.w1_blocks, lw.w1_scales, lw.w1_bias, lw.w2_blocks, lw.w2_scales, lw.w2_bias, chosen,
                      weight, cfg.swiglu_alpha, cfg.swiglu_limit)
 

@@ -7,7 +7,7 @@ experts are decoded one at a time, only when a token routes to them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -88,7 +88,10 @@ class TorchBackend:
         """x / sqrt(mean(x^2) + eps) * scale, in float32, in x's dtype."""
         return F.rms_norm(x.float(), scale.shape, scale, eps).to(x.dtype)
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor | Q8, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: torch.Tensor | Q8, bias: torch.Tensor | None = None,
+               alone: Sequence[int] = ()) -> torch.Tensor:
+        """x @ w.T + bias. alone: rows of decoding sequences, which a backend computes as it computes a sequence
+        decoding alone, whatever else the step carries (the reference computes every row one way)."""
         if isinstance(w, Q8):  # the 8-bit mode's matrices, decoded for this product
             w = dequantize(w, x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -113,9 +116,9 @@ class TorchBackend:
         return attention(q, k, v, sinks, q_start, k_start, window)
 
     def experts(self, x: torch.Tensor, lw: LayerWeights, chosen: torch.Tensor, weight: torch.Tensor,
-                cfg: ModelConfig) -> torch.Tensor:
+                cfg: ModelConfig, alone: Sequence[int] = ()) -> torch.Tensor:
         """sum over each token's chosen experts [T, k] of weight [T, k] * expert(x); tokens sharing an expert
-        go together, experts in ascending order."""
+        go together, experts in ascending order. alone: as for linear."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e, tok, slot in tokens_by_expert(chosen):
             w1 = mxfp4_dequantize(lw.w1_blocks[e], lw.w1_scales[e], x.dtype)

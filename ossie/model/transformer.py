@@ -53,6 +53,16 @@ def route(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return chosen, torch.softmax(top.float(), dim=-1)
 
 
+def decoding_rows(sizes: list[int]) -> list[int]:
+    """The rows of a step's decoding sequences (one row each; sizes[b] rows of each sequence b in turn)."""
+    rows, row = [], 0
+    for n in sizes:
+        if n == 1:
+            rows.append(row)
+        row += n
+    return rows
+
+
 class Transformer:
     def __init__(self, cfg: ModelConfig, weights: Weights, dtype: torch.dtype, backend: Backend):
         self.cfg, self.w, self.dtype, self.ops = cfg, weights, dtype, backend
@@ -87,9 +97,12 @@ class Transformer:
             x = self.ops.layers(self, x, cos, sin, caches, sizes)
             for cache, n in zip(caches, sizes, strict=True):
                 cache.advance(n)
+            alone = decoding_rows(sizes)
             if not all_logits:
                 x = x[torch.tensor(sizes, device=x.device).cumsum(0) - 1]  # each sequence's last row
-            return self.ops.linear(self.ops.rms_norm(x, self.w.norm, cfg.rms_norm_eps), self.w.unembedding).float()
+                alone = [b for b, n in enumerate(sizes) if n == 1]
+            return self.ops.linear(self.ops.rms_norm(x, self.w.norm, cfg.rms_norm_eps), self.w.unembedding,
+                                   alone=alone).float()
 
     def layer(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache],
               sizes: list[int]) -> torch.Tensor:
@@ -97,12 +110,13 @@ class Transformer:
         + MoE(RMSNorm(x)). Products and the experts see all rows at once; attention each sequence's own."""
         cfg, lw, ops = self.cfg, self.w.layers[i], self.ops
         n_q, n_kv, d, t = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, x.shape[0]
-        qkv = ops.linear(ops.rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), lw.qkv_w, lw.qkv_b)
+        alone = decoding_rows(sizes)  # rows a backend computes as it would alone (a decoding sequence's)
+        qkv = ops.linear(ops.rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), lw.qkv_w, lw.qkv_b, alone)
         qk = apply_rope(qkv[:, :(n_q + n_kv) * d].view(t, n_q + n_kv, d), cos, sin)  # q and k heads at once
         q, k, v = qk[:, :n_q], qk[:, n_q:], qkv[:, (n_q + n_kv) * d:].view(t, n_kv, d)
         window = cfg.sliding_window if cfg.is_sliding(i) else 0
         a = ops.attend(i, q, k, v, lw.sinks, window, caches, sizes)
-        x = x + ops.linear(a, lw.out_w, lw.out_b)
+        x = x + ops.linear(a, lw.out_w, lw.out_b, alone)
         h = ops.rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
-        chosen, weight = route(ops.linear(h, lw.gate_w, lw.gate_b), cfg.experts_per_token)
-        return x + ops.experts(h, lw, chosen, weight, cfg)
+        chosen, weight = route(ops.linear(h, lw.gate_w, lw.gate_b, alone), cfg.experts_per_token)
+        return x + ops.experts(h, lw, chosen, weight, cfg, alone)
