@@ -144,7 +144,7 @@ class BenchResult:
             f"model        {llm.path} ({llm.layout} layout, {cfg.num_layers} layers, {cfg.num_experts} experts, "
             f"{str(llm.dtype).removeprefix('torch.')}{', q8' if llm.quantization else ''})",
             f"machine      {cpu_kernels.kernel_threads()} threads, {llm.backend.name} backend"
-            + (f", kernels: {cpu_kernels.kernel_path()}" if llm.backend.name == "cpu" else ""),
+            + (f", {cpu_kernels.path_summary()}" if llm.backend.name == "cpu" else ""),
             f"load         {self.load_s:.2f} s",
             f"peak RSS     {self.peak_rss_gib:.2f} GiB (loading and generating)",
             f"prefill      {prefill:.1f} tok/s ({prompt_tokens}-token prompt, median of {runs}; "

@@ -321,6 +321,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("model %s (%s layout, %d layers, %d experts, %s), served as %s", llm.path, llm.layout,
              llm.config.num_layers, llm.config.num_experts, args.dtype, ", ".join(names))
     log.info("memory: %.2f GiB of weights, peak RSS %.2f GiB", llm.model.w.nbytes() / 2**30, peak_rss_gib())
+    if llm.backend.name == "cpu":
+        from .backends.cpu_kernels import path_summary
+
+        log.info("%s", path_summary())
 
     def ready() -> None:
         log.info("serving the OpenAI API at http://%s:%d/v1 (chat/completions, responses, completions, models)",

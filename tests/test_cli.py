@@ -30,7 +30,8 @@ def test_synth_then_bench(tmp_path):
     assert "original layout" in out
     assert (tmp_path / "m" / "model.safetensors").is_file()
     bench = run("bench", str(tmp_path / "m"), "--prompt-tokens", "8", "--gen-tokens", "4", "--runs", "2").stdout
-    for word in ("load", "prefill", "decode", "peak RSS", "original layout", "roofline", "GB/s", "GFLOP/s"):
+    for word in ("load", "prefill", "decode", "peak RSS", "original layout", "roofline", "GB/s", "GFLOP/s",
+                 "kernels: "):
         assert word in bench
 
 
@@ -152,3 +153,21 @@ def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path):
         port = busy.getsockname()[1]
         line = one_line_error(run("serve", str(tmp_path / "no-such-model"), "--port", str(port), check=False))
     assert f"cannot listen on 127.0.0.1:{port}" in line
+
+
+@pytest.mark.parametrize("machine,path,says", [
+    ("x86_64", "avx512bf16", "fastest CPU path"), ("x86_64", "avx2", "no AVX-512 BF16"),
+    ("x86_64", "scalar", "no AVX2 with FMA"), ("aarch64", "scalar", "NEON kernels are not written yet"),
+])
+def test_the_kernel_path_is_named_with_what_a_faster_one_needs(monkeypatch, machine, path, says):
+    import platform
+
+    from ossie.backends import cpu_kernels
+
+    monkeypatch.delenv(cpu_kernels.PATH_ENV, raising=False)
+    monkeypatch.setattr(cpu_kernels, "kernel_path", lambda: path)
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    line = cpu_kernels.path_summary()
+    assert line.startswith(f"kernels: {path} (") and says in line and "\n" not in line
+    monkeypatch.setenv(cpu_kernels.PATH_ENV, "avx2")
+    assert "forced by OSSIE_CPU_PATH=avx2" in cpu_kernels.path_summary()

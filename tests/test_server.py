@@ -115,6 +115,7 @@ def no_harmony(text: str | None) -> None:
 
 
 def test_startup_log_and_models(server):
+    assert "kernels: " in server.log()  # which CPU path serves, for a user's report
     c = client(server)
     assert [m.id for m in c.models.list().data] == [MODEL]
     assert c.models.retrieve(MODEL).id == MODEL

@@ -39,6 +39,24 @@ def kernel_path() -> str:
     return _kernels.path()
 
 
+def path_summary() -> str:
+    """The kernel path in one line, and what a faster one would need where this CPU lacks it (for `ossie bench`
+    and `ossie serve`, so that a user's report says what ran)."""
+    import platform
+
+    path, machine = kernel_path(), platform.machine().lower()
+    if os.environ.get(PATH_ENV):
+        return f"kernels: {path} (forced by {PATH_ENV}={os.environ[PATH_ENV]})"
+    if path == "avx512bf16":
+        return "kernels: avx512bf16 (AVX-512 with BF16 dot products: ossie's fastest CPU path)"
+    if machine in ("x86_64", "amd64", "i686", "x86"):
+        if path == "avx2":
+            return ("kernels: avx2 (AVX2 and FMA; this CPU has no AVX-512 BF16, which ossie's fastest kernels use: "
+                    "Zen 4/5, Sapphire Rapids and later)")
+        return "kernels: scalar (this CPU has no AVX2 with FMA: ossie's kernels run their portable C)"
+    return f"kernels: {path} (on {machine} ossie's kernels run their portable C: NEON kernels are not written yet)"
+
+
 def set_path(name: str) -> None:
     """Force a slower SIMD path ("avx2", "scalar") or go back to the fastest this CPU has ("best"): for tests and
     measurements. A path the CPU lacks leaves the fastest in place."""
