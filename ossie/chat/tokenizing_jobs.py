@@ -38,7 +38,12 @@ def guarded(fn: Any, *args: Any) -> Any:
 
 
 def serve(conn: Connection) -> None:
-    """A worker's loop: (fn, args) in, guarded(fn, *args) out, until the server closes the pipe."""
+    """A worker's loop: (fn, args) in, guarded(fn, *args) out, until the server closes the pipe. Ctrl-C at the
+    terminal reaches the whole process group: the server drains its requests then, and a worker must not die
+    under the request it is tokenizing (the server ends the workers itself)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         try:
             fn, args = conn.recv()
