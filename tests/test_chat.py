@@ -187,6 +187,7 @@ def test_chat_cli_line_editing_and_history(tiny_repo, tmp_path):
     child.expect(">>>")
     child.send(f"/save {tmp_path / 'recalled.json'}\r")
     child.expect("saved 2 messages")
+    child.expect(">>>")  # Ctrl-D before the prompt is up reaches no one
     child.sendeof()
     child.expect(pexpect.EOF)
     saved = json.loads((tmp_path / "recalled.json").read_text())
