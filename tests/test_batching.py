@@ -45,14 +45,15 @@ def wide_repo(tmp_path_factory):
 
 
 @pytest.mark.skipif(not kernels_built(), reason="the C kernels were not built (no C compiler at install)")
-@pytest.mark.parametrize("model", ["tiny", "wide"])
+@pytest.mark.parametrize("model", ["tiny", "wide", "wide-q8"])
 def test_batched_bf16_decoding_equals_alone_bit_for_bit(request, path, model):
     """bf16 on the CPU, on every kernel path: a sequence alone decodes through the fused attention block (one C call
     a layer); in a batch the attention block goes op by op over all rows. Each decode step's logits are the same
     bit for bit. (The prompts are read alone first: prompts read together go through torch's GEMM and the experts'
     panel kernel, whose sums depend on the row count.)"""
     repo = request.getfixturevalue("tiny_repo" if model == "tiny" else "wide_repo")
-    llm = ossie.LLM(repo, dtype="bfloat16", progress=False, enable_prefix_caching=False)
+    llm = ossie.LLM(repo, dtype="bfloat16", progress=False, enable_prefix_caching=False,
+                    quantization="q8" if model.endswith("q8") else None)  # the 8-bit mode's decode kernels too
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, 4096, (n,), generator=gen).tolist() for n in (20, 33, 7, 40)]
     steps = 12 if model == "tiny" or path != "scalar" else 4  # the scalar path is slow at these widths
