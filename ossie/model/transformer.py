@@ -97,10 +97,11 @@ class Transformer:
             x = self.ops.layers(self, x, cos, sin, caches, sizes)
             for cache, n in zip(caches, sizes, strict=True):
                 cache.advance(n)
-            alone = decoding_rows(sizes)
-            if not all_logits:
+            if all_logits:
+                alone = decoding_rows(sizes)
+            else:
                 x = x[torch.tensor(sizes, device=x.device).cumsum(0) - 1]  # each sequence's last row
-                alone = [b for b, n in enumerate(sizes) if n == 1]
+                alone = [b for b, n in enumerate(sizes) if n == 1]  # row b: sequence b's
             return self.ops.linear(self.ops.rms_norm(x, self.w.norm, cfg.rms_norm_eps), self.w.unembedding,
                                    alone=alone).float()
 
