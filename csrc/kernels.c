@@ -119,18 +119,20 @@ typedef struct {
     const uint16_t *w16;                   /* bf16 weight */
     const float *bias; float *y;
     int64_t T, out, in;
-    const int8_t *xq; const float *xs, *xc;  /* q8 with VNNI: x rounded to int8 per 32 (see q8_vnni) */
+    const int8_t *xq; const float *xs;     /* q8: x rounded to int8 per 32, with its scales (see Q8_INT8_KERNEL) */
 } job_t;
 
-/* Weights stream through once per token: fetch them ahead, non-temporally, so they do not evict what the rest
- * of the step (the interpreter, activations, the KV cache) keeps in the caches. 4 KiB ahead decoded the 20b
- * 2-4 % faster than 2 KiB on Zen 5 (in-process alternation, benchmarks/decode_parts.py); 8 KiB and the T0/T1 hints
- * were no better. */
+/* Weights stream through once per token: fetch them 4 KiB ahead, into L2. 4 KiB decoded the 20b 2-4 % faster
+ * than 2 KiB on Zen 5 (in-process alternation, benchmarks/decode_parts.py), 8 KiB no better. The hint was
+ * non-temporal (NTA) at first, so that weights would not evict what the rest of the step keeps in the caches: on
+ * Zen 5 NTA, T0 and T1 decoded alike, but on an Intel Xeon (AVX-512 BF16, family 6 model 167) NTA cost a third to a
+ * half of the products' speed (one-token bf16 products 5.6 GB/s with NTA, 11.8 with T0; MXFP4 6.3 and 8.5), and T1
+ * was as good as T0 or better (q8 12.4 GB/s against 9.8). */
 #ifndef PF_DIST
 #define PF_DIST 4096
 #endif
 #ifndef PF_HINT
-#define PF_HINT _MM_HINT_NTA
+#define PF_HINT _MM_HINT_T1
 #endif
 #define PREFETCH_W(p) _mm_prefetch((const char *)(p), PF_HINT)
 /* A row's scales lie in their own array, read once at the row's start: fetched a few rows ahead, as the weights
@@ -204,13 +206,12 @@ static uint16_t quant32(const float *x, int8_t *v) {
 }
 
 /* 32 activations rounded to int8 with the scale amax / 127, as llama.cpp rounds them for its q8_0 products: the
- * values into q, their sum into *sum; returns the scale */
-static float round_act32(const float *x, int8_t *q, int *sum) {
-    float amax = 0.f; int total = 0;
+ * values into q; returns the scale */
+static float round_act32(const float *x, int8_t *q) {
+    float amax = 0.f;
     for (int k = 0; k < 32; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
     float inv = amax > 0.f ? 127.f / amax : 0.f;  /* |x * inv| <= 127: no clamp needed */
-    for (int k = 0; k < 32; k++) { int v = (int)lrintf(x[k] * inv); q[k] = (int8_t)v; total += v; }
-    *sum = total;
+    for (int k = 0; k < 32; k++) q[k] = (int8_t)lrintf(x[k] * inv);
     return amax / 127.f;
 }
 
@@ -232,91 +233,194 @@ static void q8_scalar(const void *p, int64_t r0, int64_t r1) {
 }
 
 #ifdef OSSIE_X86
-__attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
+/* ---- AVX2 (with FMA and F16C): the path of every x86 laptop and desktop without AVX-512 BF16 -----------------
+ * MXFP4: two groups (32 bytes, 64 values) decoded at a time, by in-lane byte shuffles only (no lane-crossing
+ * sign extension, which Intel runs on one port): the codes' low and high nibbles look up the high and low bytes of
+ * their bf16 values (vpshufb), which interleave into bf16 words (vpunpck*bw), and a bf16 word becomes a float by a
+ * shift or a mask. 19 instructions for 64 values where sign-extending int8 codes took 32. The 8 vectors this gives
+ * hold the elements in the order of permuted_pos_avx2, in which x is laid out once per call; each 128-bit lane is
+ * one group, so the two groups' scales multiply the pair's partial sum lane by lane. */
+static const int8_t FP4_BF16_HI[16] = {0x00, 0x3f, 0x3f, 0x3f, 0x40, 0x40, 0x40, 0x40,
+                                       (int8_t)0x80, (int8_t)0xbf, (int8_t)0xbf, (int8_t)0xbf,
+                                       (int8_t)0xc0, (int8_t)0xc0, (int8_t)0xc0, (int8_t)0xc0};
+static const int8_t FP4_BF16_LO[16] = {0x00, 0x00, (int8_t)0x80, (int8_t)0xc0, 0x00, 0x40, (int8_t)0x80, (int8_t)0xc0,
+                                       0x00, 0x00, (int8_t)0x80, (int8_t)0xc0, 0x00, 0x40, (int8_t)0x80, (int8_t)0xc0};
+#define AVX2 "avx2,fma,f16c"
+
+__attribute__((target(AVX2))) static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s)); s = _mm_add_ss(s, _mm_movehdup_ps(s)); return _mm_cvtss_f32(s);
 }
 
-__attribute__((target("avx2,fma"))) static void mxfp4_avx2(const void *p, int64_t r0, int64_t r1) {
-    const job_t *j = p; int64_t G = j->in / 32;
-    /* fp4 values doubled, as int8 (halved again through the scale) */
-    const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
-    const __m128i low4 = _mm_set1_epi8(0x0f);
-    for (int64_t o = r0; o < r1; o++)
-        for (int64_t t0 = 0; t0 < j->T; t0 += TT) {
-            int nt = (int)(j->T - t0 < TT ? j->T - t0 : TT);
-            __m256 acc[TT];
-            for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-            for (int64_t g = 0; g < G; g++) {
-                __m128i b = _mm_loadu_si128((const __m128i *)(j->blocks + (o * G + g) * 16));
-                __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(b, low4));
-                __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(b, 4), low4));
-                __m128i v0 = _mm_unpacklo_epi8(lo, hi), v1 = _mm_unpackhi_epi8(lo, hi);
-                __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v0));
-                __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8)));
-                __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v1));
-                __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8)));
-                __m256 s = _mm256_set1_ps(SCALE[j->scales[o * G + g]] * 0.5f);
-                for (int t = 0; t < nt; t++) {
-                    const float *x = j->x + (t0 + t) * j->in + g * 32;
-                    __m256 part = _mm256_mul_ps(w0, _mm256_loadu_ps(x));
-                    part = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8), part);
-                    part = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x + 16), part);
-                    part = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x + 24), part);
-                    acc[t] = _mm256_fmadd_ps(part, s, acc[t]);
-                }
-            }
-            for (int t = 0; t < nt; t++) j->y[(t0 + t) * j->out + o] = hsum256(acc[t]) + (j->bias ? j->bias[o] : 0.f);
-        }
+/* the 64 values of two groups at blk, as 8 vectors of floats in permuted_pos_avx2's order */
+__attribute__((target(AVX2), always_inline)) static inline void decode2_avx2(const uint8_t *blk, __m256 w[8]) {
+    const __m256i hi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FP4_BF16_HI));
+    const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FP4_BF16_LO));
+    const __m256i low4 = _mm256_set1_epi8(0x0f), top = _mm256_set1_epi32((int)0xffff0000);
+    __m256i b = _mm256_loadu_si256((const __m256i *)blk);
+    __m256i even = _mm256_and_si256(b, low4), odd = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+    __m256i e_lo = _mm256_shuffle_epi8(lo, even), e_hi = _mm256_shuffle_epi8(hi, even);
+    __m256i o_lo = _mm256_shuffle_epi8(lo, odd), o_hi = _mm256_shuffle_epi8(hi, odd);
+    __m256i words[4] = {_mm256_unpacklo_epi8(e_lo, e_hi), _mm256_unpackhi_epi8(e_lo, e_hi),
+                        _mm256_unpacklo_epi8(o_lo, o_hi), _mm256_unpackhi_epi8(o_lo, o_hi)};
+    for (int k = 0; k < 4; k++) {
+        w[2 * k] = _mm256_castsi256_ps(_mm256_slli_epi32(words[k], 16));   /* the even words */
+        w[2 * k + 1] = _mm256_castsi256_ps(_mm256_and_si256(words[k], top));  /* the odd words */
+    }
 }
 
-__attribute__((target("avx2,fma"))) static void bf16_avx2(const void *p, int64_t r0, int64_t r1) {
+/* one group in natural order (the last group of an odd count): codes as doubled int8 values, sign-extended */
+__attribute__((target(AVX2), always_inline)) static inline void decode1_avx2(const uint8_t *blk, __m256 w[4]) {
+    const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12), low4 = _mm_set1_epi8(0x0f);
+    __m128i b = _mm_loadu_si128((const __m128i *)blk);
+    __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(b, low4));
+    __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(b, 4), low4));
+    __m128i v0 = _mm_unpacklo_epi8(lo, hi), v1 = _mm_unpackhi_epi8(lo, hi);
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v0));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v1));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8)));
+}
+
+/* One row o against NT tokens from t0 (NT a compile-time constant: the accumulators stay in registers). x is in
+ * permuted_pos_avx2's order. A token's sum is one chain over the row's group pairs, whatever NT: a token gets the
+ * same result alone and beside others. */
+__attribute__((target(AVX2), always_inline)) static inline void mxfp4_tile_avx2(const job_t *j, int64_t o, int64_t t0,
+                                                                               const int NT) {
+    int64_t G = j->in / 32, g = 0;
+    const uint8_t *blk = j->blocks + o * G * 16, *sc = j->scales + o * G;
+    __m256 acc[TT], w[8];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (; g + 2 <= G; g += 2) {
+        PREFETCH_W(blk + g * 16 + PF_DIST);
+        decode2_avx2(blk + g * 16, w);
+        __m256 s = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(SCALE[sc[g]])), _mm_set1_ps(SCALE[sc[g + 1]]), 1);
+        for (int t = 0; t < NT; t++) {
+            const float *x = j->x + (t0 + t) * j->in + g * 32;
+            __m256 p0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(x)), p1 = _mm256_mul_ps(w[4], _mm256_loadu_ps(x + 32));
+            for (int k = 1; k < 4; k++) {
+                p0 = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(x + 8 * k), p0);
+                p1 = _mm256_fmadd_ps(w[4 + k], _mm256_loadu_ps(x + 32 + 8 * k), p1);
+            }
+            acc[t] = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), s, acc[t]);
+        }
+    }
+    if (g < G) {
+        decode1_avx2(blk + g * 16, w);
+        __m256 s = _mm256_set1_ps(SCALE[sc[g]] * 0.5f);  /* the codes were doubled */
+        for (int t = 0; t < NT; t++) {
+            const float *x = j->x + (t0 + t) * j->in + g * 32;
+            __m256 part = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
+            for (int k = 1; k < 4; k++) part = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(x + 8 * k), part);
+            acc[t] = _mm256_fmadd_ps(part, s, acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) j->y[(t0 + t) * j->out + o] = hsum256(acc[t]) + (j->bias ? j->bias[o] : 0.f);
+}
+
+/* x: float32 in permuted_pos_avx2's order */
+__attribute__((target(AVX2))) static void mxfp4_avx2(const void *p, int64_t r0, int64_t r1) {
     const job_t *j = p;
-    for (int64_t o = r0; o < r1; o++)
-        for (int64_t t0 = 0; t0 < j->T; t0 += TT) {
-            int nt = (int)(j->T - t0 < TT ? j->T - t0 : TT);
-            __m256 acc[TT];
-            for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-            const uint16_t *w = j->w16 + o * j->in;
-            for (int64_t i = 0; i < j->in; i += 8) {
-                __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(
-                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + i))), 16));
-                for (int t = 0; t < nt; t++)
-                    acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(j->x + (t0 + t) * j->in + i), acc[t]);
+    for (int64_t ob = r0; ob < r1; ob += 16)  /* blocks of rows (in L2) against tiles of tokens (their x in L1) */
+        for (int64_t t0 = 0; t0 < j->T; t0 += TT)
+            for (int64_t o = ob; o < r1 && o < ob + 16; o++) {
+                if (t0 == 0) prefetch_bytes(j->scales + (o + PF_ROWS) * (j->in / 32), j->in / 32);
+                switch (j->T - t0 < TT ? j->T - t0 : TT) {
+                case 1: mxfp4_tile_avx2(j, o, t0, 1); break;
+                case 2: mxfp4_tile_avx2(j, o, t0, 2); break;
+                case 3: mxfp4_tile_avx2(j, o, t0, 3); break;
+                default: mxfp4_tile_avx2(j, o, t0, 4); break;
+                }
             }
-            for (int t = 0; t < nt; t++) j->y[(t0 + t) * j->out + o] = hsum256(acc[t]) + (j->bias ? j->bias[o] : 0.f);
+}
+
+/* bf16: R rows against NT tokens (compile-time constants), R x NT accumulators. Decoding is one token: with one row
+ * at a time its sum was a single chain of FMAs, whose latency (not the memory) set the pace; four rows give four
+ * chains. Each (row, token) sum is still one chain over the row in steps of 8, whatever R and NT. */
+__attribute__((target(AVX2), always_inline)) static inline void bf16_tile_avx2(const job_t *j, int64_t o, int64_t t0,
+                                                                              const int R, const int NT) {
+    __m256 acc[4][2];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
+    const uint16_t *w = j->w16 + o * j->in;
+    for (int64_t i = 0; i < j->in; i += 32) {
+        for (int r = 0; r < R; r++) PREFETCH_W(w + r * j->in + i + PF_DIST / 2);
+        for (int u = 0; u < 32; u += 8)
+            for (int r = 0; r < R; r++) {
+                __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + r * j->in + i + u))), 16));
+                for (int t = 0; t < NT; t++)
+                    acc[r][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(j->x + (t0 + t) * j->in + i + u), acc[r][t]);
+            }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < NT; t++)
+            j->y[(t0 + t) * j->out + o + r] = hsum256(acc[r][t]) + (j->bias ? j->bias[o + r] : 0.f);
+}
+
+__attribute__((target(AVX2))) static void bf16_avx2(const void *p, int64_t r0, int64_t r1) {
+    const job_t *j = p;
+    for (int64_t o = r0; o < r1; o += 4)
+        for (int64_t t0 = 0; t0 < j->T; t0 += 2) {
+            int nt = j->T - t0 < 2 ? 1 : 2;
+            if (o + 4 <= r1) { if (nt == 1) bf16_tile_avx2(j, o, t0, 4, 1); else bf16_tile_avx2(j, o, t0, 4, 2); }
+            else for (int64_t r = o; r < r1; r++) { if (nt == 1) bf16_tile_avx2(j, r, t0, 1, 1); else bf16_tile_avx2(j, r, t0, 1, 2); }
         }
 }
 
-__attribute__((target("avx2,fma"))) static void q8_avx2(const void *p, int64_t r0, int64_t r1) {
-    const job_t *j = p; int64_t G = j->in / 32;
-    const int8_t *w = (const int8_t *)j->blocks; const uint16_t *sc = (const uint16_t *)j->scales;
-    for (int64_t o = r0; o < r1; o++)
-        for (int64_t t0 = 0; t0 < j->T; t0 += TT) {
-            int nt = (int)(j->T - t0 < TT ? j->T - t0 : TT);
-            __m256 acc[TT];
-            for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-            const int8_t *row = w + o * j->in;
-            for (int64_t g = 0; g < G; g++) {
-                PREFETCH_W(row + g * 32 + PF_DIST);
-                __m256 wv[4];
-                for (int c = 0; c < 4; c++)
-                    wv[c] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + g * 32 + 8 * c))));
-                __m256 s = _mm256_set1_ps(half_to_f32(sc[o * G + g]));
-                for (int t = 0; t < nt; t++) {
-                    const float *x = j->x + (t0 + t) * j->in + g * 32;
-                    __m256 part = _mm256_mul_ps(wv[0], _mm256_loadu_ps(x));
-                    for (int c = 1; c < 4; c++) part = _mm256_fmadd_ps(wv[c], _mm256_loadu_ps(x + 8 * c), part);
-                    acc[t] = _mm256_fmadd_ps(part, s, acc[t]);
-                }
-            }
-            for (int t = 0; t < nt; t++) j->y[(t0 + t) * j->out + o] = hsum256(acc[t]) + (j->bias ? j->bias[o] : 0.f);
-        }
-}
+/* ---- q8 on integer dot products: every x86 path alike -----------------------------------------------------
+ * As llama.cpp computes its q8_0 products: x is rounded to int8 for each 32 values of a token (xq, scale xs; see
+ * round_act32), so a group's 32 products are integer. |w| goes in as the unsigned operand and x takes w's sign
+ * (vpsignb), so each 32-bit lane holds the exact sum of 4 products w * x: with vpmaddubsw + vpmaddwd on AVX2 (two
+ * products in 16 bits stay below 2 * 127 * 127, no saturation), with vpdpbusd on AVX-VNNI and AVX-512 VNNI. The
+ * lanes are the same integers on every path, and the float work after them is the same: the three paths give the
+ * same numbers, bit for bit. Two groups a step, into two chains. */
+#define Q8_INT8_KERNEL(NAME, TARGET, DOT)                                                                         \
+    __attribute__((target(TARGET))) static void NAME(const void *p, int64_t r0, int64_t r1) {                     \
+        const job_t *j = p; int64_t G = j->in / 32;                                                               \
+        const int8_t *w = (const int8_t *)j->blocks; const uint16_t *sc = (const uint16_t *)j->scales;            \
+        for (int64_t o = r0; o < r1; o++) {                                                                       \
+            prefetch_bytes(sc + (o + PF_ROWS) * G, 2 * G);                                                        \
+            const int8_t *row = w + o * j->in;                                                                    \
+            for (int64_t t0 = 0; t0 < j->T; t0 += TT) {                                                           \
+                int nt = (int)(j->T - t0 < TT ? j->T - t0 : TT);                                                  \
+                __m256 acc[TT][2];                                                                                \
+                for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();                         \
+                for (int64_t g = 0; g < G; g += 2) {                                                              \
+                    int two = g + 1 < G;                                                                          \
+                    PREFETCH_W(row + g * 32 + PF_DIST);                                                           \
+                    __m256i w0 = _mm256_loadu_si256((const __m256i *)(row + g * 32));                             \
+                    __m256i w1 = two ? _mm256_loadu_si256((const __m256i *)(row + g * 32 + 32)) : _mm256_setzero_si256(); \
+                    __m256i a0 = _mm256_sign_epi8(w0, w0), a1 = _mm256_sign_epi8(w1, w1);                         \
+                    float s0 = _cvtsh_ss(sc[o * G + g]), s1 = two ? _cvtsh_ss(sc[o * G + g + 1]) : 0.f;            \
+                    for (int t = 0; t < nt; t++) {                                                                \
+                        int64_t tg = (t0 + t) * G + g;                                                            \
+                        const __m256i *xq = (const __m256i *)(j->xq + tg * 32);                                   \
+                        __m256i d0 = DOT(a0, _mm256_sign_epi8(_mm256_loadu_si256(xq), w0));                       \
+                        acc[t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(s0 * j->xs[tg]), acc[t][0]); \
+                        if (two) {                                                                                \
+                            __m256i d1 = DOT(a1, _mm256_sign_epi8(_mm256_loadu_si256(xq + 1), w1));               \
+                            acc[t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(s1 * j->xs[tg + 1]), \
+                                                        acc[t][1]);                                               \
+                        }                                                                                         \
+                    }                                                                                             \
+                }                                                                                                 \
+                for (int t = 0; t < nt; t++)                                                                      \
+                    j->y[(t0 + t) * j->out + o] = hsum256(_mm256_add_ps(acc[t][0], acc[t][1]))                    \
+                                                  + (j->bias ? j->bias[o] : 0.f);                                 \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+
+#define DOT_AVX2(a, b) _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+#define DOT_AVXVNNI(a, b) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b)
+#define DOT_AVX512VNNI(a, b) _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+Q8_INT8_KERNEL(q8_avx2, AVX2, DOT_AVX2)
+Q8_INT8_KERNEL(q8_avxvnni, AVX2 ",avxvnni", DOT_AVXVNNI)
+Q8_INT8_KERNEL(q8_vnni, AVX2 ",avx512f,avx512vl,avx512vnni", DOT_AVX512VNNI)
 
 #define AVX512BF16 "avx512f,avx512bw,avx512vl,avx512bf16"
 
-#define Q8_MAX_GROUPS 1024  /* rows of up to 32,768 values (q8_vnni's scale buffer); longer rows take the AVX2 kernel */
 
 /* MXFP4 on AVX-512-BF16, four groups (64 bytes) at a time. Each 16-bit word of the packed bytes holds four
  * codes (elements 4k..4k+3 of the 128). vpermw looks a word's low 5 bits up in a 32-entry table: the 16 fp4
@@ -626,93 +730,47 @@ __attribute__((target(AVX512BF16))) static void bf16_avx512bf16_t1(const void *p
     const job_t *j = p;
     for (int64_t o = r0; o < r1; o++) bf16_tile(j, o, 0, 1);
 }
-/* q8 with AVX-512 VNNI, as llama.cpp computes its q8_0 products: x is rounded to int8 for each 32 of a token (xq,
- * with scale xs), so that a group's 32 products are one vpdpbusd of 256 bits (8 lanes of 4 products; Zen 4 and
- * Intel run 256-bit integer ops at full rate), times the two scales. vpdpbusd multiplies unsigned by signed bytes:
- * the weights go in as w + 128 (their sign bit flipped), which adds 128 * sum(xq) to a group's sum; xc[g] holds
- * that times xs[g], so the row's correction is one dot product of its scales with xc. */
-__attribute__((target(AVX512BF16 ",avx512vnni,avx2,fma"))) static void q8_vnni(const void *p, int64_t r0, int64_t r1) {
-    const job_t *j = p; int64_t G = j->in / 32;
-    const int8_t *w = (const int8_t *)j->blocks; const uint16_t *sc = (const uint16_t *)j->scales;
-    const __m256i flip = _mm256_set1_epi8((char)0x80);
-    float sf[Q8_MAX_GROUPS + 16];
-    for (int64_t o = r0; o < r1; o++) {
-        prefetch_bytes(sc + (o + PF_ROWS) * G, 2 * G);
-        for (int64_t g = 0; g < G; g += 16) {
-            __mmask16 m = G - g >= 16 ? 0xffff : (__mmask16)((1u << (G - g)) - 1);
-            _mm512_storeu_ps(sf + g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, sc + o * G + g)));
-        }
-        const int8_t *row = w + o * j->in;
-        for (int64_t t0 = 0; t0 < j->T; t0 += TT) {
-            int nt = (int)(j->T - t0 < TT ? j->T - t0 : TT);
-            __m256 acc[TT][2];
-            for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-            for (int64_t g = 0; g < G; g += 2) {  /* two groups a step, into two chains (indices known: registers) */
-                int two = g + 1 < G;
-                PREFETCH_W(row + g * 32 + PF_DIST);
-                __m256i wu0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(row + g * 32)), flip);
-                __m256i wu1 = two ? _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(row + g * 32 + 32)), flip)
-                                  : flip;  /* w = 0: adds nothing */
-                for (int t = 0; t < nt; t++) {
-                    int64_t tg = (t0 + t) * G + g;
-                    const int8_t *xq = j->xq + tg * 32;
-                    __m256i d0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wu0, _mm256_loadu_si256((const __m256i *)xq));
-                    acc[t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(sf[g] * j->xs[tg]), acc[t][0]);
-                    if (two) {
-                        __m256i d1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wu1,
-                                                         _mm256_loadu_si256((const __m256i *)(xq + 32)));
-                        acc[t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(sf[g + 1] * j->xs[tg + 1]),
-                                                    acc[t][1]);
-                    }
-                }
-            }
-            for (int t = 0; t < nt; t++) {
-                const float *xc = j->xc + (t0 + t) * G;
-                __m512 c = _mm512_setzero_ps();
-                for (int64_t g = 0; g < G; g += 16) {
-                    __mmask16 m = G - g >= 16 ? 0xffff : (__mmask16)((1u << (G - g)) - 1);
-                    c = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, sf + g), _mm512_maskz_loadu_ps(m, xc + g), c);
-                }
-                j->y[(t0 + t) * j->out + o] = hsum256(_mm256_add_ps(acc[t][0], acc[t][1])) - _mm512_reduce_add_ps(c)
-                                              + (j->bias ? j->bias[o] : 0.f);
-            }
-        }
-    }
-}
 #endif
 
 /* ---- dispatch ---------------------------------------------------------------------------------------- */
-enum { PATH_SCALAR = 0, PATH_AVX2 = 1, PATH_AVX512BF16 = 2 };
-static int best_path = PATH_SCALAR, forced_path = -1, has_vnni = 0;
+/* Paths, each a superset of the one before in what the kernels use: avxvnni is avx2 with AVX-VNNI's 256-bit int8
+ * dot products (Alder Lake and later Intel client CPUs, Zen 5), used by the q8 products. A path can be forced only
+ * where the CPU has it (an AVX-512 CPU may lack AVX-VNNI). */
+enum { PATH_SCALAR = 0, PATH_AVX2 = 1, PATH_AVXVNNI = 2, PATH_AVX512BF16 = 3, N_PATHS };
+static const char *PATH_NAMES[] = {"scalar", "avx2", "avxvnni", "avx512bf16"};
+static int path_ok[N_PATHS] = {1}, best_path = PATH_SCALAR, forced_path = -1, has_vnni = 0;
 
 static void detect(void) {
     for (int s = 0; s < 256; s++) SCALE[s] = ldexpf(1.0f, s - 127);
 #ifdef OSSIE_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best_path = PATH_AVX2;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512bf16")) best_path = PATH_AVX512BF16;
-    has_vnni = best_path == PATH_AVX512BF16 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+    path_ok[PATH_AVX2] = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    path_ok[PATH_AVXVNNI] = path_ok[PATH_AVX2] && __builtin_cpu_supports("avxvnni");
+    path_ok[PATH_AVX512BF16] = path_ok[PATH_AVX2] && __builtin_cpu_supports("avx512f") &&
+                               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+    has_vnni = path_ok[PATH_AVX512BF16] && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
 #endif
+    for (int p = 0; p < N_PATHS; p++) if (path_ok[p]) best_path = p;
 }
 
-static const char *PATH_NAMES[] = {"scalar", "avx2", "avx512bf16"};
+static inline int current_path(void) { return forced_path >= 0 ? forced_path : best_path; }
 
 /* The code path for a product, and its row-range function. kind 0 = MXFP4, 1 = bf16. bf16_ok: x holds bf16 values
  * (rounding it to bf16 is exact), so the bf16 dot-product path may be used; that path reads x as bf16 (xb), the
  * MXFP4 one in the permuted order of permuted_pos. */
 static int choose_path(int kind, int bf16_ok, int64_t T, task_fn *fn) {
-    int path = forced_path >= 0 && forced_path < best_path ? forced_path : best_path;
-    if (kind == 2) {  /* q8 reads x as float32 */
+    int path = current_path();
+    if (kind == 2) {  /* q8: the scalar kernel reads x as float32, the others rounded to int8 (see Q8_INT8_KERNEL) */
         *fn = q8_scalar;
 #ifdef OSSIE_X86
-        /* every CPU with AVX-512 BF16 has VNNI too (Cooper Lake, Sapphire Rapids, Zen 4): the AVX2 kernel otherwise */
-        if (path == PATH_AVX512BF16) *fn = has_vnni ? q8_vnni : q8_avx2;
+        /* every CPU with AVX-512 BF16 has AVX-512 VNNI too (Cooper Lake, Sapphire Rapids, Zen 4) */
+        if (path == PATH_AVX512BF16) *fn = has_vnni ? q8_vnni : path_ok[PATH_AVXVNNI] ? q8_avxvnni : q8_avx2;
+        else if (path == PATH_AVXVNNI) *fn = q8_avxvnni;
         else if (path == PATH_AVX2) *fn = q8_avx2;
 #endif
         return path;
     }
-    if (path == PATH_AVX512BF16 && !bf16_ok) path = PATH_AVX2;
+    if (path == PATH_AVXVNNI || (path == PATH_AVX512BF16 && !bf16_ok)) path = PATH_AVX2;
     *fn = kind == 0 ? mxfp4_scalar : bf16_scalar;
 #ifdef OSSIE_X86
     if (path == PATH_AVX512BF16)
@@ -734,6 +792,15 @@ static inline int64_t permuted_pos(int64_t i, int64_t in) {
     return i - m + (m % 4) * 32 + m / 4;
 }
 
+/* The same for the avx2 path (decode2_avx2): in a pair of groups, element e of group h (0, 1) is code e, the low
+ * nibble of byte e/2 for even e; it lands in vector k = 4 (e odd) + 2 (e >= 16) + (e % 4 >= 2), at lane h's word
+ * (e % 16) / 4. The last group of an odd count stays in natural order. */
+static inline int64_t permuted_pos_avx2(int64_t i, int64_t in) {
+    if (i >= in / 64 * 64) return i;
+    int64_t m = i % 64, h = m / 32, e = m % 32, r = e % 4;
+    return i - m + ((r & 1) * 4 + (e / 16) * 2 + (r >> 1)) * 8 + h * 4 + (e % 16) / 4;
+}
+
 /* y = x @ W.T + bias. kind 0 = MXFP4 (wa blocks, wb scales), 1 = bf16 (wa), 2 = q8 (wa int8 values, wb float16
  * scales); see choose_path for bf16_ok. Called without the GIL, holding call_mu. */
 static int product(int kind, const float *x, const void *wa, const void *wb, const float *bias, float *y, int64_t T,
@@ -742,22 +809,21 @@ static int product(int kind, const float *x, const void *wa, const void *wb, con
     task_fn fn;
     uint16_t *xb = NULL;
     int path = choose_path(kind, bf16_ok, T, &fn);
-    int8_t *xq = NULL; float *xs = NULL;
-#ifdef OSSIE_X86
-    if (fn == q8_vnni && in / 32 > Q8_MAX_GROUPS) fn = q8_avx2;  /* scales beyond its buffer */
-    if (fn == q8_vnni) {  /* x rounded to int8 for each 32 values of a token; xs the scales, then the corrections */
+    int8_t *xq = NULL; float *xs = NULL, *xp = NULL;
+    if (kind == 2 && fn != q8_scalar) {  /* x rounded to int8 for each 32 values of a token, with the scales */
         int64_t G = in / 32;
-        xq = malloc(T * in); xs = malloc(sizeof(float) * 2 * T * G);
+        xq = malloc(T * in); xs = malloc(sizeof(float) * T * G);
         if (!xq || !xs) { free(xq); free(xs); return -1; }
         for (int64_t t = 0; t < T; t++)
-            for (int64_t g = 0; g < G; g++) {
-                int sum;
-                float d = round_act32(x + t * in + g * 32, xq + (t * G + g) * 32, &sum);
-                xs[t * G + g] = d; xs[T * G + t * G + g] = 128.f * (float)sum * d;
-            }
-        j.xq = xq; j.xs = xs; j.xc = xs + T * G;
+            for (int64_t g = 0; g < G; g++) xs[t * G + g] = round_act32(x + t * in + g * 32, xq + (t * G + g) * 32);
+        j.xq = xq; j.xs = xs;
     }
-#endif
+    if (path == PATH_AVX2 && kind == 0) {  /* the MXFP4 kernel reads x in its decoding's order */
+        if (!(xp = malloc(sizeof(float) * T * in))) { free(xq); free(xs); return -1; }
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t i = 0; i < in; i++) xp[t * in + permuted_pos_avx2(i, in)] = x[t * in + i];
+        j.x = xp;
+    }
     if (path == PATH_AVX512BF16 && kind != 2) {
         if (!(xb = aligned_alloc(64, sizeof(uint16_t) * T * in + 64))) return -1;  /* loads within cache lines */
         for (int64_t t = 0; t < T; t++)
@@ -765,7 +831,7 @@ static int product(int kind, const float *x, const void *wa, const void *wb, con
         j.xb = xb;
     }
     parallel_for(fn, &j, out, 16);
-    free(xb); free(xq); free(xs);
+    free(xb); free(xq); free(xs); free(xp);
     return 0;
 }
 
@@ -798,7 +864,7 @@ static PyObject *py_matmul(PyObject *self __attribute__((unused)), PyObject *arg
  * own gate/up row pairs, for every token of that expert, and writes the activations where W2's product reads
  * them), then the W2 rows (each thread adds each token's experts up for its own rows). */
 typedef struct {
-    int64_t n, k, H, I, T; int bf16, permute; float alpha, limit;
+    int64_t n, k, H, I, T; int bf16, path; float alpha, limit;  /* path: the products' (x's layout follows it) */
     job_t *up, *down;      /* per distinct chosen expert, ascending: its W1 product (into h) and W2 product (into part) */
     task_fn up_fn, down_fn;
     float **act; uint16_t **actb;  /* per expert [T_e, I] activations: float32, or bf16 in the avx512bf16 order */
@@ -819,8 +885,8 @@ static void moe_up(const void *p, int64_t b, int64_t e) {
                 gate = gate > m->limit ? m->limit : gate;
                 up = up > m->limit ? m->limit : (up < -m->limit ? -m->limit : up);
                 float a = gate * (1.f / (1.f + expf(-(m->alpha * gate)))) * (up + 1.f);
-                if (m->permute) m->actb[n][t * m->I + permuted_pos(i, m->I)] = f32_to_bf16(a);
-                else m->act[n][t * m->I + i] = m->bf16 ? rbf(a) : a;
+                if (m->path == PATH_AVX512BF16) m->actb[n][t * m->I + permuted_pos(i, m->I)] = f32_to_bf16(a);
+                else m->act[n][t * m->I + (m->path == PATH_AVX2 ? permuted_pos_avx2(i, m->I) : i)] = m->bf16 ? rbf(a) : a;
             }
         }
     }
@@ -867,7 +933,7 @@ static PyObject *py_moe(PyObject *self __attribute__((unused)), PyObject *args) 
         actbuf = malloc(sizeof(uint16_t) * rows * I); part = malloc(sizeof(float) * rows * H);
         rc = !m.up || !m.down || !m.act || !m.actb || !xg || !xb || !h || !actf || !actbuf || !part;
         if (!rc) {
-            m.permute = choose_path(0, bf16, 1, &m.up_fn) == PATH_AVX512BF16;
+            m.path = choose_path(0, bf16, 1, &m.up_fn);
             m.down_fn = m.up_fn;
             /* each expert's rows (its tokens, in token order) start after the previous experts' */
             int64_t off = 0;
@@ -894,8 +960,10 @@ static PyObject *py_moe(PyObject *self __attribute__((unused)), PyObject *args) 
                     job_t *u = &m.up[i];
                     int64_t row = u->T++;  /* this token's row in the expert's products */
                     float *dst = xg + (u->x - xg) + row * H;  /* u->x points into xg, which this call owns */
-                    memcpy(dst, xf + t * H, sizeof(float) * H);
-                    if (m.permute)
+                    if (m.path == PATH_AVX2)
+                        for (int64_t c = 0; c < H; c++) dst[permuted_pos_avx2(c, H)] = xf[t * H + c];
+                    else memcpy(dst, xf + t * H, sizeof(float) * H);
+                    if (m.path == PATH_AVX512BF16)
                         for (int64_t c = 0; c < H; c++) xb[(u->xb - xb) + row * H + permuted_pos(c, H)] = f32_to_bf16(dst[c]);
                     slot_expert[t * k + a] = i; slot_row[t * k + a] = row; slot_wt[t * k + a] = wts[t * k + order[a]];
                 }
@@ -954,7 +1022,7 @@ static float dot_scalar(const attn_job_t *a, const float *q, int64_t off) {
 }
 
 #ifdef OSSIE_X86
-__attribute__((target("avx2,fma"))) static float dot_avx2(const attn_job_t *a, const float *q, int64_t off) {
+__attribute__((target(AVX2))) static float dot_avx2(const attn_job_t *a, const float *q, int64_t off) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t d = 0; d < a->D; d += 8) {
         __m256 kv = a->bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
@@ -974,7 +1042,7 @@ static void axpy_scalar(const attn_job_t *a, float *o, float p, int64_t off) {
 }
 
 #ifdef OSSIE_X86
-__attribute__((target("avx2,fma"))) static void axpy_avx2(const attn_job_t *a, float *o, float p, int64_t off) {
+__attribute__((target(AVX2))) static void axpy_avx2(const attn_job_t *a, float *o, float p, int64_t off) {
     __m256 pv = _mm256_set1_ps(p);
     for (int64_t d = 0; d < a->D; d += 8) {
         __m256 v = a->bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
@@ -992,7 +1060,7 @@ static void attn_heads(const void *p, int64_t h0, int64_t h1) {
     float (*dot)(const attn_job_t *, const float *, int64_t) = dot_scalar;
     void (*axpy)(const attn_job_t *, float *, float, int64_t) = axpy_scalar;
 #ifdef OSSIE_X86
-    if (best_path >= PATH_AVX2 && forced_path != PATH_SCALAR && D % 8 == 0 && !a->q8) { dot = dot_avx2; axpy = axpy_avx2; }
+    if (current_path() >= PATH_AVX2 && D % 8 == 0 && !a->q8) { dot = dot_avx2; axpy = axpy_avx2; }
 #endif
     for (int64_t h = h0; h < h1; h++) {
         const float *q = a->q + h * D; int64_t kvh = h / G; float m = a->sinks[h], total;
@@ -1196,8 +1264,8 @@ __attribute__((target(VNNI))) static void q8_scores8(const attn_job_t *a, const 
 static void quantize_queries(const float *q, int nh, uint32_t *qb, float *qd) {
     for (int g = 0; g < nh; g++)
         for (int b = 0; b < 2; b++) {
-            int8_t v[32]; int sum;
-            qd[g * 2 + b] = round_act32(q + g * 64 + 32 * b, v, &sum);
+            int8_t v[32];
+            qd[g * 2 + b] = round_act32(q + g * 64 + 32 * b, v);
             uint8_t *bytes = (uint8_t *)(qb + g * 16 + 8 * b);
             for (int k = 0; k < 32; k++) bytes[k] = (uint8_t)(v[k] + 128);
         }
@@ -1376,8 +1444,7 @@ static void attention_setup(attn_job_t *a, int64_t n) {
  * (and VNNI for a q8 cache) */
 static int quads_apply(const attn_job_t *a) {
 #ifdef OSSIE_X86
-    int path = forced_path >= 0 && forced_path < best_path ? forced_path : best_path;
-    return path == PATH_AVX512BF16 && a->D == 64 && (a->H / a->KV) % 4 == 0 && (!a->q8 || has_vnni) &&
+    return current_path() == PATH_AVX512BF16 && a->D == 64 && (a->H / a->KV) % 4 == 0 && (!a->q8 || has_vnni) &&
            a->S * a->KV * KV_ROW(64) < (1LL << 31);
 #else
     (void)a;
@@ -1608,7 +1675,7 @@ static PyObject *py_read(PyObject *self __attribute__((unused)), PyObject *args)
     read_job_t r = {(const uint64_t *)ptr, 0};
     task_fn fn = read_part;
 #ifdef OSSIE_X86
-    if (best_path >= PATH_AVX2) fn = read_part_avx2;
+    if (path_ok[PATH_AVX2]) fn = read_part_avx2;
 #endif
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&call_mu);
@@ -1634,15 +1701,17 @@ static PyObject *py_get_threads(PyObject *self __attribute__((unused)), PyObject
 
 static PyObject *py_set_path(PyObject *self __attribute__((unused)), PyObject *args) {
     const char *name; if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
-    forced_path = -1;
-    for (int i = 0; i < 3; i++) if (!strcmp(name, PATH_NAMES[i])) forced_path = i;
-    if (strcmp(name, "best") && forced_path < 0) { PyErr_SetString(PyExc_ValueError, "path: best, scalar, avx2 or avx512bf16"); return NULL; }
+    int chosen = -1;
+    for (int i = 0; i < N_PATHS; i++) if (!strcmp(name, PATH_NAMES[i])) chosen = i;
+    if (strcmp(name, "best") && chosen < 0) {
+        PyErr_SetString(PyExc_ValueError, "path: best, scalar, avx2, avxvnni or avx512bf16"); return NULL;
+    }
+    forced_path = chosen >= 0 && path_ok[chosen] ? chosen : -1;  /* a path this CPU lacks: the best it has */
     Py_RETURN_NONE;
 }
 
 static PyObject *py_path(PyObject *self __attribute__((unused)), PyObject *args __attribute__((unused))) {
-    int path = forced_path >= 0 && forced_path < best_path ? forced_path : best_path;
-    return PyUnicode_FromString(PATH_NAMES[path]);
+    return PyUnicode_FromString(PATH_NAMES[current_path()]);
 }
 
 static PyMethodDef methods[] = {

@@ -35,7 +35,7 @@ def available() -> bool:
 
 
 def kernel_path() -> str:
-    """The SIMD code path the kernels run ("avx512bf16", "avx2", "scalar")."""
+    """The SIMD code path the kernels run ("avx512bf16", "avxvnni", "avx2", "scalar")."""
     return _kernels.path()
 
 
@@ -50,15 +50,17 @@ def path_summary() -> str:
     if path == "avx512bf16":
         return "kernels: avx512bf16 (AVX-512 with BF16 dot products: ossie's fastest CPU path)"
     if machine in ("x86_64", "amd64", "i686", "x86"):
+        lacks = "this CPU has no AVX-512 BF16, which ossie's fastest kernels use: Zen 4/5, Sapphire Rapids and later"
+        if path == "avxvnni":
+            return f"kernels: avxvnni (AVX2, FMA and AVX-VNNI int8 dot products for the q8 mode; {lacks})"
         if path == "avx2":
-            return ("kernels: avx2 (AVX2 and FMA; this CPU has no AVX-512 BF16, which ossie's fastest kernels use: "
-                    "Zen 4/5, Sapphire Rapids and later)")
+            return f"kernels: avx2 (AVX2 and FMA; {lacks})"
         return "kernels: scalar (this CPU has no AVX2 with FMA: ossie's kernels run their portable C)"
     return f"kernels: {path} (on {machine} ossie's kernels run their portable C: NEON kernels are not written yet)"
 
 
 def set_path(name: str) -> None:
-    """Force a slower SIMD path ("avx2", "scalar") or go back to the fastest this CPU has ("best"): for tests and
+    """Force a slower SIMD path ("avxvnni", "avx2", "scalar") or go back to the fastest this CPU has ("best"): for tests and
     measurements. A path the CPU lacks leaves the fastest in place."""
     _kernels.set_path(name)
 
