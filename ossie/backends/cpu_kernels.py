@@ -60,8 +60,8 @@ def path_summary() -> str:
 
 
 def set_path(name: str) -> None:
-    """Force a slower SIMD path ("avxvnni", "avx2", "scalar") or go back to the fastest this CPU has ("best"): for tests and
-    measurements. A path the CPU lacks leaves the fastest in place."""
+    """Force a slower SIMD path ("avxvnni", "avx2", "scalar") or go back to the fastest this CPU has ("best"): for
+    tests and measurements. A path the CPU lacks leaves the fastest in place."""
     _kernels.set_path(name)
 
 
