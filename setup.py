@@ -1,10 +1,15 @@
-"""Builds ossie's C kernels (csrc/kernels.c) as ossie._kernels; everything else is in pyproject.toml.
+"""Builds ossie's C kernels (csrc/) as ossie._kernels; everything else is in pyproject.toml.
 
 The extension is optional: without a C compiler ossie installs and runs on its pure-torch path.
 """
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+
+SOURCES = ["csrc/module.c", "csrc/kernels.c", "csrc/pool.c", "csrc/x86.c", "csrc/neon.c"]
+# -ffp-contract=off: a * b + c in C stays two roundings unless a kernel fuses it on purpose (SFMA, intrinsics); GCC
+# would otherwise fuse where it likes on ARM64, and the NEON kernels could not repeat the scalar ones bit for bit.
+FLAGS = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fvisibility=hidden"]
 
 
 class OptionalBuildExt(build_ext):
@@ -22,7 +27,7 @@ class OptionalBuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("ossie._kernels", ["csrc/kernels.c"], extra_compile_args=["-O3", "-std=gnu11"],
-                           extra_link_args=["-lpthread"])],
+    ext_modules=[Extension("ossie._kernels", SOURCES, depends=["csrc/kernels.h", "csrc/internal.h"],
+                           extra_compile_args=FLAGS, extra_link_args=["-lpthread"])],
     cmdclass={"build_ext": OptionalBuildExt},
 )

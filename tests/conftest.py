@@ -54,7 +54,7 @@ def scripted(tiny_repo, tmp_path_factory):
     assert "Traceback" not in log, log
 
 
-@pytest.fixture(params=["scalar", "avx2", "avxvnni", "avx512bf16"])
+@pytest.fixture(params=["scalar", "avx2", "avxvnni", "avx512bf16", "neon", "dotprod"])
 def path(request):
     """Each code path of ossie's C kernels this CPU has, in turn (the others are skipped)."""
     from ossie.backends import cpu_kernels as kernels

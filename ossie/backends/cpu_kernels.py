@@ -35,7 +35,7 @@ def available() -> bool:
 
 
 def kernel_path() -> str:
-    """The SIMD code path the kernels run ("avx512bf16", "avxvnni", "avx2", "scalar")."""
+    """The SIMD code path the kernels run ("avx512bf16", "avxvnni", "avx2"; "dotprod", "neon" on ARM64; "scalar")."""
     return _kernels.path()
 
 
@@ -56,12 +56,17 @@ def path_summary() -> str:
         if path == "avx2":
             return f"kernels: avx2 (AVX2 and FMA; {lacks})"
         return "kernels: scalar (this CPU has no AVX2 with FMA: ossie's kernels run their portable C)"
-    return f"kernels: {path} (on {machine} ossie's kernels run their portable C: NEON kernels are not written yet)"
+    if path == "dotprod":
+        return "kernels: dotprod (ARM64 Advanced SIMD, with SDOT int8 dot products for the q8 mode)"
+    if path == "neon":
+        return ("kernels: neon (ARM64 Advanced SIMD; this CPU has no SDOT, which the q8 mode's fastest products use: "
+                "Cortex-A76 and later, Apple M1 and later)")
+    return f"kernels: {path} (on {machine} ossie's kernels run their portable C)"
 
 
 def set_path(name: str) -> None:
-    """Force a slower SIMD path ("avxvnni", "avx2", "scalar") or go back to the fastest this CPU has ("best"): for
-    tests and measurements. A path the CPU lacks leaves the fastest in place."""
+    """Force a slower SIMD path ("avxvnni", "avx2", "neon", "scalar") or go back to the fastest this CPU has
+    ("best"): for tests and measurements. A path the CPU lacks leaves the fastest in place."""
     _kernels.set_path(name)
 
 

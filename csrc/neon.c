@@ -1,0 +1,148 @@
+/* ossie's ARM64 kernels: Advanced SIMD (every ARMv8-A CPU) and SDOT (dotprod: Cortex-A76 and later, Apple M1 and
+ * later, Snapdragon X, Graviton 2 and later) for the q8 products. Each repeats the scalar kernel's operations in
+ * kernels.c one for one (the same lanes, the same fused multiply-adds, the same order of the final adds), so each
+ * path gives the scalar path's numbers bit for bit: csrc/tests/qemu.sh checks it under emulation for CPUs with and
+ * without each extension. The q8 products' integer sums and float steps are also those of the x86 kernels: a q8
+ * model gives the same numbers on ARM as on x86. */
+#include "internal.h"
+#ifdef OSSIE_NEON
+#include <arm_neon.h>
+
+#if defined(__clang__)
+#define DOTPROD __attribute__((target("dotprod")))
+#else
+#define DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#endif
+
+/* (a0 + a2) + (a1 + a3), as the scalar kernels' hsum4 */
+static inline float hsum4q(float32x4_t a) {
+    float32x2_t s = vadd_f32(vget_low_f32(a), vget_high_f32(a));
+    return vget_lane_f32(s, 0) + vget_lane_f32(s, 1);
+}
+
+/* ---- MXFP4: a group's 32 codes as floats in natural order --------------------------------------------------
+ * Each code looks up the high and low bytes of its value's bf16 bits (tbl), the bytes interleave into bf16 words
+ * (zip), and a bf16 word shifted left by 16 is the float: exact, no conversion instruction. */
+static const uint8_t FP4_HI[16] = {0x00, 0x3f, 0x3f, 0x3f, 0x40, 0x40, 0x40, 0x40,
+                                   0x80, 0xbf, 0xbf, 0xbf, 0xc0, 0xc0, 0xc0, 0xc0};
+static const uint8_t FP4_LO[16] = {0x00, 0x00, 0x80, 0xc0, 0x00, 0x40, 0x80, 0xc0,
+                                   0x00, 0x00, 0x80, 0xc0, 0x00, 0x40, 0x80, 0xc0};
+
+static inline void decode_group(const uint8_t *blk, uint8x16_t hi_t, uint8x16_t lo_t, float32x4_t w[8]) {
+    uint8x16_t b = vld1q_u8(blk);
+    uint8x16_t even = vandq_u8(b, vdupq_n_u8(0x0f)), odd = vshrq_n_u8(b, 4);
+    uint8x16_t codes[2] = {vzip1q_u8(even, odd), vzip2q_u8(even, odd)};  /* elements 0-15, 16-31 */
+    for (int c = 0; c < 2; c++) {
+        uint8x16_t hi = vqtbl1q_u8(hi_t, codes[c]), lo = vqtbl1q_u8(lo_t, codes[c]);
+        uint16x8_t words[2] = {vreinterpretq_u16_u8(vzip1q_u8(lo, hi)), vreinterpretq_u16_u8(vzip2q_u8(lo, hi))};
+        for (int h = 0; h < 2; h++) {
+            w[4 * c + 2 * h] = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(words[h]), 16));
+            w[4 * c + 2 * h + 1] = vreinterpretq_f32_u32(vshll_high_n_u16(words[h], 16));
+        }
+    }
+}
+
+/* one row o against nt (<= TT) tokens from t0: the group decoded once for them all */
+static inline void mxfp4_tile_neon(const job_t *j, int64_t o, int64_t t0, int nt) {
+    int64_t G = j->in / 32;
+    const uint8_t *blk = j->blocks + o * G * 16, *sc = j->scales + o * G;
+    const uint8x16_t hi_t = vld1q_u8(FP4_HI), lo_t = vld1q_u8(FP4_LO);
+    float32x4_t acc[TT], w[8];
+    for (int t = 0; t < nt; t++) acc[t] = vdupq_n_f32(0.f);
+    for (int64_t g = 0; g < G; g++) {
+        PREFETCH_W(blk + g * 16 + PF_DIST);
+        decode_group(blk + g * 16, hi_t, lo_t, w);
+        float32x4_t s = vdupq_n_f32(SCALE[sc[g]]);
+        for (int t = 0; t < nt; t++) {
+            const float *x = j->x + (t0 + t) * j->in + g * 32;
+            float32x4_t part = vmulq_f32(w[0], vld1q_f32(x));
+            for (int v = 1; v < 8; v++) part = vfmaq_f32(part, w[v], vld1q_f32(x + 4 * v));
+            acc[t] = vfmaq_f32(acc[t], part, s);
+        }
+    }
+    for (int t = 0; t < nt; t++) j->y[(t0 + t) * j->out + o] = hsum4q(acc[t]) + (j->bias ? j->bias[o] : 0.f);
+}
+
+void mxfp4_neon(const void *p, int64_t r0, int64_t r1) {
+    const job_t *j = p;
+    for (int64_t o = r0; o < r1; o++) {
+        prefetch_bytes(j->scales + (o + PF_ROWS) * (j->in / 32), j->in / 32);
+        for (int64_t t0 = 0; t0 < j->T; t0 += TT) mxfp4_tile_neon(j, o, t0, j->T - t0 < TT ? (int)(j->T - t0) : TT);
+    }
+}
+
+/* ---- bf16: four rows at a time (four chains of FMAs), each (row, token) sum one chain over the row ----------- */
+static inline float32x4_t bf16x4(const uint16_t *w) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(w), 16)); }
+
+void bf16_neon(const void *p, int64_t r0, int64_t r1) {
+    const job_t *j = p; int64_t in = j->in;
+    for (int64_t o = r0; o < r1; o += 4) {
+        int R = r1 - o < 4 ? (int)(r1 - o) : 4;
+        for (int64_t t = 0; t < j->T; t++) {
+            const float *x = j->x + t * in;
+            float32x4_t acc[4] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
+            for (int64_t i = 0; i < in; i += 4) {
+                if (t == 0 && (i & 31) == 0)
+                    for (int r = 0; r < R; r++) PREFETCH_W(j->w16 + (o + r) * in + i + PF_DIST / 2);
+                float32x4_t xv = vld1q_f32(x + i);
+                for (int r = 0; r < R; r++) acc[r] = vfmaq_f32(acc[r], bf16x4(j->w16 + (o + r) * in + i), xv);
+            }
+            for (int r = 0; r < R; r++) j->y[t * j->out + o + r] = hsum4q(acc[r]) + (j->bias ? j->bias[o + r] : 0.f);
+        }
+    }
+}
+
+/* ---- q8: a group's 32 products summed exactly, 4 to a lane in 8 lanes (two int32x4) ------------------------- */
+static inline int32x4_t dot16_neon(int8x16_t w, int8x16_t x) {  /* lane k: bytes 4k..4k+3 */
+    int32x4_t lo = vpaddlq_s16(vmull_s8(vget_low_s8(w), vget_low_s8(x)));
+    int32x4_t hi = vpaddlq_s16(vmull_high_s8(w, x));
+    return vpaddq_s32(lo, hi);
+}
+
+DOTPROD static inline int32x4_t dot16_dotprod(int8x16_t w, int8x16_t x) { return vdotq_s32(vdupq_n_s32(0), w, x); }
+
+/* q8_scalar's steps: each lane times the two scales into one of two chains (even and odd groups), the chains added,
+ * then the lanes as hsum256 adds them */
+#define Q8_NEON_KERNEL(NAME, ATTR, DOT)                                                                       \
+    ATTR void NAME(const void *p, int64_t r0, int64_t r1) {                                                   \
+        const job_t *j = p; int64_t G = j->in / 32;                                                           \
+        const int8_t *w = (const int8_t *)j->blocks; const uint16_t *sc = (const uint16_t *)j->scales;        \
+        for (int64_t o = r0; o < r1; o++) {                                                                   \
+            prefetch_bytes(sc + (o + PF_ROWS) * G, 2 * G);                                                    \
+            const int8_t *row = w + o * j->in;                                                                \
+            for (int64_t t = 0; t < j->T; t++) {                                                              \
+                float32x4_t acc[2][2] = {{vdupq_n_f32(0.f), vdupq_n_f32(0.f)}, {vdupq_n_f32(0.f), vdupq_n_f32(0.f)}}; \
+                for (int64_t g = 0; g < G; g++) {                                                             \
+                    if (t == 0) PREFETCH_W(row + g * 32 + PF_DIST);                                           \
+                    const int8_t *xq = j->xq + (t * G + g) * 32;                                              \
+                    int32x4_t d0 = DOT(vld1q_s8(row + g * 32), vld1q_s8(xq));                                 \
+                    int32x4_t d1 = DOT(vld1q_s8(row + g * 32 + 16), vld1q_s8(xq + 16));                       \
+                    float32x4_t s = vdupq_n_f32(half_to_f32(sc[o * G + g]) * j->xs[t * G + g]);               \
+                    acc[g & 1][0] = vfmaq_f32(acc[g & 1][0], vcvtq_f32_s32(d0), s);                           \
+                    acc[g & 1][1] = vfmaq_f32(acc[g & 1][1], vcvtq_f32_s32(d1), s);                           \
+                }                                                                                             \
+                float32x4_t h = vaddq_f32(vaddq_f32(acc[0][0], acc[1][0]), vaddq_f32(acc[0][1], acc[1][1]));  \
+                j->y[t * j->out + o] = hsum4q(h) + (j->bias ? j->bias[o] : 0.f);                              \
+            }                                                                                                 \
+        }                                                                                                     \
+    }
+
+Q8_NEON_KERNEL(q8_neon, , dot16_neon)
+Q8_NEON_KERNEL(q8_dotprod, DOTPROD, dot16_dotprod)
+
+/* ---- attention over a bf16 or float32 cache (D a multiple of 4): dot_scalar's and axpy_scalar's steps ------- */
+static inline float32x4_t kv4(const attn_job_t *a, const void *base, int64_t i) {
+    return a->bf16 ? bf16x4((const uint16_t *)base + i) : vld1q_f32((const float *)base + i);
+}
+
+float dot_neon(const attn_job_t *a, const float *q, int64_t off) {
+    float32x4_t acc = vdupq_n_f32(0.f);
+    for (int64_t d = 0; d < a->D; d += 4) acc = vfmaq_f32(acc, vld1q_f32(q + d), kv4(a, a->k, off + d));
+    return hsum4q(acc);
+}
+
+void axpy_neon(const attn_job_t *a, float *o, float p, int64_t off) {
+    float32x4_t pv = vdupq_n_f32(p);
+    for (int64_t d = 0; d < a->D; d += 4) vst1q_f32(o + d, vfmaq_f32(vld1q_f32(o + d), pv, kv4(a, a->v, off + d)));
+}
+#endif
