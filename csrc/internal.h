@@ -64,7 +64,26 @@ typedef struct {
     const float *bias; float *y;
     int64_t T, out, in;
     const int8_t *xq; const float *xs;     /* q8: x rounded to int8 per 32, with its scales (see Q8_INT8_KERNEL) */
+    const float *xp;                       /* x in permuted_pos_avx2's order: the avx2 MXFP4 tile kernel's */
 } job_t;
+
+/* Where element i of an MXFP4 product's input goes in the avx512bf16 path's order: word w (0..127) of a 4-group
+ * block's decoded vectors A, B, C, D holds element 4 (w % 32) + w / 32 (see decode4 in x86.c), so element m goes
+ * to word (m % 4) 32 + m / 4. */
+static inline int64_t permuted_pos(int64_t i, int64_t in) {
+    if (i >= in / 128 * 128) return i;  /* tail groups: natural order */
+    int64_t m = i % 128;
+    return i - m + (m % 4) * 32 + m / 4;
+}
+
+/* The same for the avx2 path (decode2_avx2): in a pair of groups, element e of group h (0, 1) is code e, the low
+ * nibble of byte e/2 for even e; it lands in vector k = 4 (e odd) + 2 (e >= 16) + (e % 4 >= 2), at lane h's word
+ * (e % 16) / 4. The last group of an odd count stays in natural order. */
+static inline int64_t permuted_pos_avx2(int64_t i, int64_t in) {
+    if (i >= in / 64 * 64) return i;
+    int64_t m = i % 64, h = m / 32, e = m % 32, r = e % 4;
+    return i - m + ((r & 1) * 4 + (e / 16) * 2 + (r >> 1)) * 8 + h * 4 + (e % 16) / 4;
+}
 
 /* Weights stream through once per token: fetch them 4 KiB ahead, into L2. 4 KiB decoded the 20b 2-4 % faster
  * than 2 KiB on Zen 5 (in-process alternation, benchmarks/decode_parts.py), 8 KiB no better. The hint was
@@ -86,7 +105,9 @@ static inline void prefetch_bytes(const void *p, int64_t n) {
     for (int64_t i = 0; i < n; i += 64) PREFETCH_W((const char *)p + i);
 }
 #define TT 4  /* tokens per tile: their accumulators stay in registers, their x rows in L1 */
-#define GEMM_MIN_T 16  /* from this many tokens an AVX-512 MXFP4 product takes the panel GEMM (x86.c) */
+#define GEMM_MIN_T 16  /* from this many tokens an MXFP4 product takes a panel GEMM (x86.c) */
+#define GEMM_AVX2_MIN_T 9  /* from this many tokens an AVX2 bf16 product takes its panel GEMM: a prompt's, as the CPU
+                              backend sends decoding's (up to 8 rows) to the tile kernel */
 
 /* ---- attention of one query (decoding) over the KV cache ---------------------------------------------------
  * out[h] = sum_s p[h, s] v[s, h / G] with p = softmax over (q[h] . k[s, h / G] * scale, sink[h]) and the sink's share
@@ -132,8 +153,10 @@ extern int path_ok[N_PATHS], has_vnni;
 int current_path(void);
 
 #ifdef OSSIE_X86
-void mxfp4_avx2(const void *p, int64_t r0, int64_t r1);        /* x in permuted_pos_avx2's order */
+void mxfp4_avx2(const void *p, int64_t r0, int64_t r1);        /* reads xp */
+void mxfp4_avx2_gemm(const void *p, int64_t r0, int64_t r1);   /* prompts: from GEMM_MIN_T tokens */
 void bf16_avx2(const void *p, int64_t r0, int64_t r1);
+void bf16_avx2_gemm(const void *p, int64_t r0, int64_t r1);  /* prompts: from GEMM_AVX2_MIN_T tokens */
 void q8_avx2(const void *p, int64_t r0, int64_t r1);
 void q8_avxvnni(const void *p, int64_t r0, int64_t r1);
 void q8_vnni(const void *p, int64_t r0, int64_t r1);

@@ -190,7 +190,8 @@ static int choose_path(int kind, int bf16_ok, int64_t T, task_fn *fn) {
     if (path == PATH_AVX512BF16)
         *fn = kind == 0 ? (T >= GEMM_MIN_T ? mxfp4_avx512bf16_gemm : mxfp4_avx512bf16)
                         : (T == 1 ? bf16_avx512bf16_t1 : bf16_avx512bf16);
-    else if (path == PATH_AVX2) *fn = kind == 0 ? mxfp4_avx2 : bf16_avx2;
+    else if (path == PATH_AVX2)
+        *fn = kind == 0 ? (T >= GEMM_MIN_T ? mxfp4_avx2_gemm : mxfp4_avx2) : (T >= GEMM_AVX2_MIN_T ? bf16_avx2_gemm : bf16_avx2);
 #else
     (void)T;
 #endif
@@ -198,24 +199,6 @@ static int choose_path(int kind, int bf16_ok, int64_t T, task_fn *fn) {
     if (path == PATH_NEON) *fn = kind == 0 ? mxfp4_neon : bf16_neon;
 #endif
     return path;
-}
-
-/* Where element i of an MXFP4 product's input goes in the avx512bf16 path's order: word w (0..127) of a 4-group
- * block's decoded vectors A, B, C, D holds element 4 (w % 32) + w / 32 (see decode4), so element m goes to
- * word (m % 4) 32 + m / 4. */
-static inline int64_t permuted_pos(int64_t i, int64_t in) {
-    if (i >= in / 128 * 128) return i;  /* tail groups: natural order */
-    int64_t m = i % 128;
-    return i - m + (m % 4) * 32 + m / 4;
-}
-
-/* The same for the avx2 path (decode2_avx2): in a pair of groups, element e of group h (0, 1) is code e, the low
- * nibble of byte e/2 for even e; it lands in vector k = 4 (e odd) + 2 (e >= 16) + (e % 4 >= 2), at lane h's word
- * (e % 16) / 4. The last group of an odd count stays in natural order. */
-static inline int64_t permuted_pos_avx2(int64_t i, int64_t in) {
-    if (i >= in / 64 * 64) return i;
-    int64_t m = i % 64, h = m / 32, e = m % 32, r = e % 4;
-    return i - m + ((r & 1) * 4 + (e / 16) * 2 + (r >> 1)) * 8 + h * 4 + (e % 16) / 4;
 }
 
 /* y = x @ W.T + bias. kind 0 = MXFP4 (wa blocks, wb scales), 1 = bf16 (wa), 2 = q8 (wa int8 values, wb float16
@@ -235,11 +218,11 @@ static int product(int kind, const float *x, const void *wa, const void *wb, con
             for (int64_t g = 0; g < G; g++) xs[t * G + g] = round_act32(x + t * in + g * 32, xq + (t * G + g) * 32);
         j.xq = xq; j.xs = xs;
     }
-    if (path == PATH_AVX2 && kind == 0) {  /* the MXFP4 kernel reads x in its decoding's order */
+    if (path == PATH_AVX2 && kind == 0) {  /* the MXFP4 tile kernel reads x in its decoding's order */
         if (!(xp = malloc(sizeof(float) * T * in))) { free(xq); free(xs); return -1; }
         for (int64_t t = 0; t < T; t++)
             for (int64_t i = 0; i < in; i++) xp[t * in + permuted_pos_avx2(i, in)] = x[t * in + i];
-        j.x = xp;
+        j.xp = xp;
     }
     if (path == PATH_AVX512BF16 && kind != 2) {
         if (!(xb = aligned_alloc(64, sizeof(uint16_t) * T * in + 64))) return -1;  /* loads within cache lines */
@@ -339,6 +322,7 @@ int ossie_moe(const float *x, const void *w1b, const void *w1s, const float *b1,
                 m.down[i] = (job_t){m.act[i], m.actb[i], (const uint8_t *)w2b + e * H * (I / 32) * 16,
                                     (const uint8_t *)w2s + e * H * (I / 32), NULL, (const float *)b2 + e * H,
                                     part + off * H, c, H, I};
+                m.up[i].xp = m.up[i].x; m.down[i].xp = m.down[i].x;  /* on the avx2 path both are laid out permuted */
                 off += c;
             }
             const float *xf = x;

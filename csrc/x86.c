@@ -68,7 +68,7 @@ __attribute__((target(AVX2), always_inline)) static inline void mxfp4_tile_avx2(
         decode2_avx2(blk + g * 16, w);
         __m256 s = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(SCALE[sc[g]])), _mm_set1_ps(SCALE[sc[g + 1]]), 1);
         for (int t = 0; t < NT; t++) {
-            const float *x = j->x + (t0 + t) * j->in + g * 32;
+            const float *x = j->xp + (t0 + t) * j->in + g * 32;
             __m256 p0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(x)), p1 = _mm256_mul_ps(w[4], _mm256_loadu_ps(x + 32));
             for (int k = 1; k < 4; k++) {
                 p0 = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(x + 8 * k), p0);
@@ -81,7 +81,7 @@ __attribute__((target(AVX2), always_inline)) static inline void mxfp4_tile_avx2(
         decode1_avx2(blk + g * 16, w);
         __m256 s = _mm256_set1_ps(SCALE[sc[g]] * 0.5f);  /* the codes were doubled */
         for (int t = 0; t < NT; t++) {
-            const float *x = j->x + (t0 + t) * j->in + g * 32;
+            const float *x = j->xp + (t0 + t) * j->in + g * 32;
             __m256 part = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
             for (int k = 1; k < 4; k++) part = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(x + 8 * k), part);
             acc[t] = _mm256_fmadd_ps(part, s, acc[t]);
@@ -90,7 +90,7 @@ __attribute__((target(AVX2), always_inline)) static inline void mxfp4_tile_avx2(
     for (int t = 0; t < NT; t++) j->y[(t0 + t) * j->out + o] = hsum256(acc[t]) + (j->bias ? j->bias[o] : 0.f);
 }
 
-/* x: float32 in permuted_pos_avx2's order */
+/* reads xp: x in permuted_pos_avx2's order */
 __attribute__((target(AVX2))) void mxfp4_avx2(const void *p, int64_t r0, int64_t r1) {
     const job_t *j = p;
     for (int64_t ob = r0; ob < r1; ob += 16)  /* blocks of rows (in L2) against tiles of tokens (their x in L1) */
@@ -138,6 +138,158 @@ __attribute__((target(AVX2))) void bf16_avx2(const void *p, int64_t r0, int64_t 
             if (o + 4 <= r1) { if (nt == 1) bf16_tile_avx2(j, o, t0, 4, 1); else bf16_tile_avx2(j, o, t0, 4, 2); }
             else for (int64_t r = o; r < r1; r++) { if (nt == 1) bf16_tile_avx2(j, r, t0, 1, 1); else bf16_tile_avx2(j, r, t0, 1, 2); }
         }
+}
+
+/* ---- bf16 for many tokens (a prompt's projections): a panel GEMM ---------------------------------------------
+ * torch's bf16 GEMM crawls without AVX-512 BF16, and its float32 one needed the weight converted (a copy of every
+ * projection on every prompt chunk). Here 16 rows at a time are converted once into a float32 panel, k-major (the
+ * 16 rows' values for each input index side by side: two vectors), PB_K input indices at a time (16 KiB, in L1),
+ * and tiles of 16 rows x 6 tokens keep 12 accumulators in registers: per input index two loads of the panel, one
+ * broadcast of each token's x and 12 FMAs, no horizontal sums. Each (row, token) sum is one chain per panel block,
+ * the blocks added in order: the same whatever the token count or the rows beside it, so a prompt's rows get the
+ * same sums however the prompt is cut into chunks. */
+#define PB_K 256
+#define PT 6  /* tokens per tile */
+
+/* r[i] = row i of an 8 x 8 matrix of floats; afterwards r[j] = its column j */
+__attribute__((target(AVX2), always_inline)) static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], s[8];
+    for (int i = 0; i < 8; i += 2) { t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]); t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]); }
+    for (int i = 0; i < 8; i += 4) {
+        s[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44); s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44); s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
+    }
+}
+
+/* rows o..o+nr (16 with zero rows past nr) of the bf16 weight, inputs k0..k0+kn (kn a multiple of 8), as a panel */
+__attribute__((target(AVX2))) static void bf16_panel(const job_t *j, int64_t o, int nr, int64_t k0, int64_t kn,
+                                                     float *panel) {
+    static const uint16_t zeros[8] = {0};
+    for (int64_t k = 0; k < kn; k += 8)
+        for (int half = 0; half < 2; half++) {
+            __m256 r[8];
+            for (int i = 0; i < 8; i++) {
+                int row = 8 * half + i;
+                const uint16_t *src = row < nr ? j->w16 + (o + row) * j->in + k0 + k : zeros;
+                r[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)src)), 16));
+            }
+            transpose8(r);
+            for (int c = 0; c < 8; c++) _mm256_store_ps(panel + (k + c) * 16 + 8 * half, r[c]);
+        }
+}
+
+/* NT tokens from x (rows in steps of `in`) over a panel block of kn inputs; adds each sum into sums [NT][16] */
+__attribute__((target(AVX2), always_inline)) static inline void panel_tile_avx2(const float *panel, int64_t kn,
+                                                                               const float *x, int64_t in,
+                                                                               float *sums, const int NT) {
+    __m256 a0[PT], a1[PT];
+    for (int t = 0; t < NT; t++) a0[t] = a1[t] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < kn; k++) {
+        __m256 w0 = _mm256_load_ps(panel + 16 * k), w1 = _mm256_load_ps(panel + 16 * k + 8);
+        for (int t = 0; t < NT; t++) {
+            __m256 xb = _mm256_broadcast_ss(x + t * in + k);
+            a0[t] = _mm256_fmadd_ps(w0, xb, a0[t]);
+            a1[t] = _mm256_fmadd_ps(w1, xb, a1[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        _mm256_storeu_ps(sums + 16 * t, _mm256_add_ps(_mm256_loadu_ps(sums + 16 * t), a0[t]));
+        _mm256_storeu_ps(sums + 16 * t + 8, _mm256_add_ps(_mm256_loadu_ps(sums + 16 * t + 8), a1[t]));
+    }
+}
+
+/* every token of x (rows in steps of `in`) over a panel block, NT at a time */
+__attribute__((target(AVX2))) static void panel_tiles(const float *panel, int64_t kn, const float *x, int64_t in,
+                                                      int64_t T, float *sums) {
+    for (int64_t t0 = 0; t0 < T; t0 += PT) {
+        const float *xt = x + t0 * in; float *s = sums + 16 * t0;
+        switch (T - t0 < PT ? T - t0 : PT) {
+        case 1: panel_tile_avx2(panel, kn, xt, in, s, 1); break;
+        case 2: panel_tile_avx2(panel, kn, xt, in, s, 2); break;
+        case 3: panel_tile_avx2(panel, kn, xt, in, s, 3); break;
+        case 4: panel_tile_avx2(panel, kn, xt, in, s, 4); break;
+        case 5: panel_tile_avx2(panel, kn, xt, in, s, 5); break;
+        default: panel_tile_avx2(panel, kn, xt, in, s, PT); break;
+        }
+    }
+}
+
+__attribute__((target(AVX2))) void bf16_avx2_gemm(const void *p, int64_t r0, int64_t r1) {
+    const job_t *j = p; int64_t in = j->in, T = j->T;
+    float *panel = aligned_alloc(32, sizeof(float) * 16 * PB_K), *sums = malloc(sizeof(float) * 16 * T);
+    if (!panel || !sums) { free(panel); free(sums); bf16_avx2(p, r0, r1); return; }  /* the tile kernel needs no room */
+    for (int64_t o = r0; o < r1; o += 16) {
+        int nr = r1 - o < 16 ? (int)(r1 - o) : 16;
+        memset(sums, 0, sizeof(float) * 16 * T);
+        for (int64_t k0 = 0; k0 < in; k0 += PB_K) {
+            int64_t kn = in - k0 < PB_K ? in - k0 : PB_K;
+            bf16_panel(j, o, nr, k0, kn, panel);
+            panel_tiles(panel, kn, j->x + k0, in, T, sums);
+        }
+        for (int64_t t = 0; t < T; t++)
+            for (int r = 0; r < nr; r++) j->y[t * j->out + o + r] = sums[16 * t + r] + (j->bias ? j->bias[o + r] : 0.f);
+    }
+    free(panel); free(sums);
+}
+
+/* whether every scale byte of rows [r0, r1) keeps the folded values normal (here and in the AVX-512 panel) */
+static int scales_fold(const job_t *j, int64_t r0, int64_t r1) {
+    const uint8_t *sc = j->scales + r0 * (j->in / 32), *end = j->scales + r1 * (j->in / 32);
+    for (; sc < end; sc++) if (*sc < 2 || *sc > 252) return 0;
+    return 1;
+}
+
+/* ---- MXFP4 for many tokens on AVX2 (a prompt's tokens per expert): the same panel GEMM ------------------------
+ * 16 rows decoded once per PB_K inputs into the float32 panel, each group's scale folded in (exact while every
+ * value stays a normal float: scale bytes 2..252, see scales_fold; a block of rows with others takes the tile
+ * kernel), then the 16-row x 6-token tiles above. From GEMM_MIN_T tokens: below, decoding a panel costs more than
+ * it saves (a 64-token prompt gives an expert ~8). */
+__attribute__((target(AVX2))) static void mxfp4_panel(const job_t *j, int64_t o, int nr, int64_t k0, int64_t kn,
+                                                      float *panel, float *tmp /* [8][32] */) {
+    int64_t G = j->in / 32;
+    for (int64_t g = k0 / 32; g < (k0 + kn) / 32; g++)
+        for (int half = 0; half < 2; half++) {
+            for (int i = 0; i < 8; i++) {
+                int64_t row = o + 8 * half + i;
+                __m256 w[4];
+                if (8 * half + i < nr) {
+                    decode1_avx2(j->blocks + (row * G + g) * 16, w);
+                    __m256 s = _mm256_set1_ps(SCALE[j->scales[row * G + g]] * 0.5f);  /* the codes were doubled */
+                    for (int c = 0; c < 4; c++) _mm256_store_ps(tmp + 32 * i + 8 * c, _mm256_mul_ps(w[c], s));
+                } else
+                    for (int c = 0; c < 4; c++) _mm256_store_ps(tmp + 32 * i + 8 * c, _mm256_setzero_ps());
+            }
+            for (int c = 0; c < 4; c++) {
+                __m256 r[8];
+                for (int i = 0; i < 8; i++) r[i] = _mm256_load_ps(tmp + 32 * i + 8 * c);
+                transpose8(r);
+                for (int q = 0; q < 8; q++) _mm256_store_ps(panel + (g * 32 - k0 + 8 * c + q) * 16 + 8 * half, r[q]);
+            }
+        }
+}
+
+/* x in natural order; xp, permuted, for the tile kernel (rows whose scales do not fold) */
+__attribute__((target(AVX2))) void mxfp4_avx2_gemm(const void *p, int64_t r0, int64_t r1) {
+    const job_t *j = p; int64_t in = j->in, T = j->T;
+    float *panel = aligned_alloc(32, sizeof(float) * 16 * PB_K), *tmp = aligned_alloc(32, sizeof(float) * 8 * 32);
+    float *sums = malloc(sizeof(float) * 16 * T);
+    for (int64_t o = r0; o < r1; o += 16) {
+        int nr = r1 - o < 16 ? (int)(r1 - o) : 16;
+        if (!panel || !tmp || !sums || !scales_fold(j, o, o + nr)) { mxfp4_avx2(p, o, o + nr); continue; }
+        memset(sums, 0, sizeof(float) * 16 * T);
+        for (int64_t k0 = 0; k0 < in; k0 += PB_K) {
+            int64_t kn = in - k0 < PB_K ? in - k0 : PB_K;
+            mxfp4_panel(j, o, nr, k0, kn, panel, tmp);
+            panel_tiles(panel, kn, j->x + k0, in, T, sums);
+        }
+        for (int64_t t = 0; t < T; t++)
+            for (int r = 0; r < nr; r++) j->y[t * j->out + o + r] = sums[16 * t + r] + (j->bias ? j->bias[o + r] : 0.f);
+    }
+    free(panel); free(tmp); free(sums);
 }
 
 /* ---- q8 on integer dot products: every x86 path alike -----------------------------------------------------
@@ -349,12 +501,6 @@ __attribute__((target(AVX512BF16), always_inline)) static inline void keys16(con
 #define GT 6            /* tokens per tile: GRG x GT = 24 accumulators, GRG weight vectors, one broadcast of x */
 #define GROWS (16 * GRG)
 
-/* whether every scale byte of rows [r0, r1) keeps the folded values normal (see above) */
-static int scales_fold(const job_t *j, int64_t r0, int64_t r1) {
-    const uint8_t *sc = j->scales + r0 * (j->in / 32), *end = j->scales + r1 * (j->in / 32);
-    for (; sc < end; sc++) if (*sc < 2 || *sc > 252) return 0;
-    return 1;
-}
 
 /* row o as bf16 into w [in], each group's scale folded in, 4-group chunks in the order of decode4 (x's permuted
  * order), tail groups in natural order */

@@ -336,34 +336,59 @@ def test_wrong_calls_raise_instead_of_corrupting_memory(tiny_repo):
                                           cache.clone(), 1, 2, *block)
 
 
-def test_a_cpu_without_avx512_bf16_runs_no_bf16_gemm(tiny_repo, monkeypatch):
-    """torch's bf16 GEMM is pathological without AVX-512 BF16 (26.5 s for a 32 x 2880 x 5760 product on a Zen 3):
-    on the other paths a prompt's bf16 products run in float32, and give the bf16 values the reference gives."""
+@pytest.mark.parametrize("path,prompt_products", [("avx2", "panel"), ("scalar", "float32")])
+def test_a_cpu_without_avx512_bf16_runs_no_bf16_gemm(tiny_repo, monkeypatch, path, prompt_products):
+    """torch's bf16 GEMM is pathological without AVX-512 BF16 (26.5 s for a 32 x 2880 x 5760 product on a Zen 3): on
+    AVX2 a prompt's bf16 products take the kernels' panel GEMM, elsewhere torch's float32 GEMM; either gives the bf16
+    values the reference gives."""
     import torch.nn.functional as F
 
     import ossie
     from ossie.backends import cpu as cpu_backend
 
     before = kernels.kernel_path()
-    kernels.set_path("avx2")
-    if kernels.kernel_path() != "avx2":
+    kernels.set_path(path)
+    if kernels.kernel_path() != path:
         kernels.set_path(before)
-        pytest.skip("this CPU has no AVX2")
+        pytest.skip(f"this CPU has no {path}")
     try:
         llm = ossie.LLM(tiny_repo, dtype="bfloat16", progress=False, enable_prefix_caching=False)
-        assert not llm.backend.bf16_gemm
-        dtypes = []
-        linear = F.linear
+        assert not llm.backend.bf16_gemm and llm.backend.bf16_panel == (prompt_products == "panel")
+        dtypes, kernel_rows = [], []
+        linear, bf16_matmul = F.linear, cpu_backend.K.bf16_matmul
 
         def recording(x, w, bias=None):
             dtypes.append(w.dtype)
             return linear(x, w, bias)
 
+        def kernel(x, w, bias=None):
+            kernel_rows.append(x.shape[0])
+            return bf16_matmul(x, w, bias)
+
         monkeypatch.setattr(cpu_backend.F, "linear", recording)  # torch.nn.functional's, wherever it is called
+        monkeypatch.setattr(cpu_backend.K, "bf16_matmul", kernel)
         tokens = list(range(1000, 1040))  # 40 rows: past the decode kernels' 8
         ours = llm.logits(tokens)
-        assert dtypes and torch.bfloat16 not in dtypes, dtypes
+        assert torch.bfloat16 not in dtypes, dtypes
+        if prompt_products == "panel":
+            assert not dtypes and 40 in kernel_rows
+        else:
+            assert dtypes and 40 not in kernel_rows
     finally:
         kernels.set_path(before)
     reference = ossie.LLM(tiny_repo, dtype="bfloat16", progress=False, backend="torch").logits(tokens)
     assert ((ours - reference).norm() / reference.norm()) < 0.05
+
+
+def test_bf16_prompt_rows_do_not_depend_on_the_chunk(path):
+    """The AVX2 panel GEMM sums each row as it is summed among any other number of rows (from 9, where it takes over
+    from the decode kernels; the scalar and NEON kernels always): a prompt read in other chunks of 9 tokens or more
+    gives its rows the same products, bit for bit."""
+    if path not in ("avx2", "avxvnni", "scalar", "neon", "dotprod"):
+        pytest.skip("the AVX-512 path's prompts go through torch's bf16 GEMM")
+    gen = torch.Generator().manual_seed(3)
+    w, bias = torch.randn(70, 640, generator=gen).bfloat16(), torch.randn(70, generator=gen)
+    x = torch.randn(40, 640, generator=gen).bfloat16().float()
+    whole = kernels.bf16_matmul(x, w, bias)
+    parts = torch.cat([kernels.bf16_matmul(x[a:b], w, bias) for a, b in ((0, 9), (9, 21), (21, 40))])
+    assert torch.equal(whole, parts)

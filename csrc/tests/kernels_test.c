@@ -44,6 +44,11 @@ static void report(const char *path, const char *check, int ok) {
     failures += !ok;
 }
 
+/* Decoding several sequences is a product of up to 8 rows (ossie/backends/cpu.py's SMALL_BATCH): there each row's
+ * sums must not depend on the others. Prompts' many rows take GEMM kernels on x86, whose sums differ from the
+ * decode kernels' (checked against the scalar path only). */
+#define DECODE_ROWS 8
+
 typedef struct { int kind; int64_t out, in, T; } product_case;
 
 static void check_product(const product_case *c) {
@@ -78,12 +83,14 @@ static void check_product(const product_case *c) {
         snprintf(name, sizeof(name), "%s %lldx%lld, %lld tokens", kinds[c->kind], (long long)c->out, (long long)c->in,
                  (long long)c->T);
         if (p >= 0) report(path, name, same(y, ref, c->T * c->out, is_arm(path) || c->kind == 2));
+        if (c->T == 1 || c->T > DECODE_ROWS) continue;
         int ok = 1;
-        for (int64_t t = 0; t < c->T && c->T > 1; t++) {
+        for (int64_t t = 0; t < c->T; t++) {
             ossie_matmul(c->kind, x + t * c->in, wa, wb, bias, alone, 1, c->out, c->in, 1);
             ok &= same(alone, y + t * c->out, c->out, 1);
         }
-        if (c->T > 1) { snprintf(name + strlen(name), sizeof(name) - strlen(name), ": together = alone"); report(path, name, ok); }
+        snprintf(name + strlen(name), sizeof(name) - strlen(name), ": together = alone");
+        report(path, name, ok);
     }
     free(wa); free(wb); free(x); free(bias); free(ref); free(y); free(alone);
 }
@@ -172,9 +179,9 @@ int main(void) {
     for (int p = 0; p < (int)(sizeof(PATHS) / sizeof(*PATHS)); p++) if (ossie_has_path(PATHS[p])) printf(" %s", PATHS[p]);
     printf(" (and scalar)\n");
     const product_case cases[] = {
-        {0, 96, 2880, 1}, {0, 40, 96, 3}, {0, 33, 160, 9}, {0, 17, 32, 20},
-        {1, 96, 2880, 1}, {1, 33, 160, 3}, {1, 9, 64, 9},
-        {2, 96, 2880, 1}, {2, 33, 1120, 5}, {2, 17, 32, 9},
+        {0, 96, 2880, 1}, {0, 40, 96, 3}, {0, 33, 160, 8}, {0, 17, 32, 20}, {0, 35, 320, 40},
+        {1, 96, 2880, 1}, {1, 33, 160, 3}, {1, 9, 64, 8}, {1, 37, 576, 21},
+        {2, 96, 2880, 1}, {2, 33, 1120, 5}, {2, 17, 32, 8},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(*cases); i++) check_product(&cases[i]);
     check_moe(1); check_moe(0);

@@ -57,8 +57,11 @@ class CpuBackend(TorchBackend):
             raise RuntimeError("ossie's C kernels are not built (no C compiler at install?): use the torch backend")
         self.fused_decode = fused_decode
         # torch's bf16 GEMM is fast where the CPU has AVX-512 BF16 and pathological elsewhere (a 32 x 2880 x 5760
-        # product took 26.5 s on a Zen 3, 0.17 s in float32): there a prompt's bf16 products run in float32
-        self.bf16_gemm = K.kernel_path() == "avx512bf16"
+        # product took 26.5 s on a Zen 3, 0.17 s in float32): on AVX2 a prompt's bf16 products take the kernels'
+        # panel GEMM (at the FMA peak, and no float32 copy of the weight per call), elsewhere torch's float32 GEMM
+        path = K.kernel_path()
+        self.bf16_gemm = path == "avx512bf16"
+        self.bf16_panel = path in ("avx2", "avxvnni")
 
     def prepare(self, weights: Weights) -> None:
         # the kernels read weights by pointer: they must be dense (they are, as loaded)
@@ -103,7 +106,8 @@ class CpuBackend(TorchBackend):
                 return K.q8_matmul(x, w, bias).to(x.dtype)
             # a prompt's many rows: compute-bound, so the matrix as loaded serves (8 bits would save nothing)
             w = w.source if w.source is not None else dequantize(w, x.dtype)
-        if w.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= SMALL_BATCH and w.shape[1] % 32 == 0:
+        if (w.dtype == torch.bfloat16 and x.dim() == 2 and w.shape[1] % 32 == 0
+                and (x.shape[0] <= SMALL_BATCH or (self.bf16_panel and x.dtype == torch.bfloat16))):
             return K.bf16_matmul(x, w, bias).to(x.dtype)
         with K.torch_threads(K.kernel_threads()):  # a large GEMM: torch gets every core, and gives them back
             if w.dtype == torch.bfloat16 and not self.bf16_gemm:  # bf16 values, exact in float32; rounded back
