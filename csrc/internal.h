@@ -68,7 +68,7 @@ typedef struct {
 } job_t;
 
 /* Where element i of an MXFP4 product's input goes in the avx512bf16 path's order: word w (0..127) of a 4-group
- * block's decoded vectors A, B, C, D holds element 4 (w % 32) + w / 32 (see decode4 in x86.c), so element m goes
+ * block's decoded vectors A, B, C, D holds element 4 (w % 32) + w / 32 (see decode4 in x86_avx512.c), so element m goes
  * to word (m % 4) 32 + m / 4. */
 static inline int64_t permuted_pos(int64_t i, int64_t in) {
     if (i >= in / 128 * 128) return i;  /* tail groups: natural order */
@@ -105,7 +105,7 @@ static inline void prefetch_bytes(const void *p, int64_t n) {
     for (int64_t i = 0; i < n; i += 64) PREFETCH_W((const char *)p + i);
 }
 #define TT 4  /* tokens per tile: their accumulators stay in registers, their x rows in L1 */
-#define GEMM_MIN_T 16  /* from this many tokens an MXFP4 product takes a panel GEMM (x86.c) */
+#define GEMM_MIN_T 16  /* from this many tokens an MXFP4 product takes a panel GEMM (x86_avx2.c, x86_avx512.c) */
 #define GEMM_AVX2_MIN_T 9  /* from this many tokens an AVX2 bf16 product takes its panel GEMM: a prompt's, as the CPU
                               backend sends decoding's (up to 8 rows) to the tile kernel */
 
@@ -171,6 +171,7 @@ void attn_groups_avx512(const void *p, int64_t u0, int64_t u1);
 void attn_kv_heads_avx512(const void *p, int64_t u0, int64_t u1);
 void attn_groups_prefill_avx512(const void *p, int64_t u0, int64_t u1);
 void read_part_avx2(const void *ctx, int64_t b, int64_t e);
+int scales_fold(const job_t *j, int64_t r0, int64_t r1);  /* MXFP4 scales a panel can fold in */
 #endif
 #ifdef OSSIE_NEON
 void mxfp4_neon(const void *p, int64_t r0, int64_t r1);

@@ -8,7 +8,7 @@
  * The packed weights are read once and never materialised. Paths, chosen at run time (internal.h):
  *   avx512bf16: weights decoded to bf16 (exact: fp4 values are bf16 numbers), x rounded to bf16 (exact when
  *               the model runs in bf16, as its activations are bf16), vdpbf16ps products, fp32 sums;
- *   avx2, neon: fp32 FMA (x86.c, neon.c); scalar: portable C, in the order the NEON kernels repeat (below).
+ *   avx2, neon: fp32 FMA (x86_avx2.c, neon.c); scalar: portable C, in the order the NEON kernels repeat (below).
  * q8 products round x to int8 per 32 values on every path, and every path gives the same numbers.
  * Rows are split over a small pthread pool (pool.c).
  */
@@ -98,7 +98,7 @@ static void bf16_scalar(const void *p, int64_t r0, int64_t r1) {
 
 /* q8 (llama.cpp's q8_0): int8 values [out, in] (in `blocks`) and a float16 scale for each 32 of a row [out, in/32]
  * (in `scales`); a weight is value * scale. x rounded to int8 per 32 (xq, xs; see round_act32). The SIMD kernels'
- * order, step for step (x86.c's Q8_INT8_KERNEL): a group's products summed exactly, 4 to a lane in 8 lanes; each
+ * order, step for step (x86_avx2.c's Q8_INT8_KERNEL): a group's products summed exactly, 4 to a lane in 8 lanes; each
  * lane times the two scales, fused into one of two chains (even and odd groups); the chains added, then the lanes
  * as hsum256 adds them. fmaf, not SFMA: the SIMD kernels fuse on every CPU that runs them. */
 static void q8_scalar(const void *p, int64_t r0, int64_t r1) {

@@ -124,6 +124,9 @@ class CpuBackend(TorchBackend):
                 out = K.attention_prefill(q, k, v, sinks, q_start - k_start, window)
                 if out is not None:
                     return out.to(q.dtype)
+        if q.shape[0] > 1:  # a prompt's attention in torch (no C kernel for this path): on every core, as the GEMMs
+            with K.torch_threads(K.kernel_threads()):
+                return super().attention(q, k, v, sinks, q_start, k_start, window)
         return super().attention(q, k, v, sinks, q_start, k_start, window)
 
     def experts(self, x: torch.Tensor, lw: LayerWeights, chosen: torch.Tensor, weight: torch.Tensor,
