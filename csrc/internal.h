@@ -166,6 +166,7 @@ void bf16_avx512bf16(const void *p, int64_t r0, int64_t r1);
 void bf16_avx512bf16_t1(const void *p, int64_t r0, int64_t r1);
 float dot_avx2(const attn_job_t *a, const float *q, int64_t off);
 void axpy_avx2(const attn_job_t *a, float *o, float p, int64_t off);
+void attn_kv_heads_avx2(const void *p, int64_t u0, int64_t u1);  /* decoding, D % 8 == 0, D <= 128 */
 void attention_setup(attn_job_t *a, int64_t n);
 void attn_groups_avx512(const void *p, int64_t u0, int64_t u1);
 void attn_kv_heads_avx512(const void *p, int64_t u0, int64_t u1);

@@ -424,6 +424,12 @@ static void attention_heads(attn_job_t *a) {
         else parallel_for(attn_groups_avx512, a, a->H / a->group, 1);
         return;
     }
+    int path = current_path();
+    if (path >= PATH_AVX2 && path <= PATH_AVX512BF16 && a->D % 8 == 0 && a->D <= 128 && !a->q8 && a->T == 0 &&
+        a->KV >= pool_threads()) {  /* a KV head's query heads together (a unit per KV head for every thread) */
+        parallel_for(attn_kv_heads_avx2, a, a->KV, 1);
+        return;
+    }
 #endif
     parallel_for(attn_heads, a, a->H, 4);
 }

@@ -364,6 +364,58 @@ __attribute__((target(AVX2))) void axpy_avx2(const attn_job_t *a, float *o, floa
     }
 }
 
+/* Decoding attention, a KV head's query heads together (units: KV heads): each key and value row read and
+ * converted once for the G heads that share it, where head by head read it G times (8 for gpt-oss). Every sum and
+ * the softmax run as attn_heads runs them with dot_avx2 and axpy_avx2 (the same numbers bit for bit), only the
+ * loops are swapped. D a multiple of 8, at most 128. */
+#define KVH_MAX_D 128
+__attribute__((target(AVX2))) void attn_kv_heads_avx2(const void *p, int64_t u0, int64_t u1) {
+    const attn_job_t *a = p; int64_t G = a->H / a->KV, S = a->S, D = a->D, V = D / 8;
+    float *w = malloc(sizeof(float) * G * (S + 2));
+    if (!w) { __atomic_store_n(&((attn_job_t *)p)->failed, 1, __ATOMIC_RELAXED); return; }
+    float *m = w + G * S, *total = m + G;
+    for (int64_t kvh = u0; kvh < u1; kvh++) {
+        int64_t h0 = kvh * G;
+        for (int64_t g = 0; g < G; g++) m[g] = a->sinks[h0 + g];
+        for (int64_t s = 0; s < S; s++) {
+            int64_t off = (s * a->KV + kvh) * D;
+            __m256 kv[KVH_MAX_D / 8];
+            for (int64_t v = 0; v < V; v++)
+                kv[v] = a->bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                                      _mm_loadu_si128((const __m128i *)((const uint16_t *)a->k + off + 8 * v))), 16))
+                                : _mm256_loadu_ps((const float *)a->k + off + 8 * v);
+            for (int64_t g = 0; g < G; g++) {
+                const float *q = a->q + (h0 + g) * D;
+                __m256 acc = _mm256_setzero_ps();
+                for (int64_t v = 0; v < V; v++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * v), kv[v], acc);
+                float score = hsum256(acc) * a->scale;
+                w[g * S + s] = score;
+                if (score > m[g]) m[g] = score;
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            float *wg = w + g * S;
+            total[g] = expf(a->sinks[h0 + g] - m[g]);
+            for (int64_t s = 0; s < S; s++) { wg[s] = expf(wg[s] - m[g]); total[g] += wg[s]; }
+            memset(a->out + (h0 + g) * D, 0, sizeof(float) * D);
+        }
+        for (int64_t s = 0; s < S; s++) {
+            int64_t off = (s * a->KV + kvh) * D;
+            __m256 vv[KVH_MAX_D / 8];
+            for (int64_t v = 0; v < V; v++)
+                vv[v] = a->bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                                      _mm_loadu_si128((const __m128i *)((const uint16_t *)a->v + off + 8 * v))), 16))
+                                : _mm256_loadu_ps((const float *)a->v + off + 8 * v);
+            for (int64_t g = 0; g < G; g++) {
+                __m256 pv = _mm256_set1_ps(w[g * S + s] / total[g]);
+                float *o = a->out + (h0 + g) * D;
+                for (int64_t v = 0; v < V; v++) _mm256_storeu_ps(o + 8 * v, _mm256_fmadd_ps(pv, vv[v], _mm256_loadu_ps(o + 8 * v)));
+            }
+        }
+    }
+    free(w);
+}
+
 /* the bandwidth probe's reads (ossie_read) */
 __attribute__((target(AVX2))) void read_part_avx2(const void *ctx, int64_t b, int64_t e) {
     read_job_t *r = (read_job_t *)ctx; __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;

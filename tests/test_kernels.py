@@ -392,3 +392,23 @@ def test_bf16_prompt_rows_do_not_depend_on_the_chunk(path):
     whole = kernels.bf16_matmul(x, w, bias)
     parts = torch.cat([kernels.bf16_matmul(x[a:b], w, bias) for a, b in ((0, 9), (9, 21), (21, 40))])
     assert torch.equal(whole, parts)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kv_head_grouped_decoding_attention_equals_head_by_head(path, dtype):
+    """The AVX2 decoding attention takes a KV head's query heads together (each key row read once for them) where
+    every thread gets a KV head; with more threads than KV heads it goes head by head. The loops are swapped, not
+    the sums: the two give the same numbers bit for bit."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(64, 64, generator=gen).bfloat16().float()
+    k, v = (torch.randn(300, 8, 64, generator=gen).to(dtype) for _ in range(2))
+    sinks = torch.randn(64, generator=gen)
+    threads = kernels.kernel_threads()
+    try:
+        kernels.set_num_threads(16)  # more threads than KV heads: head by head
+        by_head = kernels.attention_one_query(q, k, v, sinks)
+        kernels.set_num_threads(2)
+        grouped = kernels.attention_one_query(q, k, v, sinks)
+    finally:
+        kernels.set_num_threads(threads)
+    assert torch.equal(grouped, by_head)
