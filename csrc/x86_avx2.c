@@ -380,23 +380,24 @@ Q8_INT8_KERNEL(q8_avx2, AVX2, DOT_AVX2)
 Q8_INT8_KERNEL(q8_avxvnni, AVX2 ",avxvnni", DOT_AVXVNNI)
 Q8_INT8_KERNEL(q8_vnni, AVX2 ",avx512f,avx512vl,avx512vnni", DOT_AVX512VNNI)
 
+/* 8 floats of a bf16 or float32 cache, from element i */
+__attribute__((target(AVX2), always_inline)) static inline __m256 kv8(const attn_job_t *a, const void *base, int64_t i) {
+    return a->bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                         _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + i))), 16))
+                   : _mm256_loadu_ps((const float *)base + i);
+}
+
 __attribute__((target(AVX2))) float dot_avx2(const attn_job_t *a, const float *q, int64_t off) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t d = 0; d < a->D; d += 8) {
-        __m256 kv = a->bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
-                                  _mm_loadu_si128((const __m128i *)((const uint16_t *)a->k + off + d))), 16))
-                            : _mm256_loadu_ps((const float *)a->k + off + d);
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), kv, acc);
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), kv8(a, a->k, off + d), acc);
     }
     return hsum256(acc);
 }
 __attribute__((target(AVX2))) void axpy_avx2(const attn_job_t *a, float *o, float p, int64_t off) {
     __m256 pv = _mm256_set1_ps(p);
     for (int64_t d = 0; d < a->D; d += 8) {
-        __m256 v = a->bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
-                                 _mm_loadu_si128((const __m128i *)((const uint16_t *)a->v + off + d))), 16))
-                           : _mm256_loadu_ps((const float *)a->v + off + d);
-        _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, v, _mm256_loadu_ps(o + d)));
+        _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, kv8(a, a->v, off + d), _mm256_loadu_ps(o + d)));
     }
 }
 
@@ -417,9 +418,7 @@ __attribute__((target(AVX2))) void attn_kv_heads_avx2(const void *p, int64_t u0,
             int64_t off = (s * a->KV + kvh) * D;
             __m256 kv[KVH_MAX_D / 8];
             for (int64_t v = 0; v < V; v++)
-                kv[v] = a->bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
-                                      _mm_loadu_si128((const __m128i *)((const uint16_t *)a->k + off + 8 * v))), 16))
-                                : _mm256_loadu_ps((const float *)a->k + off + 8 * v);
+                kv[v] = kv8(a, a->k, off + 8 * v);
             for (int64_t g = 0; g < G; g++) {
                 const float *q = a->q + (h0 + g) * D;
                 __m256 acc = _mm256_setzero_ps();
@@ -439,9 +438,7 @@ __attribute__((target(AVX2))) void attn_kv_heads_avx2(const void *p, int64_t u0,
             int64_t off = (s * a->KV + kvh) * D;
             __m256 vv[KVH_MAX_D / 8];
             for (int64_t v = 0; v < V; v++)
-                vv[v] = a->bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
-                                      _mm_loadu_si128((const __m128i *)((const uint16_t *)a->v + off + 8 * v))), 16))
-                                : _mm256_loadu_ps((const float *)a->v + off + 8 * v);
+                vv[v] = kv8(a, a->v, off + 8 * v);
             for (int64_t g = 0; g < G; g++) {
                 __m256 pv = _mm256_set1_ps(w[g * S + s] / total[g]);
                 float *o = a->out + (h0 + g) * D;
