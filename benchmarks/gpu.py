@@ -197,7 +197,7 @@ def prefill_rate(model: Transformer, n: int, repeats: int = 3) -> float:
 
 def streams_rate(model: Transformer, streams: int, prompt_len: int, tokens: int) -> tuple[float, float, float]:
     """(output tok/s from the first request to the last token, output tok/s once every stream decodes, seconds)."""
-    engine = Engine(ModelRunner(model, kv_budget=None), max_running=streams)
+    engine = Engine(ModelRunner(model, kv_budget=None), max_running=streams).start()
     lock, done = threading.Lock(), threading.Event()
     first_token: dict[int, float] = {}
     ended = []

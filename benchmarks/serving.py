@@ -113,7 +113,7 @@ def agent(llm: LLM, rounds: int, system: int, completion: int, tool: int) -> Non
 
 def token_times(llm: LLM, prompts: list[list[int]], gen_tokens: int) -> list[list[float]]:
     """Run the prompts through one engine at once; when each stream's tokens came."""
-    engine = Engine(llm.runner, max_running=len(prompts))
+    engine = Engine(llm.runner, max_running=len(prompts)).start()
     times: list[list[float]] = [[] for _ in prompts]
     done, finished = threading.Event(), []
 

@@ -1,7 +1,8 @@
 """`ossie.LLM`: load a checkpoint, run forward passes, generate tokens and chat (vLLM's API shape).
 
-A thin facade: loading builds the model (ossie.model) on a backend chosen once (ossie.backends) and a
-`ModelRunner` (ossie.engine) that owns it; `generate` and `chat` drive one Sequence through that runner.
+A thin facade: loading builds the model (ossie.model) on a backend chosen once (ossie.backends), a `ModelRunner`
+that owns it and an `Engine` (ossie.engine) that schedules its requests; `generate` and `chat` are the engine's
+blocking clients, with the scheduling, KV budget, preemption and prefix cache that the server's requests get.
 """
 
 from __future__ import annotations
@@ -20,15 +21,22 @@ import torch
 
 from .backends import Backend, cpu_kernels, select_backend
 from .chat import harmony
-from .chat.constraints import Steering
-from .engine import DEFAULT_BUDGET_GB, PREFILL_CHUNK, ModelRunner, PrefixCache, SamplingParams, check_prompt, stream
-from .engine import Sequence as EngineSequence
+from .chat.answer import Answer
+from .engine import (
+    DEFAULT_BUDGET_GB,
+    PREFILL_CHUNK,
+    Engine,
+    Generation,
+    ModelRunner,
+    PrefixCache,
+    SamplingParams,
+    check_prompt,
+)
 from .model.checkpoint import detect_layout, is_synthetic, load_config, load_weights, resolve_model
 from .model.q8 import KV_DTYPES, QUANTIZATIONS, quantize_weights
 from .model.transformer import Transformer
 from .special_tokens import STOP_TOKEN_IDS
 from .tools import BuiltinTools, ToolSettings
-from .tools.loop import ToolLoop
 
 log = logging.getLogger("ossie")
 # LLM freezes what loading made (gc.freeze); at exit it goes back within the collector's reach, so that the
@@ -51,14 +59,14 @@ class LLM:
     (ossie.model.q8), for faster decoding on a CPU at a small, measured cost in accuracy; None: exact.
     kv_cache_dtype="q8": keys and values cached as q8 (int8 and a float16 scale per 32: 13 KiB a position for the
     20b instead of 24 KiB in bf16), so that the full 131,072-token context fits beside the 20b in 16 GiB (CPU); "auto":
-    the model's dtype, exact.
+    the model's dtype, exact. max_num_seqs: requests generating at once (one batch; more wait their turn).
     """
 
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "bfloat16", layout: str | None = None,
                  num_threads: int | None = None, progress: bool = True, backend: str | Backend | None = None,
                  prefill_chunk: int = PREFILL_CHUNK, enable_prefix_caching: bool = True,
                  kv_cache_gb: float = DEFAULT_BUDGET_GB, quantization: str | None = None,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", max_num_seqs: int = 16):
         if kv_cache_gb < 0:
             raise ValueError(f"kv_cache_gb must be >= 0, got {kv_cache_gb}")
         if dtype not in DTYPES:
@@ -95,6 +103,7 @@ class LLM:
         self.kv_cache_dtype = kv_cache_dtype
         self.runner = ModelRunner(self.model, prefill_chunk, prefix_cache, kv_budget=budget,
                                   quantized_kv=kv_cache_dtype == "q8")
+        self.engine = Engine(self.runner, max_running=max_num_seqs)
         # What loading made lives as long as the model: moved out of the collector's reach, so the full collections
         # that decoding's allocations trigger now and then do not walk it (they cost ~2 % of the 20b's decode time)
         gc.collect()
@@ -118,16 +127,15 @@ class LLM:
 
         stop_token_ids=None stops at harmony's <|return|> and <|call|>. temperature=0 is greedy.
         """
-        return stream(self.runner, self._sequence(token_ids, sampling_params or SamplingParams(
+        return iter(self._generation(token_ids, sampling_params or SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
             stop_token_ids=None if stop_token_ids is None else list(stop_token_ids))))
 
-    def _sequence(self, token_ids: Sequence[int] | torch.Tensor, params: SamplingParams,
-                  steering: Steering | None = None) -> EngineSequence:
+    def _generation(self, token_ids: Sequence[int] | torch.Tensor, params: SamplingParams) -> Generation:
         params.validate()
         ids = check_prompt(token_ids, self.config.vocab_size)
         self._check_context(len(ids) + params.max_tokens)
-        return EngineSequence(ids, params, steering)
+        return Generation(self.engine, ids, params)
 
     # ---- harmony chat -----------------------------------------------------------------------------------
     def render(self, messages: Sequence[dict], tools: Sequence[dict] | None = None,
@@ -141,7 +149,7 @@ class LLM:
     def chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None, reasoning_effort: str = "medium",
              stream: bool = False, max_tokens: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, min_p: float = 0.0, seed: int | None = None, builtin_tools: Sequence[Any] = (),
-             tool_settings: ToolSettings | None = None,
+             tool_settings: ToolSettings | None = None, stop: str | list[str] | None = None,
              **options: Any) -> harmony.ChatResult | Iterator[harmony.ChatDelta]:
         """Answer a conversation. Returns a ChatResult (.reasoning, .content, .tool_calls, .finish_reason), or
         with stream=True an iterator of ChatDeltas (reasoning / content / tool_call pieces, then "finish").
@@ -162,10 +170,11 @@ class LLM:
         prompt = self.render(messages, tools, reasoning_effort, builtin_tools=names, **options)
         if max_tokens is None:
             max_tokens = self.config.max_context - len(prompt)
-        seq = self._sequence(prompt, SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                                    top_k=top_k, min_p=min_p, seed=seed,
-                                                    stop_token_ids=list(STOP_TOKEN_IDS)))
-        deltas = self._chat_deltas(seq, session, owned)
+        first = self._generation(prompt, SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                                        top_k=top_k, min_p=min_p, seed=seed,
+                                                        stop_token_ids=list(STOP_TOKEN_IDS)))
+        answer = Answer(prompt, max_tokens, self.config.max_context, session, stop)
+        deltas = self._chat_deltas(first, answer, owned)
         if stream:
             return deltas
         for delta in deltas:
@@ -173,38 +182,30 @@ class LLM:
                 return delta.result
         raise AssertionError("the chat stream ended without a finish delta")
 
-    def _chat_deltas(self, seq: EngineSequence, tools: BuiltinTools | None,
-                     owned: bool = True) -> Iterator[harmony.ChatDelta]:
-        parser = harmony.ChatParser(prompt_tokens=len(seq.prompt), builtin=tools.names if tools else ())
-        loop = ToolLoop(parser, tools, seq.prompt, seq.params.max_tokens, self.config.max_context)
-        cached = None
+    def _chat_deltas(self, gen: Generation, answer: Answer, owned: bool) -> Iterator[harmony.ChatDelta]:
+        """chat/answer.py's Answer driven on this thread (the server drives the same from its event loop)."""
         try:
             while True:
-                tokens = stream(self.runner, seq)
+                tokens = iter(gen)
                 try:
                     for tok in tokens:
-                        yield from loop.feed(tok)
+                        yield from answer.feed(tok)
+                        if answer.stopped:
+                            break
                 finally:
-                    tokens.close()  # the consumer stopped early (Ctrl-C, disconnect): stop generating
-                cached = seq.num_cached_tokens if cached is None else cached
-                hit_length = seq.finish_reason == "length"
-                call = loop.pending_call(hit_length)
+                    tokens.close()  # the consumer stopped early (Ctrl-C, a stop string): stop generating
+                call = answer.end_round(gen.finish_reason, gen.cached_tokens)
                 if call is None:
                     break
-                delta, prompt, room = loop.resume(call, tools.run(call.recipient, call.arguments))
+                delta, prompt, room = answer.resume(call, answer.tools.run(call.recipient, call.arguments))
                 yield delta
-                if room == 0:
-                    hit_length = True
+                if prompt is None:
                     break
-                seq = EngineSequence(prompt, dataclasses.replace(seq.params, max_tokens=room))
-            parser.result.cached_tokens = cached
-            for d in parser.finish(hit_length=hit_length):
-                if d.kind == "finish" and tools is not None:
-                    d.result.citations = tools.citations(d.result.content)
-                yield d
+                gen = Generation(self.engine, prompt, dataclasses.replace(gen.params, max_tokens=room))
+            yield from answer.finish()
         finally:
-            if tools is not None and owned:
-                tools.close()  # the sessions this answer made (python's sandbox...): nothing outlives it
+            if answer.tools is not None and owned:
+                answer.tools.close()  # the sessions this answer made (python's sandbox...): nothing outlives it
 
     def _check_context(self, n: int) -> None:
         if n > self.config.max_context:

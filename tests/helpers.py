@@ -1,6 +1,7 @@
 """What several test files use to drive the engine: a runner that records logits, and the engine run to its end."""
 
 import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -19,6 +20,12 @@ class RecordingRunner(ModelRunner):
         self.seen.append(logits.float().clone())
         self.by_sequence.setdefault(seq.id, []).append(self.seen[-1])
         return super().sample(seq, logits)
+
+
+def use_runner(llm, runner):
+    """Make `llm` run on `runner` (a scripted or recording one): its engine is made anew around it. Returns llm."""
+    llm.runner, llm.engine = runner, Engine(runner)
+    return llm
 
 
 def greedy(max_tokens: int, **kw) -> SamplingParams:
@@ -49,10 +56,21 @@ def run_engine(engine: Engine, prompts: list[list[int]], params: list[SamplingPa
     return out, handles
 
 
+def stream(runner: ModelRunner, seq: Sequence) -> Iterator[int]:
+    """Step one sequence to its end through the runner alone (no engine), yielding its tokens: the reference that
+    the engine's scheduling is held to."""
+    try:
+        while not seq.finished:
+            (tok,) = runner.run([seq])
+            if tok is not None:
+                seq.append(tok)
+                yield tok
+    finally:
+        runner.free(seq)
+
+
 def alone(runner: ModelRunner, prompt: list[int], params: SamplingParams) -> list[int]:
     """What a prompt gives by itself (its own sequence stepped to its end)."""
-    from ossie.engine import stream
-
     return list(stream(runner, Sequence(list(prompt), params)))
 
 

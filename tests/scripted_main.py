@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ossie import cli
+from tests.helpers import use_runner
 from tests.scripted import ScriptedRunner
 
 
@@ -19,7 +20,7 @@ def main() -> int:
     def load_scripted(args):
         llm = load(args)
         pace = float(os.environ.get("OSSIE_TEST_SECONDS_PER_TOKEN", "0"))
-        llm.runner = ScriptedRunner(llm.runner, script, seconds_per_token=pace)
+        use_runner(llm, ScriptedRunner(llm.runner, script, seconds_per_token=pace))
         logging.getLogger("ossie").warning("replaying scripted completions instead of sampling")
         return llm
 

@@ -85,7 +85,7 @@ def test_long_prompt_does_not_stop_the_others(tiny_llm):
     runner = ModelRunner(tiny_llm.model, prefill_chunk=32)
     long = torch.randint(0, N_ORDINARY, (300,), generator=GEN).tolist()
     order: list[int] = []
-    engine = Engine(runner)
+    engine = Engine(runner).start()
     try:
         def on_token(i, n, handles):
             order.append(i)
@@ -101,7 +101,7 @@ def test_long_prompt_does_not_stop_the_others(tiny_llm):
 
 def test_cancelling_one_sequence_leaves_the_others(tiny_llm):
     runner = ModelRunner(tiny_llm.model)
-    engine = Engine(runner)
+    engine = Engine(runner).start()
     try:
         def on_token(i, n, handles):
             if i == 1 and n == 3:
@@ -124,7 +124,7 @@ def test_preempted_when_kv_memory_runs_out(tiny_llm, sampling):
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]
     first_cache = ModelRunner(tiny_llm.model).cache_bytes(Sequence(prompts[1], greedy(300)))
     runner = ModelRunner(tiny_llm.model, kv_budget=int(2.5 * first_cache))
-    engine = Engine(runner)
+    engine = Engine(runner).start()
     try:
         out, _ = run_engine(engine, prompts, [greedy(300, **sampling) for _ in prompts])
     finally:

@@ -10,6 +10,7 @@ import pexpect
 import pytest
 
 import ossie
+from tests.helpers import use_runner
 from tests.scripted import ScriptedRunner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def test_stream_adds_up_to_non_stream(tiny_llm):
 
 def test_scripted_tool_round_trip(tiny_repo):
     llm = ossie.LLM(tiny_repo, dtype="float32", progress=False)
-    llm.runner = ScriptedRunner(llm.runner, SCRIPT)
+    use_runner(llm, ScriptedRunner(llm.runner, SCRIPT))
     msgs = [{"role": "user", "content": "Weather in Paris?"}]
     r = llm.chat(msgs, tools=TOOLS)
     assert r.finish_reason == "tool_calls" and r.content == ""

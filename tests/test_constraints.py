@@ -7,8 +7,9 @@ import pytest
 
 from ossie.chat import constraints
 from ossie.chat.constraints import JsonPrefix
-from ossie.engine import SamplingParams, Sequence, stream
+from ossie.engine import SamplingParams, Sequence
 from ossie.tokenizer import harmony_encoding
+from tests.helpers import stream
 
 GOOD = ['{}', '{"a": 1}', '{"a":[1, 2.5, -3e+4, true, null, {"b": "x\\n\\u00e9"}], "c": false}', '{"k": "v"}',
         '{"a":0}', '{"a":-0.5E3}', '{"a": []}', '{"é": "日本"}']

@@ -120,9 +120,9 @@ def test_stopping_early_frees_the_cache(tiny_llm, monkeypatch):
     seqs = []
     run = tiny_llm.runner.run
 
-    def spy(batch):
+    def spy(batch, sizes=None):
         seqs.extend(batch)
-        return run(batch)
+        return run(batch, sizes)
 
     monkeypatch.setattr(tiny_llm.runner, "run", spy)
     tokens = tiny_llm.generate(PROMPT[:10], max_tokens=50, temperature=0)

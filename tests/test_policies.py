@@ -147,7 +147,7 @@ class FakeRunner:
 
 def test_the_last_admitted_is_preempted_and_returns_before_the_others():
     runner = FakeRunner(budget=30)
-    engine = Engine(runner, max_running=3)
+    engine = Engine(runner, max_running=3).start()
     try:
         # a one-token request's step holds the engine until the three are queued (else the first could finish
         # before the others arrive); each then starts at 14 bytes and grows to 44: two fit at first, then not both
@@ -166,7 +166,7 @@ def test_the_last_admitted_is_preempted_and_returns_before_the_others():
 
 def test_a_request_larger_than_the_whole_budget_runs_alone_and_is_never_preempted():
     runner = FakeRunner(budget=20)
-    engine = Engine(runner, max_running=4)
+    engine = Engine(runner, max_running=4).start()
     try:
         out, handles = run_engine(engine, [list(range(1, 50)), list(range(1, 5))], greedy(8))
     finally:
@@ -296,7 +296,7 @@ def test_a_chunked_body_over_the_limit_is_refused_before_it_is_read_whole():
 
 @pytest.mark.parametrize("stop", ["STOP", ["xyz", "STOP"], ["TOP", "STOP"], "S"])
 def test_a_stop_string_split_anywhere_leaks_nothing(stop):
-    from ossie.server.streaming import StopStrings
+    from ossie.chat.stops import StopStrings
 
     text = "a SToP or STO then STOP and more"
     first = min(i for i in (text.find(s) for s in ([stop] if isinstance(stop, str) else stop)) if i >= 0)
@@ -308,7 +308,7 @@ def test_a_stop_string_split_anywhere_leaks_nothing(stop):
 
 
 def test_a_partial_stop_string_at_the_end_is_released():
-    from ossie.server.streaming import StopStrings
+    from ossie.chat.stops import StopStrings
 
     stops = StopStrings("STOP")
     assert stops.push("it ends ST") == "it ends "  # held back: it may start the stop string

@@ -9,7 +9,7 @@ import ossie
 from ossie.engine import Engine, ModelRunner, PrefixCache, SamplingParams, Sequence
 from ossie.engine.prefix_cache import BLOCK_SIZE
 from ossie.special_tokens import N_ORDINARY
-from tests.helpers import RecordingRunner, greedy, run_engine
+from tests.helpers import RecordingRunner, alone, greedy, run_engine
 
 GEN = torch.Generator().manual_seed(11)
 HISTORY = torch.randint(0, N_ORDINARY, (400,), generator=GEN).tolist()
@@ -112,13 +112,12 @@ def test_two_requests_sharing_a_prefix_at_once(tiny_llm):
     alone, their common blocks are kept once, and a third request with that history reuses them. (Whether the
     second reuses the first's blocks depends on whether the engine admitted it a step later.)"""
     prompts = [HISTORY[:200] + OTHER[:20], HISTORY[:200] + OTHER[20:45]]
-    alone = [list(ossie.engine.stream(ModelRunner(tiny_llm.model), Sequence(
-        p, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[])))) for p in prompts]
+    solo = [alone(ModelRunner(tiny_llm.model), p, greedy(12)) for p in prompts]
     runner = ModelRunner(tiny_llm.model, prefix_cache=PrefixCache(tiny_llm.config, 2**30))
-    engine = Engine(runner)
+    engine = Engine(runner).start()
     try:
         out, _ = run_engine(engine, prompts, greedy(12))
-        assert out == alone
+        assert out == solo
         assert runner.prefix_cache.stats.blocks == 3  # 192 shared positions; neither has a 4th whole block
         _, (third,) = run_engine(engine, [HISTORY[:200] + OTHER[45:60]], greedy(12))
     finally:

@@ -179,7 +179,7 @@ def test_kv_gauge_is_zero_when_idle_after_cancellations(tiny_llm):
     measured only after steps that ran a batch."""
     from ossie.engine import Engine, SamplingParams
 
-    engine = Engine(tiny_llm.runner, max_running=4)
+    engine = Engine(tiny_llm.runner, max_running=4).start()
     try:
         started = threading.Event()
         handles = [engine.submit(list(range(1, 100)), SamplingParams(max_tokens=10**5, stop_token_ids=[]), None,

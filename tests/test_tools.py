@@ -15,6 +15,7 @@ from ossie.tokenizer import harmony_encoding
 from ossie.tools import BrowserTool, BuiltinTools, Limits, LocalBackend, PythonTool, SandboxUnavailable, ToolSettings
 from ossie.tools import python as python_tool
 from ossie.tools.browser import BrowserError, check_url
+from tests.helpers import use_runner
 from tests.scripted import ScriptedRunner
 
 FAST = Limits(timeout_s=3)
@@ -308,11 +309,10 @@ def scripted_llm(tiny_llm):
     real = tiny_llm.runner
 
     def use(script):
-        tiny_llm.runner = Recording(real, script)
-        return tiny_llm
+        return use_runner(tiny_llm, Recording(real, script))
 
     yield use
-    tiny_llm.runner = real
+    use_runner(tiny_llm, real)
 
 
 def test_chat_runs_python_and_answers(scripted_llm):

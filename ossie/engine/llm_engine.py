@@ -1,9 +1,15 @@
-"""`Engine`: serves many requests with one model on one thread, and tells each request what happens to it
-with typed events (`Token`, then `Finished`, `Failed` or `Cancelled`).
+"""`Engine`: serves many requests with one model, and tells each request what happens to it with typed events
+(`Token`, then `Finished`, `Failed` or `Cancelled`).
 
-submit() may be called from any thread; the engine thread admits requests (Scheduler), runs a step of the
-batch (ModelRunner), records each sampled token (Sequence.append) and reports it. A cancelled request stops at
-the next step and its KV cache is freed.
+One `step()` does everything a request goes through, whoever asked for it: take the submitted requests, end the
+cancelled and expired ones, admit waiting ones within the KV budget (Scheduler), run the batch (ModelRunner),
+record each sampled token (Sequence.append), report it, and preempt or evict to stay within the budget. Two
+drivers call it, and only these: the server's engine thread (`start()`), and a blocking client (client.py) that
+steps on its caller's thread when no engine thread runs (`LLM.generate`, `LLM.chat`). They once were two loops,
+and the library's had no budget, no preemption and no batching: a request's fate depended on its door.
+
+submit() may be called from any thread; steps are serialized by a lock. A cancelled request stops at the next step
+and its KV cache is freed.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,26 +26,13 @@ from .model_runner import ModelRunner
 from .prefix_cache import EVERYONE, CacheScope
 from .sampling import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence, check_prompt
+from .sequence import Sequence, Status, check_prompt
 
 if TYPE_CHECKING:
     from ..chat.constraints import Steering
 
 log = logging.getLogger("ossie")
 MEAN_WEIGHT = 0.1  # the weight of the latest request in EngineStats.mean_request_s
-
-
-def stream(runner: ModelRunner, seq: Sequence) -> Iterator[int]:
-    """Step one sequence to its end on the caller's thread, yielding its tokens; its KV cache is freed at the end,
-    also when the consumer stops early."""
-    try:
-        while not seq.finished:
-            (tok,) = runner.run([seq])
-            if tok is not None:
-                seq.append(tok)
-                yield tok
-    finally:
-        runner.free(seq)
 
 
 @dataclass(frozen=True)
@@ -77,6 +70,16 @@ class Handle:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    @property
+    def waiting(self) -> bool:
+        """Not yet admitted (queued behind the running requests)."""
+        return self.sequence.status is Status.WAITING
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache (known once the request is admitted)."""
+        return self.sequence.num_cached_tokens
+
 
 @dataclass
 class EngineStats:
@@ -98,7 +101,7 @@ class EngineStats:
 class Engine:
     def __init__(self, runner: ModelRunner, max_running: int = 16, prefill_while_decoding: int | None = None):
         """prefill_while_decoding: prompt tokens per step while others decode (Scheduler; None: a whole chunk)."""
-        self.runner = runner
+        self.runner, self.max_running = runner, max_running
         align = runner.prefix_cache.block_size if runner.prefix_cache is not None else 1
         self.scheduler = Scheduler(max_running, runner.prefill_chunk, align, prefill_while_decoding)
         self.intake: queue.Queue[Handle | None] = queue.Queue()
@@ -107,8 +110,20 @@ class Engine:
         self._lock = threading.Lock()
         self._stopping = False
         self._abort: Exception | None = None
-        self._thread = threading.Thread(target=self._loop, name="ossie-engine", daemon=True)
-        self._thread.start()
+        self._stepping = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Engine:
+        """Step on an engine thread of its own from now on (a server), rather than on its clients' threads."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="ossie-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    @property
+    def background(self) -> bool:
+        """Whether an engine thread steps (clients then wait for events instead of stepping)."""
+        return self._thread is not None and not self._stopping
 
     def submit(self, prompt: list[int], params: SamplingParams, steering: Steering | None,
                on_event: Callable[[Event], None], timeout_s: float | None = None,
@@ -131,20 +146,39 @@ class Engine:
             return EngineStats(**vars(self.stats))
 
     def shutdown(self) -> None:
-        self._stopping = True
-        self.intake.put(None)
-        self._thread.join(timeout=10)
+        """Stop the engine thread, if one runs. The engine is then stepped by its blocking clients again (a server's
+        LLM outlives the server), and a server's abort_all no longer applies."""
+        if self._thread is not None:
+            self._stopping = True
+            self.intake.put(None)
+            self._thread.join(timeout=10)
+            self._thread, self._stopping, self._abort = None, False, None
 
     def abort_all(self, error: Exception) -> None:
         """End every request, waiting or running, with Failed(error) at the next step (a server that stops)."""
         self._abort = error
         self.intake.put(None)  # wake an idle engine
 
+    def step(self) -> bool:
+        """One step on the caller's thread (a blocking client's). Returns whether requests are left."""
+        with self._stepping:
+            self._take(block=False)
+            self._step()
+            return bool(self.scheduler) or not self.intake.empty()
+
+    def reap(self) -> None:
+        """End the cancelled and expired requests now, freeing their KV memory (a blocking client whose consumer
+        stopped early: without an engine thread, the next step might be long in coming)."""
+        with self._stepping:
+            self._take(block=False)
+            self._end_stopped()
+
     # ---- the loop (engine thread) -------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stopping:
             self._take(block=not self.scheduler)
-            self._step()
+            with self._stepping:
+                self._step()
 
     def _take(self, block: bool) -> None:
         """Move submitted requests into the scheduler (waiting for one when idle)."""
@@ -159,7 +193,7 @@ class Engine:
             self.handles[handle.sequence.id] = handle
             self.scheduler.add(handle.sequence)
 
-    def _step(self) -> None:
+    def _end_stopped(self) -> None:
         now = time.perf_counter()
         for seq in list(self.scheduler.waiting) + self.scheduler.running:
             handle = self.handles[seq.id]
@@ -170,6 +204,9 @@ class Engine:
             elif handle.deadline is not None and now > handle.deadline:
                 seq.finish("length")
                 self._end(seq, Finished("length"))
+
+    def _step(self) -> None:
+        self._end_stopped()
         self._admit()
         batch, sizes = self.scheduler.schedule()
         if not batch:  # idle, or every request ended above: the gauges must say so (they read non-zero when idle)
@@ -182,6 +219,10 @@ class Engine:
             for seq in batch:
                 self._end(seq, Failed(e))
             return
+        except BaseException as e:  # Ctrl-C in a step run on a client's thread: its KV caches are half written
+            for seq in batch:
+                self._end(seq, Failed(e))
+            raise
         for seq, tok in zip(batch, tokens, strict=True):
             if tok is None:
                 continue

@@ -17,9 +17,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from ..chat import constraints, harmony
+from ..chat.answer import Answer
 from ..special_tokens import STOP_TOKEN_IDS
 from ..tools import BuiltinTools
-from ..tools.loop import ToolLoop
 from .middleware import client_of
 from .protocol import (
     APIError,
@@ -37,7 +37,7 @@ from .protocol import (
     Usage,
 )
 from .serving import Serving
-from .streaming import Run, StopStrings, cancel_on_disconnect, data, sse
+from .streaming import Run, cancel_on_disconnect, data, sse
 
 router = APIRouter()
 
@@ -115,70 +115,40 @@ async def start_chat(serving: Serving, request: Request, req: SamplingRequest, m
     return run
 
 
-async def chat_deltas(run: Run, stops: StopStrings) -> AsyncIterator[harmony.ChatDelta]:
-    """The parser's deltas, with the answer cut at a stop string (which ends the generation). With built-in
-    tools, a round that ends in a call to one runs it (in a thread) and the answer goes on in a next round
+async def chat_deltas(run: Run, stop: str | list[str] | None) -> AsyncIterator[harmony.ChatDelta]:
+    """chat/answer.py's Answer driven from the event loop (`LLM.chat` drives the same on its caller's thread): the
+    round's tokens come from the engine, a built-in call runs in a thread, and the next round is `run.resume`
     (tool_choice and response_format steer the first round only). The tools are closed at the end."""
-    tools = run.tools
-    parser = harmony.ChatParser(prompt_tokens=run.prompt_tokens, builtin=tools.names if tools else ())
-    loop = ToolLoop(parser, tools, run.prompt, run.params.max_tokens, run.context)
-    demanded = run.handle.sequence.steering is not None  # tool_choice or response_format: whole or not at all
-    cached = None  # the first round's (the prompt the client sent)
-    sent = ""
+    answer = Answer(run.prompt, run.params.max_tokens, run.context, run.tools, stop, run.demanded)
     try:
         while True:
             async with contextlib.aclosing(run.tokens()) as tokens:  # leaving early cancels the generation at once
                 async for tok in tokens:
-                    for d in loop.feed(tok):
-                        if d.kind == "content":
-                            d.text = stops.push(d.text)
-                            sent += d.text
-                            if not d.text:
-                                continue
+                    for d in answer.feed(tok):
                         yield d
-                    if stops.hit:
+                    if answer.stopped:
                         break
-            cached = run.cached_tokens if cached is None else cached
-            hit_length = run.finish_reason == "length"
-            call = None if stops.hit or run.disconnected else loop.pending_call(hit_length)
+            call = answer.end_round(run.finish_reason, run.cached_tokens, run.disconnected)
             if call is None:
                 break
-            output = await asyncio.to_thread(tools.run, call.recipient, call.arguments)
-            delta, prompt, room = loop.resume(call, output)
+            delta, prompt, room = answer.resume(call, await asyncio.to_thread(run.tools.run, call.recipient,
+                                                                              call.arguments))
             yield delta
-            if room == 0:
-                hit_length = True
+            if prompt is None:
                 break
             run.resume(prompt, room)
-        tail = stops.flush()
-        if tail:
-            sent += tail
-            yield harmony.ChatDelta("content", tail)
-        parser.result.cached_tokens = cached
-        for d in parser.finish(hit_length=hit_length, drop_partial_call=demanded):
-            if d.kind == "content":
-                d.text = stops.push(d.text) + stops.flush()
-                sent += d.text
-                if not d.text:
-                    continue
-            if d.kind == "finish":
-                if stops.stops:
-                    d.result.content = sent
-                    if stops.hit:
-                        d.result.finish_reason = "stop"
-                if tools is not None:
-                    d.result.citations = tools.citations(d.result.content)
+        for d in answer.finish():
             yield d
     finally:
-        if tools is not None:
-            await asyncio.to_thread(tools.close)
+        if run.tools is not None:
+            await asyncio.to_thread(run.tools.close)
 
 
 def chat_usage(result: harmony.ChatResult) -> Usage:
     return Usage.of(result.prompt_tokens, result.completion_tokens, result.reasoning_tokens, result.cached_tokens)
 
 
-async def chat_stream(run: Run, stops: StopStrings, cid: str, now: int, model_name: str,
+async def chat_stream(run: Run, stop: str | list[str] | None, cid: str, now: int, model_name: str,
                       include_usage: bool) -> AsyncIterator[str]:
     def chunk(delta: ChatDelta, finish: str | None = None) -> str:
         body = ChatCompletionChunk(id=cid, created=now, model=model_name,
@@ -188,7 +158,7 @@ async def chat_stream(run: Run, stops: StopStrings, cid: str, now: int, model_na
     async for comment in run.queued():
         yield comment
     yield chunk(ChatDelta(role="assistant", content=""))
-    async for d in chat_deltas(run, stops):
+    async for d in chat_deltas(run, stop):
         if d.kind == "reasoning":
             yield chunk(ChatDelta(reasoning_content=d.text, reasoning=d.text))
         elif d.kind == "content":
@@ -232,12 +202,11 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
                            max_tokens_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
                            messages_param="messages", builtin=builtin)
     cid, now = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
-    stops = StopStrings(req.stop)
     if req.stream:
-        return sse(chat_stream(run, stops, cid, now, req.model, req.include_usage), run)
+        return sse(chat_stream(run, req.stop, cid, now, req.model, req.include_usage), run)
     result = None
     async with cancel_on_disconnect(run, request):
-        async for delta in chat_deltas(run, stops):
+        async for delta in chat_deltas(run, req.stop):
             if delta.kind == "finish":
                 result = delta.result
     return ChatCompletion(id=cid, created=now, model=req.model, usage=chat_usage(result),

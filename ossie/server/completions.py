@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
+from ..chat.stops import StopStrings
 from ..special_tokens import ENDOFTEXT, STOP_TOKEN_IDS
 from ..tokenizer import TextDecoder, harmony_encoding
 from .middleware import client_of
 from .protocol import APIError, Completion, CompletionChoice, CompletionRequest, Usage
 from .serving import Serving
-from .streaming import Run, StopStrings, cancel_on_disconnect, data, sse
+from .streaming import Run, cancel_on_disconnect, data, sse
 
 router = APIRouter()
 

@@ -27,7 +27,7 @@ from ..model.config import PRESETS, ModelConfig
 from .chat_completions import chat_deltas, start_chat
 from .protocol import SEED_RANGE, APIError, SamplingRequest, StrictBody, check_schema, check_tools
 from .serving import Serving
-from .streaming import Run, StopStrings, cancel_on_disconnect
+from .streaming import Run, cancel_on_disconnect
 
 router = APIRouter()
 
@@ -259,12 +259,12 @@ def _response_format(fmt: str | dict | None) -> dict | None:
     raise APIError(400, f'format must be "json" or a JSON schema, got {fmt!r}', "format")
 
 
-def _sampling(req: _OllamaRequest) -> tuple[SamplingRequest, int | None, StopStrings]:
+def _sampling(req: _OllamaRequest) -> tuple[SamplingRequest, int | None, list[str] | None]:
     o = req.options or OllamaOptions()
     sampling = SamplingRequest(model=req.model, temperature=o.temperature, top_p=o.top_p, top_k=o.top_k,
                                min_p=o.min_p, seed=o.seed)
     max_tokens = o.num_predict if o.num_predict is not None and o.num_predict > 0 else None
-    return sampling, max_tokens, StopStrings(o.stop)
+    return sampling, max_tokens, o.stop
 
 
 def _effort(think: bool | str | None) -> tuple[str, bool]:
@@ -284,7 +284,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-async def _generate(run: Run, stops: StopStrings, show_thinking: bool, start: float, chunk: Any) -> AsyncIterator[dict]:
+async def _generate(run: Run, stops: list[str] | None, show_thinking: bool, start: float,
+                    chunk: Any) -> AsyncIterator[dict]:
     """Ollama's stream for a chat run: `chunk(content, thinking)` makes a piece; tool calls come whole, then the
     final object with done_reason and the counters."""
     first = None
@@ -325,7 +326,7 @@ def _ndjson(run: Run, pieces: AsyncIterator[dict]) -> StreamingResponse:
 
 
 async def _start(serving: Serving, request: Request, req: _OllamaRequest, messages: list[dict],
-                 tools: list[dict] | None) -> tuple[Run, StopStrings, bool]:
+                 tools: list[dict] | None) -> tuple[Run, list[str] | None, bool]:
     effort, show_thinking = _effort(req.think)
     sampling, max_tokens, stops = _sampling(req)
     num_ctx = req.options.num_ctx if req.options else None

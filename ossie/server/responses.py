@@ -26,7 +26,7 @@ from .protocol import (
     ResponseUsage,
 )
 from .serving import Serving
-from .streaming import Run, StopStrings, cancel_on_disconnect, named_event, sse
+from .streaming import Run, cancel_on_disconnect, named_event, sse
 
 router = APIRouter()
 
@@ -307,7 +307,7 @@ class Answer:
 async def collect(run: Run) -> AsyncIterator[tuple[str, dict] | Answer]:
     """The output items' stream events (kind, fields) as the answer comes, then the whole Answer."""
     items = OutputItems(run.tools)
-    async for d in chat_deltas(run, StopStrings(None)):
+    async for d in chat_deltas(run, None):
         if d.kind == "finish":
             result = d.result
         else:

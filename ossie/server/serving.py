@@ -12,7 +12,7 @@ from pathlib import Path
 from fastapi import Request
 
 from ..chat import harmony
-from ..engine import CacheScope, Engine
+from ..engine import CacheScope, EngineClient
 from ..model.config import ModelConfig
 from ..tools import ToolSettings
 from .middleware import principal
@@ -69,7 +69,7 @@ def _common_length(a: list[int], b: list[int]) -> int:
 
 @dataclass
 class Serving:
-    engine: Engine
+    engine: EngineClient
     config: ModelConfig
     names: list[str]
     options: ServerOptions = field(default_factory=ServerOptions)

@@ -15,8 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from ..chat.constraints import Steering
-from ..engine import EVERYONE, CacheScope, Cancelled, Engine, Event, Failed, Finished, SamplingParams, Token
-from ..engine.sequence import Status
+from ..engine import EVERYONE, CacheScope, Cancelled, EngineClient, Event, Failed, Finished, SamplingParams, Token
 from ..tools import BuiltinTools
 from .protocol import APIError
 
@@ -34,11 +33,12 @@ class Run:
     early (a disconnect, a stop string) cancels the generation, which frees its KV cache. An answer that runs
     built-in tools is several generations, one after each tool's message: `resume` starts the next."""
 
-    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, steering: Steering | None,
+    def __init__(self, engine: EngineClient, prompt: list[int], params: SamplingParams, steering: Steering | None,
                  timeout_s: float | None = None, scope: CacheScope = EVERYONE):
         self.loop = asyncio.get_running_loop()
         self.engine, self.timeout_s, self.started, self.scope = engine, timeout_s, self.loop.time(), scope
         self.prompt, self.params = prompt, params
+        self.demanded = steering is not None  # tool_choice or response_format: a call or JSON, whole or not at all
         self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" once over
         self.prompt_tokens = len(prompt)
         self.completion_tokens = 0
@@ -66,7 +66,7 @@ class Run:
     @property
     def cached_tokens(self) -> int:
         """Prompt tokens served from the prefix cache (known once the prompt is read)."""
-        return self.handle.sequence.num_cached_tokens
+        return self.handle.cached_tokens
 
     def _on_event(self, event: Event) -> None:  # engine thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
@@ -74,7 +74,7 @@ class Run:
     async def queued(self) -> AsyncIterator[str]:
         """SSE comments while the request waits for a free slot: a stream's first chunk comes when it runs."""
         since = self.loop.time()
-        while self.handle.sequence.status is Status.WAITING and self.queue.empty():
+        while self.handle.waiting and self.queue.empty():
             await asyncio.sleep(QUEUED_POLL_S)
             if self.loop.time() - since >= QUEUED_COMMENT_S:
                 since = self.loop.time()
@@ -121,62 +121,6 @@ async def cancel_on_disconnect(run: Run, request: Request) -> AsyncIterator[None
         yield
     finally:
         watcher.cancel()
-
-
-def _prefix_function(s: str) -> list[int]:
-    """Knuth-Morris-Pratt: for each i, the length of the longest proper prefix of s[:i+1] that is also its suffix."""
-    fail = [0] * len(s)
-    k = 0
-    for i in range(1, len(s)):
-        while k and s[i] != s[k]:
-            k = fail[k - 1]
-        if s[i] == s[k]:
-            k += 1
-        fail[i] = k
-    return fail
-
-
-class StopStrings:
-    """Cuts text at the first stop string to complete, holding back a tail that could be the start of one. Each
-    stop string is matched by its Knuth-Morris-Pratt automaton, so every character costs O(1) per stop string,
-    however long the strings (a quadratic check on every token stalled the event loop)."""
-
-    def __init__(self, stop: str | list[str] | None):
-        self.stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
-        self.fail = [_prefix_function(s) for s in self.stops]
-        self.matched = [0] * len(self.stops)  # characters of each stop string matched at the end of the text
-        self.pending = ""
-        self.hit = False
-
-    def push(self, text: str) -> str:
-        if not self.stops:
-            return text
-        if self.hit:
-            return ""
-        buf = self.pending + text
-        start = len(self.pending)
-        for j, ch in enumerate(text):
-            done = 0  # the longest stop string completed by this character: "STOP" and "TOP" end together, and
-            for i, stop in enumerate(self.stops):  # the text is cut where "STOP" starts (its "S" must not leak)
-                k = self.matched[i]
-                while k and stop[k] != ch:
-                    k = self.fail[i][k - 1]
-                if stop[k] == ch:
-                    k += 1
-                if k == len(stop):
-                    done = max(done, k)
-                self.matched[i] = k
-            if done:
-                self.hit, self.pending = True, ""
-                return buf[:start + j + 1 - done]
-        keep = max(self.matched)  # the held-back tail: the longest partial match
-        self.pending = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep]
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        self.matched = [0] * len(self.stops)
-        return out
 
 
 def sse(chunks: AsyncIterator[str], run: Run) -> StreamingResponse:
