@@ -202,7 +202,7 @@ def _add_tool_args(p: argparse.ArgumentParser) -> None:
 def _builtin_tools(args: argparse.Namespace) -> tuple[list[str], Any]:
     """The built-in tools asked for (--builtin-tools, or --tools python,browser) and their settings, checked now:
     a sandbox that cannot start or a search backend without its key is a one-line error before loading."""
-    from .tools import NAMES, Limits, PythonTool, SandboxUnavailable, ToolSettings, make_backend
+    from .tools import NAMES, TOOLS, Limits, ToolSettings
 
     spec = args.builtin_tools
     tools_arg = getattr(args, "tools", None)
@@ -211,21 +211,13 @@ def _builtin_tools(args: argparse.Namespace) -> tuple[list[str], Any]:
     names = list(dict.fromkeys(n.strip() for n in (spec or "").split(",") if n.strip()))
     for n in names:
         if n not in NAMES:
-            raise ValueError(f"--builtin-tools: unknown tool {n!r} (python, browser)")
+            raise ValueError(f"--builtin-tools: unknown tool {n!r} ({', '.join(NAMES)})")
     settings = ToolSettings(python=Limits(timeout_s=args.python_timeout),
                             dangerously_unsandboxed=args.dangerously_run_python_unsandboxed,
                             search_backend=args.search_backend, allow_private=args.browser_allow_private,
                             max_calls=args.max_tool_calls)
-    if "python" in names:
-        try:
-            PythonTool(settings.python, dangerously_unsandboxed=settings.dangerously_unsandboxed).close()
-        except SandboxUnavailable as e:
-            raise ValueError(str(e)) from None
-    if "browser" in names:
-        try:
-            make_backend(settings.search_backend)
-        except ValueError as e:
-            raise ValueError(str(e)) from None
+    for n in names:
+        TOOLS[n].check(settings)
     return names, settings
 
 

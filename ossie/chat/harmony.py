@@ -34,6 +34,7 @@ from openai_harmony import (
 
 from ..special_tokens import CALL, CHANNEL, START
 from ..tokenizer import TextDecoder, harmony_encoding
+from ..tools import TOOLS
 
 log = logging.getLogger("ossie")
 
@@ -43,7 +44,6 @@ REASONING_EFFORTS = ("low", "medium", "high")
 NO_HEADER = "output has no harmony header; returned as text"
 _logged_once: set[str] = set()
 HEADERLESS_AFTER = 16  # completion tokens without a harmony header after which the text is streamed as it is
-BUILTIN_TOOLS = ("browser", "python")
 
 
 class ChatFormatError(ValueError):
@@ -103,9 +103,9 @@ def build_conversation(messages: Sequence[dict], tools: Sequence[dict] | None = 
     if knowledge_cutoff:
         system = system.with_knowledge_cutoff(knowledge_cutoff)
     for name in builtin_tools:
-        if name not in BUILTIN_TOOLS:
-            raise ChatFormatError(f"unknown built-in tool {name!r}; choose from {BUILTIN_TOOLS}")
-        system = system.with_browser_tool() if name == "browser" else system.with_python_tool()
+        if name not in TOOLS:
+            raise ChatFormatError(f"unknown built-in tool {name!r}; choose from {tuple(TOOLS)}")
+        system = TOOLS[name].declare(system)
 
     instructions, rest = [], []
     for i, m in enumerate(messages):

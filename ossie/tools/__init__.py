@@ -1,20 +1,22 @@
 """gpt-oss's built-in tools, run by ossie: `PythonTool` (a stateful interpreter in a sandbox) and `BrowserTool`
-(search / open / find). Each object is one session an agent can use directly; `BuiltinTools` holds the sessions of
-one conversation for the chat loop (`ossie.LLM.chat(..., builtin_tools=["python", "browser"])`, the server)."""
+(search / open / find), each a `Tool` (base.py) listed in `TOOLS`. Each object is one session an agent can use
+directly; `BuiltinTools` holds the sessions of one conversation for the chat loop (`ossie.LLM.chat(...,
+builtin_tools=["python", "browser"])`, the server)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
+from .base import Tool
 from .browser import Backend, BrowserError, BrowserTool, Citation, LocalBackend, SearchResult
 from .python import Limits, PythonTool, SandboxUnavailable
 
 __all__ = ["Backend", "BrowserError", "BrowserTool", "BuiltinTools", "Citation", "Limits", "LocalBackend",
-           "PythonTool", "SandboxUnavailable", "SearchResult", "ToolSettings", "make_backend"]
+           "PythonTool", "SandboxUnavailable", "SearchResult", "TOOLS", "Tool", "ToolSettings", "make_backend"]
 
-NAMES = ("browser", "python")
+TOOLS: dict[str, type[Tool]] = {tool.name: tool for tool in (BrowserTool, PythonTool)}
+NAMES = tuple(TOOLS)
 MAX_CALLS = 32  # built-in tool calls one answer may make; beyond, the model is told to answer
 
 
@@ -44,9 +46,9 @@ class BuiltinTools:
     """The built-in tools of one conversation. `tools` are names ("python", "browser"), made on first use from
     `settings` and closed by `close()`, or tool objects (PythonTool, BrowserTool), which stay the caller's."""
 
-    def __init__(self, tools: Iterable[str | Any], settings: ToolSettings | None = None):
+    def __init__(self, tools: Iterable[str | Tool], settings: ToolSettings | None = None):
         self.settings = settings or ToolSettings()
-        self.sessions: dict[str, Any] = {}
+        self.sessions: dict[str, Tool] = {}
         self.owned: set[str] = set()
         self.names: list[str] = []
         for tool in tools:
@@ -60,13 +62,9 @@ class BuiltinTools:
                 self.sessions[name] = tool
         self.calls = 0
 
-    def _session(self, name: str) -> Any:
+    def _session(self, name: str) -> Tool:
         if name not in self.sessions:
-            s = self.settings
-            if name == "python":
-                self.sessions[name] = PythonTool(s.python, dangerously_unsandboxed=s.dangerously_unsandboxed)
-            else:
-                self.sessions[name] = BrowserTool(make_backend(s.search_backend), allow_private=s.allow_private)
+            self.sessions[name] = TOOLS[name].from_settings(self.settings)
             self.owned.add(name)
         return self.sessions[name]
 
@@ -87,16 +85,12 @@ class BuiltinTools:
         if namespace not in self.names:
             return f"Error: there is no tool {recipient!r}"
         try:
-            session = self._session(namespace)
-            if namespace == "python":
-                return session.run(arguments)
-            return session.call(function, arguments)
+            return self._session(namespace).process(function, arguments)
         except (SandboxUnavailable, ValueError, RuntimeError) as e:
             return f"Error: the {namespace} tool is unavailable: {e}"
 
     def citations(self, text: str) -> list[Citation]:
-        browser = self.sessions.get("browser")
-        return browser.citations(text) if browser is not None else []
+        return [c for session in self.sessions.values() for c in session.citations(text)]
 
     def close(self) -> None:
         for name in self.owned:

@@ -22,8 +22,15 @@ import socket
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
+
+from .base import Tool
+
+if TYPE_CHECKING:
+    from openai_harmony import SystemContent
+
+    from . import ToolSettings
 
 VIEW_TOKENS = 1024  # a display's size, as the official tool's
 MAX_FIND_RESULTS = 50
@@ -316,7 +323,7 @@ def make_page(fetched: Fetched, view_source: bool = False) -> Page:
     return Page(fetched.url, _title(body, fetched.url), squeezed, links)
 
 
-class BrowserTool:
+class BrowserTool(Tool):
     """One browsing session (a stack of pages). `call(function, arguments)` runs a harmony call (`search`, `open`,
     `find`, arguments as JSON text) and returns the tool message; errors come back as text for the model. Safe to
     call from several threads (calls are taken one at a time)."""
@@ -401,6 +408,26 @@ class BrowserTool:
                 return f"Error: bad arguments for browser.{function}: {e}"
             except BrowserError as e:
                 return f"Error: {e}"
+
+    # ---- the Tool interface (tools/base.py) ---------------------------------------------------------------
+    @staticmethod
+    def declare(system: SystemContent) -> SystemContent:
+        return system.with_browser_tool()
+
+    @classmethod
+    def from_settings(cls, settings: ToolSettings) -> BrowserTool:
+        from . import make_backend  # the tools package's, which tests replace with a local backend
+
+        return cls(make_backend(settings.search_backend), allow_private=settings.allow_private)
+
+    @classmethod
+    def check(cls, settings: ToolSettings) -> None:
+        from . import make_backend
+
+        make_backend(settings.search_backend)
+
+    def process(self, function: str, arguments: str) -> str:
+        return self.call(function, arguments)
 
     def citations(self, text: str) -> list[Citation]:
         """The `【cursor†Lx-Ly】` marks in text that name a page of this session, with its URL."""

@@ -39,6 +39,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .base import Tool
+
+if TYPE_CHECKING:
+    from openai_harmony import SystemContent
+
+    from . import ToolSettings
 
 log = logging.getLogger("ossie")
 
@@ -161,7 +169,7 @@ def no_user_namespaces() -> bytes:
     return b"".join(struct.pack("HBBI", *insn) for insn in prog)
 
 
-class PythonTool:
+class PythonTool(Tool):
     """One interpreter session: fresh state, its own sandbox and scratch folder. `run(code)` returns the tool
     message the model reads (the output, the last expression's value, the traceback); `close()` (or leaving a
     `with` block) kills the sandbox and deletes the scratch folder. Safe to call from several threads (calls are
@@ -286,6 +294,25 @@ class PythonTool:
                 return (f"The interpreter exited ({how}). It was restarted: its variables and imports are gone "
                         "(files in /mnt/data remain).")
             return self._truncate(output)
+
+    # ---- the Tool interface (tools/base.py) ---------------------------------------------------------------
+    @staticmethod
+    def declare(system: SystemContent) -> SystemContent:
+        return system.with_python_tool()
+
+    @classmethod
+    def from_settings(cls, settings: ToolSettings) -> PythonTool:
+        return cls(settings.python, dangerously_unsandboxed=settings.dangerously_unsandboxed)
+
+    @classmethod
+    def check(cls, settings: ToolSettings) -> None:
+        try:
+            cls.from_settings(settings).close()
+        except SandboxUnavailable as e:
+            raise ValueError(str(e)) from None
+
+    def process(self, function: str, arguments: str) -> str:
+        return self.run(arguments)
 
     def _truncate(self, text: str) -> str:
         most = self.limits.max_output_chars
