@@ -4,6 +4,10 @@ Full-attention layers keep every position (a buffer that grows by doubling). Sli
 only the last `window` positions in a ring buffer, so long contexts cost memory on full layers alone.
 Keys are stored after RoPE, so a cached key never needs its position again.
 
+A step may be taken back (`truncate`: speculative decoding's rejected guesses): full layers just forget the last
+positions; a sliding layer's ring gets back the rows the step overwrote, which every step of several tokens keeps
+(`undo`, at most a window's rows a layer) until the next one.
+
 For the prefix cache (prefix_cache.py) a sequence's KV rows are copied out by position (`rows`) as blocks
 complete, and a cached prefix is copied in before the rest of a prompt is read (`load_prefix`). A prompt chunk
 longer than the window overwrites part of its own rows in a sliding layer's ring; with `keep_overwritten` those
@@ -43,6 +47,9 @@ class KVCache:
         self.v = [torch.zeros(n, *shape, dtype=stored, device=device) for n in sizes]
         self.keep_overwritten = False
         self.overwritten: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # layer -> (first position, k, v)
+        # sliding layer -> (the first position the last step of several tokens wrote in its ring, the rows it found
+        # there): what `truncate` puts back
+        self.undo: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -78,6 +85,7 @@ class KVCache:
         if self.keep_overwritten and t > n:
             self.overwritten[layer] = (p0, k[:t - n], v[:t - n])
         slots = torch.arange(p0 + t - n, p0 + t, device=k.device) % w
+        self.undo[layer] = (p0 + t - n, self.k[layer][slots].clone(), self.v[layer][slots].clone())
         self.k[layer][slots] = k[t - n:]
         self.v[layer][slots] = v[t - n:]
         return keys, values, first
@@ -101,6 +109,28 @@ class KVCache:
 
     def advance(self, t: int) -> None:
         self.length += t
+
+    def truncate(self, n: int) -> None:
+        """Take back the last n positions, as if they had never been written. On sliding layers they must all have
+        been written by the last step, and that step must have had several tokens (a one-token step keeps no undo:
+        decoding is the hot path); ValueError otherwise, before anything changes."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot take back {n} of {self.length} positions")
+        end, start = self.length, self.length - n
+        for layer, sliding in enumerate(self.sliding):
+            if sliding and n:
+                first, old_k, _ = self.undo.get(layer, (end, None, None))
+                if old_k is None or first > start or first + old_k.shape[0] != end:
+                    raise ValueError(f"positions {start}..{end - 1} were not all written by the last step of "
+                                     "several tokens: a sliding layer's ring cannot give back what they overwrote")
+        for layer, sliding in enumerate(self.sliding):
+            if sliding and n:
+                first, old_k, old_v = self.undo[layer]
+                slots = torch.arange(start, end, device=old_k.device) % self.window
+                self.k[layer][slots] = old_k[start - first:]
+                self.v[layer][slots] = old_v[start - first:]
+                self.undo[layer] = (first, old_k[:start - first], old_v[:start - first])  # more may go back later
+        self.length = start
 
     # ---- copying rows out and in (the prefix cache) -----------------------------------------------------------
     def rows(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:

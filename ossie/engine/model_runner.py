@@ -74,9 +74,11 @@ class ModelRunner:
         seq.cache = None
 
     # ---- steps ------------------------------------------------------------------------------------------------
-    def run(self, batch: list[Sequence], sizes: list[int] | None = None) -> list[int | None]:
+    def run(self, batch: list[Sequence], sizes: list[int] | None = None) -> list[int | list[int] | None]:
         """One step: sizes[b] more tokens of each sequence b (default: the rest, up to prefill_chunk) in one forward
-        pass. Returns each sequence's sampled token, or None while it has tokens left to compute."""
+        pass. Returns each sequence's sampled token, or None while it has tokens left to compute; for a sequence
+        with candidates, the token sampled at each of the k+1 positions (after its last token, then after each
+        candidate), for the caller to check against them (see Sequence.accept and `rollback`)."""
         for seq in batch:
             if seq.cache is None:
                 self.allocate(seq)
@@ -85,16 +87,39 @@ class ModelRunner:
         ids = [t for seq, n in zip(batch, sizes, strict=True)
                for t in seq.tokens(seq.num_computed, seq.num_computed + n)]
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
-        logits = self.model.forward_batch(tokens, [seq.cache for seq in batch], sizes)
-        out: list[int | None] = []
+        checked = [len(seq.candidates) + 1 if seq.candidates and n == seq.pending else 1
+                   for seq, n in zip(batch, sizes, strict=True)]  # the rows each sequence samples from
+        rows = None
+        if any(c > 1 for c in checked):
+            ends = torch.tensor(sizes).cumsum(0).tolist()
+            rows = [r for end, c in zip(ends, checked, strict=True) for r in range(end - c, end)]
+        logits = self.model.forward_batch(tokens, [seq.cache for seq in batch], sizes, rows=rows)
+        out: list[int | list[int] | None] = []
         # sampling under the backend's threads too: on the CPU, torch's own workers would otherwise spin after the
         # argmax over the vocabulary, on the cores the next step's kernels need
         with self.model.ops.running():
-            for seq, n, row in zip(batch, sizes, logits, strict=True):
+            row = 0
+            for seq, n, c in zip(batch, sizes, checked, strict=True):
                 seq.num_computed += n
                 self._keep_blocks(seq)
-                out.append(self.sample(seq, row) if seq.pending == 0 else None)
+                if seq.pending:
+                    out.append(None)
+                elif c > 1:
+                    out.append([self.sample(seq, logits[r]) for r in range(row, row + c)])
+                else:
+                    out.append(self.sample(seq, logits[row]))
+                row += c
         return out
+
+    def rollback(self, seq: Sequence, n: int) -> None:
+        """Take back the last n computed positions of a sequence (candidates its last step computed and the caller
+        did not keep): its KV cache and what it has computed become what they were without them."""
+        if not 0 <= n <= seq.num_computed:
+            raise ValueError(f"cannot take back {n} of the {seq.num_computed} positions sequence {seq.id} computed")
+        seq.cache.truncate(n)
+        seq.num_computed -= n
+        if self.prefix_cache is not None:  # its blocks past the new end hold tokens it no longer has
+            del seq.block_keys[seq.num_computed // self.prefix_cache.block_size:]
 
     def _keep_blocks(self, seq: Sequence) -> None:
         """Put the blocks the last step completed into the prefix cache."""

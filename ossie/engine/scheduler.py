@@ -1,11 +1,11 @@
 """`Scheduler`: which sequences run in the next step, and how many tokens each computes.
 
 Sequences wait in arrival order; up to `max_running` run at once. A step takes one token of every decoding
-sequence first, then prompt chunks, the shortest rest of a prompt first, with what is left of `max_tokens` (a
-per-step budget): a long prompt is read a chunk per step while the others keep decoding, and a short prompt that
-arrives meanwhile is read at once, beside it, instead of waiting for all of it. When KV memory runs out, the
-sequence admitted last is preempted: it goes back to the front of the queue and computes its tokens again when it
-returns (most of them from the prefix cache).
+sequence first (with the candidates it guessed, if any), then prompt chunks, the shortest rest of a prompt first,
+with what is left of `max_tokens` (a per-step budget): a long prompt is read a chunk per step while the others keep
+decoding, and a short prompt that arrives meanwhile is read at once, beside it, instead of waiting for all of it.
+When KV memory runs out, the sequence admitted last is preempted: it goes back to the front of the queue and
+computes its tokens again when it returns (most of them from the prefix cache).
 """
 
 from __future__ import annotations
@@ -54,13 +54,13 @@ class Scheduler:
 
     def schedule(self) -> tuple[list[Sequence], list[int]]:
         """The next step's batch and the tokens each sequence computes in it."""
-        batch = [seq for seq in self.running if seq.pending == 1]
-        sizes = [1] * len(batch)
-        budget = self.max_tokens - len(batch)
+        decoding = [seq for seq in self.running if seq.pending == 1 or seq.candidates]
+        batch, sizes = decoding, [seq.pending for seq in decoding]  # a decoding one's candidates are checked whole
+        budget = self.max_tokens - sum(sizes)
         if batch:
             budget = min(budget, self.prefill_while_decoding)
         for seq in sorted(self.running, key=lambda s: s.pending):  # stable: ties in admission order
-            if seq.pending > 1 and budget > 0:
+            if seq.pending > 1 and not seq.candidates and budget > 0:
                 n = min(seq.pending, budget)
                 if n < seq.pending and self.align > 1:
                     aligned = (seq.num_computed + n) // self.align * self.align - seq.num_computed

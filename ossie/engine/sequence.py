@@ -58,6 +58,10 @@ class Sequence:
     cache: KVCache | None = None
     block_keys: list[int] = field(default_factory=list)  # prefix-cache keys of its complete blocks, in order
     scope: CacheScope = EVERYONE  # whose cached prefixes it may reuse, and who may reuse its blocks
+    # tokens guessed to follow the output (speculative decoding's draft): the next step computes them beside the last
+    # token, samples at each of their positions, and the caller keeps what it accepts (`accept`) and has the runner
+    # take the rest back (ModelRunner.rollback)
+    candidates: list[int] = field(default_factory=list)
     generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -78,8 +82,8 @@ class Sequence:
 
     @property
     def pending(self) -> int:
-        """Tokens to compute before the next one can be sampled (1 while decoding)."""
-        return self.num_tokens - self.num_computed
+        """Tokens to compute before the next one can be sampled (1 while decoding; 1 + the candidates with some)."""
+        return self.num_tokens + len(self.candidates) - self.num_computed
 
     @property
     def prefilling(self) -> bool:
@@ -87,9 +91,26 @@ class Sequence:
         return self.pending > 1
 
     def tokens(self, start: int, end: int) -> list[int]:
-        """The tokens at positions start..end-1 of prompt + output."""
-        n = len(self.prompt)
-        return self.prompt[start:end] + self.output[max(0, start - n):max(0, end - n)]
+        """The tokens at positions start..end-1 of prompt + output + candidates."""
+        n, m = len(self.prompt), self.num_tokens
+        return (self.prompt[start:end] + self.output[max(0, start - n):max(0, end - n)]
+                + self.candidates[max(0, start - m):max(0, end - m)])
+
+    def propose(self, candidates: list[int]) -> None:
+        """Guess the tokens that follow: the next step checks them (a decoding sequence without steering, whose
+        mask would depend on which of them are kept)."""
+        if self.pending != 1 or self.steering is not None or self.finished:
+            raise ValueError(f"sequence {self.id} takes candidates only while decoding, without steering")
+        self.candidates = list(candidates)
+
+    def accept(self, tokens: list[int]) -> None:
+        """Record the tokens a checked step gave (the candidates kept, then the one sampled after them), up to a
+        stop token or max_tokens; the candidates are done with."""
+        self.candidates = []
+        for tok in tokens:
+            self.append(tok)
+            if self.finished:
+                return
 
     def append(self, token: int) -> None:
         """Record a sampled token (steering sees it too); finish at a stop token or at max_tokens."""

@@ -85,10 +85,11 @@ class Transformer:
 
     @torch.inference_mode()
     def forward_batch(self, tokens: torch.Tensor, caches: list[KVCache], sizes: list[int],
-                      all_logits: bool = False) -> torch.Tensor:
+                      all_logits: bool = False, rows: list[int] | None = None) -> torch.Tensor:
         """Several sequences in one pass: `tokens` [T] are sizes[b] tokens of each sequence b in turn, at positions
         caches[b].length..; every weight is read once for all of them. Returns float32 logits at the last token
-        of each sequence [len(caches), vocab] (with all_logits, at every token [T, vocab])."""
+        of each sequence [len(caches), vocab] (with all_logits, at every token [T, vocab]; with rows, at those
+        rows of the T, in order: a sequence's guessed tokens being checked)."""
         cfg = self.cfg
         with self.ops.running():
             positions = torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(caches, sizes, strict=True)])
@@ -99,6 +100,10 @@ class Transformer:
                 cache.advance(n)
             if all_logits:
                 alone = decoding_rows(sizes)
+            elif rows is not None:
+                decoding = set(decoding_rows(sizes))
+                alone = [i for i, r in enumerate(rows) if r in decoding]
+                x = x[torch.tensor(rows, device=x.device)]
             else:
                 x = x[torch.tensor(sizes, device=x.device).cumsum(0) - 1]  # each sequence's last row
                 alone = [b for b, n in enumerate(sizes) if n == 1]  # row b: sequence b's
