@@ -3,7 +3,7 @@
 - "torch": the reference operations in plain torch, any device (torch_ops.TorchBackend);
 - "cpu": ossie's C kernels for the CPU (cpu.CpuBackend), the default on a CPU where they were built;
 - "cuda": ossie's Triton kernels and CUDA graphs for NVIDIA GPUs (cuda.CudaBackend), the default on a GPU.
-A backend is an object with the methods of TorchBackend; the model calls them and never asks which one it has.
+Every backend implements base.py's `Backend`; the model calls its operations and never asks which one it has.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import os
 
 import torch
 
+from .base import Backend
 from .torch_ops import TorchBackend
 
-Backend = TorchBackend  # the interface every backend implements (subclasses override what they do faster)
+__all__ = ["BACKENDS", "Backend", "TorchBackend", "select_backend"]
 BACKENDS = ("auto", "cpu", "cuda", "torch")
 
 

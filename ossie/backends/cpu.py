@@ -26,6 +26,7 @@ from ..model.config import ModelConfig
 from ..model.q8 import Q8, dequantize
 from ..model.transformer import route
 from . import cpu_kernels as K
+from .base import Backend
 from .torch_ops import TorchBackend, swiglu, tokens_by_expert
 
 if TYPE_CHECKING:
@@ -48,8 +49,9 @@ def _apart(alone: Sequence[int], x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
 
 
-class CpuBackend(TorchBackend):
+class CpuBackend(Backend):
     name = "cpu"
+    attend = TorchBackend.attend  # each sequence's keys into its cache, then `attention` (below) over them
 
     def __init__(self, fused_decode: bool = True):
         """fused_decode=False runs decoding op by op (the kernels still serve each op): the fused path's oracle."""
@@ -76,7 +78,7 @@ class CpuBackend(TorchBackend):
     def layers(self, model: Transformer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                caches: list[KVCache], sizes: list[int]) -> torch.Tensor:
         if not (self.fused_decode and x.shape[0] == 1 and x.dtype == torch.bfloat16):
-            return super().layers(model, x, cos, sin, caches, sizes)
+            return TorchBackend.layers(self, model, x, cos, sin, caches, sizes)
         cfg, (cache,) = model.cfg, caches
         cos2, sin2 = cos[0].float(), sin[0].float()
         x = x[0].float()  # float32 holding bf16 values, as the kernels take and give them
@@ -92,7 +94,7 @@ class CpuBackend(TorchBackend):
     def rms_norm(self, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and x.dim() == 2:  # as the fused decoding blocks norm, bit for bit
             return K.rms_norm(x, scale, eps).to(x.dtype)
-        return super().rms_norm(x, scale, eps)
+        return TorchBackend.rms_norm(self, x, scale, eps)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor | Q8, bias: torch.Tensor | None = None,
                alone: Sequence[int] = ()) -> torch.Tensor:
@@ -112,7 +114,7 @@ class CpuBackend(TorchBackend):
         with K.torch_threads(K.kernel_threads()):  # a large GEMM: torch gets every core, and gives them back
             if w.dtype == torch.bfloat16 and not self.bf16_gemm:  # bf16 values, exact in float32; rounded back
                 return F.linear(x.float(), w.float(), None if bias is None else bias.to(x.dtype).float()).to(x.dtype)
-            return super().linear(x, w, bias)
+            return TorchBackend.linear(self, x, w, bias)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_start: int,
                   k_start: int, window: int) -> torch.Tensor:
@@ -126,8 +128,8 @@ class CpuBackend(TorchBackend):
                     return out.to(q.dtype)
         if q.shape[0] > 1:  # a prompt's attention in torch (no C kernel for this path): on every core, as the GEMMs
             with K.torch_threads(K.kernel_threads()):
-                return super().attention(q, k, v, sinks, q_start, k_start, window)
-        return super().attention(q, k, v, sinks, q_start, k_start, window)
+                return TorchBackend.attention(self, q, k, v, sinks, q_start, k_start, window)
+        return TorchBackend.attention(self, q, k, v, sinks, q_start, k_start, window)
 
     def experts(self, x: torch.Tensor, lw: LayerWeights, chosen: torch.Tensor, weight: torch.Tensor,
                 cfg: ModelConfig, alone: Sequence[int] = ()) -> torch.Tensor:

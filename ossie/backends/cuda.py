@@ -23,6 +23,7 @@ import torch
 from ..model.checkpoint import LayerWeights, Weights
 from ..model.config import ModelConfig
 from . import cuda_kernels as K
+from .base import Backend
 from .torch_ops import TorchBackend
 
 if TYPE_CHECKING:
@@ -56,13 +57,15 @@ class DecodeGraph:
     out: torch.Tensor
 
 
-class CudaBackend(TorchBackend):
+class CudaBackend(Backend):
     name = "cuda"
+    running = TorchBackend.running
+    rms_norm = TorchBackend.rms_norm  # norms, products and the glue in torch (cuBLAS), until fused
+    linear = TorchBackend.linear
 
     def __init__(self, cuda_graphs: bool = True):
         """cuda_graphs=False runs decode steps kernel by kernel (the graphs' oracle, and easier to profile)."""
         self.cuda_graphs = cuda_graphs
-        self._step: DecodeStep | None = None  # set while a batched decode step runs (eagerly or being captured)
         self._graphs: dict[int, DecodeGraph] = {}
         self._pool = None
         self._scratch: torch.Tensor | None = None
@@ -92,10 +95,12 @@ class CudaBackend(TorchBackend):
                                   K.decode_splits(keys.shape[0]))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int,
-               caches: list[KVCache], sizes: list[int]) -> torch.Tensor:
-        step = self._step
+               caches: list[KVCache], sizes: list[int], state: DecodeStep | None = None) -> torch.Tensor:
+        """Prompts as the reference does (each sequence's keys into its cache, then `attention`); a batched decode
+        step (`state`, from `layers`) through its tables: the keys written and read where they lie."""
+        step = state
         if step is None:
-            return super().attend(layer, q, k, v, sinks, window, caches, sizes)
+            return TorchBackend.attend(self, layer, q, k, v, sinks, window, caches, sizes)
         K.write_kv(k, v, step.k_table[layer], step.v_table[layer], step.slots[layer])
         return K.attention_decode(q, step.k_table[layer], step.v_table[layer], step.n_keys[layer], sinks, k.shape[1],
                                   step.splits[layer])
@@ -104,7 +109,7 @@ class CudaBackend(TorchBackend):
     def layers(self, model: Transformer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                caches: list[KVCache], sizes: list[int]) -> torch.Tensor:
         if max(sizes) != 1:
-            return super().layers(model, x, cos, sin, caches, sizes)
+            return TorchBackend.layers(self, model, x, cos, sin, caches, sizes)
         batch = len(caches)
         bucket = next((b for b in BUCKETS if b >= batch), None)
         if not (self.cuda_graphs and x.device.type == "cuda" and bucket):
@@ -127,14 +132,10 @@ class CudaBackend(TorchBackend):
 
     def _run_layers(self, model: Transformer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     step: DecodeStep) -> torch.Tensor:
-        self._step = step
-        try:
-            sizes = [1] * x.shape[0]
-            for i in range(len(model.w.layers)):
-                x = model.layer(i, x, cos, sin, [], sizes)
-            return x
-        finally:
-            self._step = None
+        sizes = [1] * x.shape[0]
+        for i in range(len(model.w.layers)):
+            x = model.layer(i, x, cos, sin, [], sizes, state=step)
+        return x
 
     def _meta(self, model: Transformer, caches: list[KVCache], bucket: int, device: torch.device) -> torch.Tensor:
         """[4, layers, bucket] int64: key and value buffer addresses, new row, key count. Rows past the batch point

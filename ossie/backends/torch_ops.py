@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from ..model.checkpoint import LayerWeights, Weights
 from ..model.config import ModelConfig
 from ..model.mxfp4 import mxfp4_dequantize
 from ..model.q8 import Q8, dequantize, unpack_kv
+from .base import Backend
 
 if TYPE_CHECKING:
     from ..engine.kv_cache import KVCache
@@ -65,8 +66,8 @@ def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     return gate * torch.sigmoid(alpha * gate) * (up + 1)
 
 
-class TorchBackend:
-    """Reference operations. Backends subclass it and override what they do faster; the model calls only these."""
+class TorchBackend(Backend):
+    """Reference operations (the contract is base.py's `Backend`)."""
 
     name = "torch"
 
@@ -97,7 +98,7 @@ class TorchBackend:
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int,
-               caches: list[KVCache], sizes: list[int]) -> torch.Tensor:
+               caches: list[KVCache], sizes: list[int], state: Any = None) -> torch.Tensor:
         """Attention of a layer for sizes[b] rows of each sequence b: their new keys and values [T, KV, D] go into
         the sequence's cache, and its queries [T, H, D] attend to the keys they see there. Returns [T, H*D]."""
         parts, row = [], 0

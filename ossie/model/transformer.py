@@ -11,7 +11,7 @@ load: this module is the math and never asks which kernel runs it.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -111,9 +111,10 @@ class Transformer:
                                    alone=alone).float()
 
     def layer(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache],
-              sizes: list[int]) -> torch.Tensor:
+              sizes: list[int], state: Any = None) -> torch.Tensor:
         """Layer i on x [T, hidden] (sizes[b] rows of each sequence b in turn): x + Attn(RMSNorm(x)), then
-        + MoE(RMSNorm(x)). Products and the experts see all rows at once; attention each sequence's own."""
+        + MoE(RMSNorm(x)). Products and the experts see all rows at once; attention each sequence's own. state:
+        the backend's, for the step (backends/base.py)."""
         cfg, lw, ops = self.cfg, self.w.layers[i], self.ops
         n_q, n_kv, d, t = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, x.shape[0]
         alone = decoding_rows(sizes)  # rows a backend computes as it would alone (a decoding sequence's)
@@ -121,7 +122,7 @@ class Transformer:
         qk = apply_rope(qkv[:, :(n_q + n_kv) * d].view(t, n_q + n_kv, d), cos, sin)  # q and k heads at once
         q, k, v = qk[:, :n_q], qk[:, n_q:], qkv[:, (n_q + n_kv) * d:].view(t, n_kv, d)
         window = cfg.sliding_window if cfg.is_sliding(i) else 0
-        a = ops.attend(i, q, k, v, lw.sinks, window, caches, sizes)
+        a = ops.attend(i, q, k, v, lw.sinks, window, caches, sizes, state)
         x = x + ops.linear(a, lw.out_w, lw.out_b, alone)
         h = ops.rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
         chosen, weight = route(ops.linear(h, lw.gate_w, lw.gate_b, alone), cfg.experts_per_token)
