@@ -41,7 +41,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="q8: hold the attention projections and the unembedding in 8 bits (llama.cpp's q8_0), made "
                         "at load; decoding reads ~2.5 GB a token instead of ~3.7 (the 20b) at a small cost in "
                         "accuracy (CPU; default: exact, as the checkpoint is)")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "q8"], default="auto",  # = ossie.model.q8.KV_DTYPES
+    p.add_argument("--kv-cache-dtype", choices=["auto", "q8"], default="auto",  # = engine_args.KV_CACHE_DTYPES
                    help="q8: cache keys and values in 8 bits (int8 and a float16 scale per 32; 13 KiB a token "
                         "for the 20b instead of 24), so that a 131,072-token context fits beside the 20b in 16 GiB, "
                         "at a small cost in accuracy (CPU; default auto: the model's dtype, exact)")
@@ -77,13 +77,13 @@ def check_ranges(args: argparse.Namespace) -> None:
 
 def load_llm(args: argparse.Namespace):
     """The model a command runs, loaded as its options say."""
+    from dataclasses import asdict
+
+    from .engine_args import EngineArgs
     from .llm import LLM
 
-    return LLM(args.model, device=args.device, dtype=args.dtype, layout=args.layout, num_threads=args.threads,
-               progress=sys.stderr.isatty(), backend=args.backend, prefill_chunk=args.prefill_chunk,
-               enable_prefix_caching=args.enable_prefix_caching,
-               kv_cache_gb=args.kv_cache_gb,
-               quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+    options = asdict(EngineArgs.from_cli_args(args))
+    return LLM(options.pop("model"), progress=sys.stderr.isatty(), **options)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -303,8 +303,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServerOptions(
         api_keys=keys, trust_cache_salt=args.trust_cache_salt, shared_prefixes=shared,
         allowed_origins=tuple(args.allowed_origins or ()),
-        max_running=args.max_running, max_queued=args.max_queued,
-        prefill_while_decoding=args.prefill_while_decoding, max_prompt_tokens=args.max_prompt_tokens,
+        max_queued=args.max_queued, max_prompt_tokens=args.max_prompt_tokens,
         default_max_tokens=args.default_max_tokens, request_timeout_s=args.request_timeout,
         max_body_bytes=int(args.max_body_mb * 2**20), drain_s=args.shutdown_timeout,
         builtin_tools=tuple(builtin), tool_settings=settings)
@@ -459,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "several (default: no prefix is shared between principals)")
     p.add_argument("--ollama", action="store_true",
                    help="also listen on Ollama's port 11434, so clients set up for Ollama work unchanged")
-    p.add_argument("--max-running", type=int, default=16,
+    p.add_argument("--max-running", "--max-num-seqs", dest="max_running", type=int, default=16,
                    help="requests generating at once, batched into one forward pass a step; more wait in a "
                         "queue (default 16)")
     p.add_argument("--max-queued", type=int, default=256,

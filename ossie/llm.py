@@ -11,7 +11,6 @@ import atexit
 import dataclasses
 import gc
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,21 +18,14 @@ from typing import Any
 
 import torch
 
-from .backends import Backend, cpu_kernels, select_backend
+from . import backends
+from .backends import Backend
 from .chat import harmony
 from .chat.answer import Answer
-from .engine import (
-    DEFAULT_BUDGET_GB,
-    PREFILL_CHUNK,
-    Engine,
-    Generation,
-    ModelRunner,
-    PrefixCache,
-    SamplingParams,
-    check_prompt,
-)
+from .engine import Engine, Generation, ModelRunner, PrefixCache, SamplingParams, check_prompt
+from .engine_args import DTYPE_NAMES, EngineArgs
 from .model.checkpoint import detect_layout, is_synthetic, load_config, load_weights, resolve_model
-from .model.q8 import KV_DTYPES, QUANTIZATIONS, quantize_weights
+from .model.q8 import quantize_weights
 from .model.transformer import Transformer
 from .special_tokens import STOP_TOKEN_IDS
 from .tools import BuiltinTools, ToolSettings
@@ -43,67 +35,46 @@ log = logging.getLogger("ossie")
 # interpreter's last collections free it as they would have (extension modules count what is never freed)
 atexit.register(gc.unfreeze)
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+DTYPES = {name: torch.bfloat16 if name.startswith("b") else torch.float32 for name in DTYPE_NAMES}
 
 
 class LLM:
     """A gpt-oss model ready to run.
 
     model: a local folder (Hugging Face layout, the original layout, or a repo folder holding both) or a
-    Hugging Face repo id such as "openai/gpt-oss-20b". backend: "auto" (default), "cpu" (ossie's C kernels)
-    or "torch" (the reference), or a Backend object. prefill_chunk: tokens computed per step (a prompt chunk;
-    in the server, the step's budget for all requests together). kv_cache_gb: KV memory for the running
-    requests and cached prefixes together (the server preempts and evicts to stay within it).
-    enable_prefix_caching: keep the KV of computed tokens so that a prompt that starts like an earlier one
-    computes only the rest. quantization="q8": the attention projections and the unembedding held in 8 bits
-    (ossie.model.q8), for faster decoding on a CPU at a small, measured cost in accuracy; None: exact.
-    kv_cache_dtype="q8": keys and values cached as q8 (int8 and a float16 scale per 32: 13 KiB a position for the
-    20b instead of 24 KiB in bf16), so that the full 131,072-token context fits beside the 20b in 16 GiB (CPU); "auto":
-    the model's dtype, exact. max_num_seqs: requests generating at once (one batch; more wait their turn).
+    Hugging Face repo id such as "openai/gpt-oss-20b". options: EngineArgs' (ossie/engine_args.py), as keywords:
+    device, dtype, layout, num_threads, backend ("auto", "cpu" for ossie's C kernels, "torch" for the reference,
+    "cuda", or a Backend object), prefill_chunk, enable_prefix_caching, kv_cache_gb (KV memory for the running
+    requests and cached prefixes together: the engine preempts and evicts to stay within it), quantization="q8"
+    (the attention projections and the unembedding held in 8 bits, ossie.model.q8, for faster decoding on a CPU at a
+    small, measured cost in accuracy; None: exact), kv_cache_dtype="q8" (keys and values cached as q8: 13 KiB a
+    position for the 20b instead of 24 KiB in bf16, so that the full 131,072-token context fits beside the 20b in
+    16 GiB; CPU), max_num_seqs (requests generating at once), prefill_while_decoding.
     """
 
-    def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "bfloat16", layout: str | None = None,
-                 num_threads: int | None = None, progress: bool = True, backend: str | Backend | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK, enable_prefix_caching: bool = True,
-                 kv_cache_gb: float = DEFAULT_BUDGET_GB, quantization: str | None = None,
-                 kv_cache_dtype: str = "auto", max_num_seqs: int = 16):
-        if kv_cache_gb < 0:
-            raise ValueError(f"kv_cache_gb must be >= 0, got {kv_cache_gb}")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        cpu_kernels.set_num_threads(num_threads or len(os.sched_getaffinity(0)))
+    def __init__(self, model: str | Path, progress: bool = True, **options: Any):
+        self.args = args = EngineArgs(model, **options)
+        backends.set_num_threads(args.num_threads)
         t0 = time.perf_counter()
-        self.path = resolve_model(model, layout)
-        self.layout, folder = detect_layout(self.path, layout)
+        self.path = resolve_model(model, args.layout)
+        self.layout, folder = detect_layout(self.path, args.layout)
         self.config = load_config(folder, self.layout)
         self.synthetic = is_synthetic(folder)  # random weights (ossie synth): what they say is random
-        self.dtype, self.device = DTYPES[dtype], torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: no CUDA GPU is available here (this torch build: "
-                             f"{torch.__version__}); use --device cpu")
-        self.backend = backend if isinstance(backend, Backend) else select_backend(self.device, backend)
-        if quantization not in (None, *QUANTIZATIONS):
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {quantization!r}")
-        if quantization and (self.device.type != "cpu" or self.dtype != torch.bfloat16):
-            raise ValueError(f"quantization {quantization!r} is for bf16 models on the CPU")
-        if kv_cache_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {KV_DTYPES}, got {kv_cache_dtype!r}")
-        if kv_cache_dtype == "q8" and self.device.type != "cpu":
-            raise ValueError("kv_cache_dtype 'q8' is for the CPU (the GPU kernels read a bf16 cache)")
-        if kv_cache_dtype == "q8" and self.config.head_dim % 32:
-            raise ValueError(f"kv_cache_dtype 'q8' scales each 32 values of a head: head_dim {self.config.head_dim} "
-                             "is not a multiple of 32")
+        self.dtype, self.device = DTYPES[args.dtype], torch.device(args.device)
+        backends.check_options(args, self.device, self.dtype, self.config.head_dim)
+        backend = args.backend
+        self.backend = backend if isinstance(backend, Backend) else backends.select_backend(self.device, backend)
         weights = load_weights(folder, self.layout, self.config, self.dtype, self.device, progress=progress)
-        if quantization == "q8":
-            quantize_weights(weights, cpu_kernels.quantize_q8 if cpu_kernels.available() else None)
-        self.quantization = quantization
+        if args.quantization == "q8":
+            quantize_weights(weights, backends.q8_quantizer())
+        self.quantization, self.kv_cache_dtype = args.quantization, args.kv_cache_dtype
         self.model = Transformer(self.config, weights, self.dtype, self.backend)
-        budget = int(kv_cache_gb * 2**30)
-        prefix_cache = PrefixCache(self.config, budget) if enable_prefix_caching else None
-        self.kv_cache_dtype = kv_cache_dtype
-        self.runner = ModelRunner(self.model, prefill_chunk, prefix_cache, kv_budget=budget,
-                                  quantized_kv=kv_cache_dtype == "q8")
-        self.engine = Engine(self.runner, max_running=max_num_seqs)
+        budget = int(args.kv_cache_gb * 2**30)
+        prefix_cache = PrefixCache(self.config, budget) if args.enable_prefix_caching else None
+        self.runner = ModelRunner(self.model, args.prefill_chunk, prefix_cache, kv_budget=budget,
+                                  quantized_kv=args.kv_cache_dtype == "q8")
+        self.engine = Engine(self.runner, max_running=args.max_num_seqs,
+                             prefill_while_decoding=args.prefill_while_decoding)
         # What loading made lives as long as the model: moved out of the collector's reach, so the full collections
         # that decoding's allocations trigger now and then do not walk it (they cost ~2 % of the 20b's decode time)
         gc.collect()

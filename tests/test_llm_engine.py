@@ -8,7 +8,7 @@ import copy
 import pytest
 
 import ossie
-from ossie.engine import Generation, ModelRunner, SamplingParams, Sequence
+from ossie.engine import ModelRunner, Sequence
 from tests.helpers import alone, greedy, use_runner
 from tests.scripted import ScriptedRunner
 from tests.test_batching import PROMPTS
@@ -105,24 +105,23 @@ def test_a_failed_step_raises_in_the_caller_and_the_engine_goes_on(tiny_llm):
     assert llm.engine.snapshot().failed == 1
 
 
-def test_a_server_takes_over_the_llms_engine(tiny_llm):
-    """create_app gives the LLM the server's engine, stepped by the engine thread: llm.generate in the same
-    process is then one of the server's requests (its counters count it)."""
+def test_a_server_steps_the_llms_engine_while_it_runs(tiny_llm):
+    """create_app starts the LLM's engine thread: llm.generate in the same process is then one of the server's
+    requests (its counters count it); when the server stops, the library's calls step the engine again (a stopped
+    engine thread once left them waiting for ever)."""
     from fastapi.testclient import TestClient
 
     from ossie.server.app import create_app
 
-    llm = copy.copy(tiny_llm)
+    llm = use_runner(copy.copy(tiny_llm), tiny_llm.runner)  # an engine of its own
     expected = alone(ModelRunner(tiny_llm.model), PROMPTS[0], greedy(5))
     with TestClient(create_app(llm, ["m"])) as http:
-        served = llm.engine
-        assert served is not tiny_llm.engine and served.background
+        assert llm.engine.background
         assert list(llm.generate(PROMPTS[0], max_tokens=5, temperature=0, stop_token_ids=[])) == expected
         assert http.get("/health").json()["finished"] == 1
-    assert llm.engine is tiny_llm.engine  # the server stopped: the LLM has its own engine back
-    assert not served.background  # and the server's, stopped, is stepped by whoever reads it (it once hung them)
-    after = Generation(served, PROMPTS[0], SamplingParams(max_tokens=5, temperature=0, stop_token_ids=[]))
-    assert list(after) == expected
+    assert not llm.engine.background
+    assert list(llm.generate(PROMPTS[0], max_tokens=5, temperature=0, stop_token_ids=[])) == expected
+    assert llm.engine.snapshot().finished == 2
 
 
 def test_chat_stop_strings_cut_the_answer(tiny_repo):

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from ossie.chat import harmony
+from tests.helpers import use_runner
 
 openai = pytest.importorskip("openai")
 
@@ -512,8 +513,7 @@ def test_internal_failure_fails_one_request(tiny_llm):
                 raise RuntimeError("simulated kernel failure")
             return self.runner.run(batch, sizes)
 
-    llm = copy.copy(tiny_llm)
-    llm.runner = FlakyRunner(tiny_llm.runner)
+    llm = use_runner(copy.copy(tiny_llm), FlakyRunner(tiny_llm.runner))
     with TestClient(create_app(llm, [MODEL])) as http:
         r = http.post("/v1/chat/completions", json=GOOD)
         assert r.status_code == 500 and "simulated kernel failure" not in r.text

@@ -2,6 +2,7 @@
 Ollama's error shape on its paths, the queue's 429 and its Retry-After, Ollama's default output limit, a Responses
 stream cut by shutdown, the KV gauge after cancellations."""
 
+import copy
 import json
 import threading
 import time
@@ -14,6 +15,7 @@ from ossie.server import ServerOptions, create_app
 from ossie.server.protocol import APIError
 from ossie.server.serving import Serving
 from ossie.server.streaming import ServerShuttingDown
+from tests.helpers import use_runner
 
 MODEL = "tiny"
 BODIES = {
@@ -78,15 +80,15 @@ def test_errors_on_ollamas_paths_have_ollamas_shape(tiny_llm):
 
 
 class Snapshots:
-    def __init__(self, **stats):
-        self.stats = EngineStats(**stats)
+    def __init__(self, max_running: int = 16, **stats):
+        self.max_running, self.stats = max_running, EngineStats(**stats)
 
     def snapshot(self) -> EngineStats:
         return self.stats
 
 
 def serving(max_running: int = 16, max_queued: int = 8, **stats) -> Serving:
-    return Serving(Snapshots(**stats), None, [MODEL], ServerOptions(max_running=max_running, max_queued=max_queued))
+    return Serving(Snapshots(max_running, **stats), None, [MODEL], ServerOptions(max_queued=max_queued))
 
 
 @pytest.mark.parametrize("waiting,running,refused", [
@@ -129,7 +131,7 @@ def test_retry_after_follows_the_queue(waiting, mean, retry):
 ])
 def test_ollama_requests_without_a_limit_stop_at_its_default_context(tiny_llm, options, limit):
     """The Ollama clients send no num_predict by default: generating to gpt-oss's 131k context then took hours."""
-    app = create_app(tiny_llm, [MODEL])
+    app = create_app(use_runner(copy.copy(tiny_llm), tiny_llm.runner), [MODEL])  # an engine of its own to wrap
     engine = app.state.serving.engine
     submitted = []
     submit = engine.submit

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from .base import Backend
 from .torch_ops import TorchBackend
 
-__all__ = ["BACKENDS", "Backend", "TorchBackend", "select_backend"]
+if TYPE_CHECKING:
+    from ..engine_args import EngineArgs
+
+__all__ = ["BACKENDS", "Backend", "TorchBackend", "check_options", "q8_quantizer", "select_backend",
+           "set_num_threads"]
 BACKENDS = ("auto", "cpu", "cuda", "torch")
 
 
@@ -52,3 +58,31 @@ def select_backend(device: torch.device, name: str | None = None) -> Backend:
 
 def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def check_options(args: EngineArgs, device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
+    """ValueError where `args` asks what this device and model cannot run (before the weights load)."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {args.device!r}: no CUDA GPU is available here (this torch build: "
+                         f"{torch.__version__}); use --device cpu")
+    if args.quantization and (device.type != "cpu" or dtype != torch.bfloat16):
+        raise ValueError(f"quantization {args.quantization!r} is for bf16 models on the CPU")
+    if args.kv_cache_dtype == "q8" and device.type != "cpu":
+        raise ValueError("kv_cache_dtype 'q8' is for the CPU (the GPU kernels read a bf16 cache)")
+    if args.kv_cache_dtype == "q8" and head_dim % 32:
+        raise ValueError(f"kv_cache_dtype 'q8' scales each 32 values of a head: head_dim {head_dim} is not a "
+                         "multiple of 32")
+
+
+def set_num_threads(n: int | None) -> None:
+    """The CPU kernels' threads: n, or every core this process may use."""
+    from . import cpu_kernels
+
+    cpu_kernels.set_num_threads(n or len(os.sched_getaffinity(0)))
+
+
+def q8_quantizer() -> Callable | None:
+    """The C kernels' q8 quantizer where they are built (None: model/q8.py's torch one)."""
+    from . import cpu_kernels
+
+    return cpu_kernels.quantize_q8 if cpu_kernels.available() else None

@@ -35,6 +35,8 @@ class RequestHandle(Protocol):
 class EngineClient(Protocol):
     """The engine as the front ends see it (vLLM's `EngineClient`)."""
 
+    max_running: int  # requests generating at once (more wait)
+
     def submit(self, prompt: list[int], params: SamplingParams, steering: Steering | None,
                on_event: Callable[[Event], None], timeout_s: float | None = None,
                scope: CacheScope = EVERYONE) -> RequestHandle: ...

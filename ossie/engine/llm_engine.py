@@ -108,7 +108,7 @@ class Engine:
         self.handles: dict[int, Handle] = {}  # sequence id -> handle, for the sequences in the scheduler
         self.stats = EngineStats()
         self._lock = threading.Lock()
-        self._stopping = False
+        self._stop = threading.Event()  # the running engine thread's: set, it ends after its step
         self._abort: Exception | None = None
         self._stepping = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -116,14 +116,15 @@ class Engine:
     def start(self) -> Engine:
         """Step on an engine thread of its own from now on (a server), rather than on its clients' threads."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="ossie-engine", daemon=True)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._loop, args=(self._stop,), name="ossie-engine", daemon=True)
             self._thread.start()
         return self
 
     @property
     def background(self) -> bool:
         """Whether an engine thread steps (clients then wait for events instead of stepping)."""
-        return self._thread is not None and not self._stopping
+        return self._thread is not None and not self._stop.is_set()
 
     def submit(self, prompt: list[int], params: SamplingParams, steering: Steering | None,
                on_event: Callable[[Event], None], timeout_s: float | None = None,
@@ -149,10 +150,10 @@ class Engine:
         """Stop the engine thread, if one runs. The engine is then stepped by its blocking clients again (a server's
         LLM outlives the server), and a server's abort_all no longer applies."""
         if self._thread is not None:
-            self._stopping = True
+            self._stop.set()
             self.intake.put(None)
-            self._thread.join(timeout=10)
-            self._thread, self._stopping, self._abort = None, False, None
+            self._thread.join(timeout=10)  # a thread still in a long step ends after it, on its own event
+            self._thread, self._abort = None, None
 
     def abort_all(self, error: Exception) -> None:
         """End every request, waiting or running, with Failed(error) at the next step (a server that stops)."""
@@ -174,8 +175,8 @@ class Engine:
             self._end_stopped()
 
     # ---- the loop (engine thread) -------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stopping:
+    def _loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             self._take(block=not self.scheduler)
             with self._stepping:
                 self._step()

@@ -14,7 +14,6 @@ import torch
 
 from .checkpoint import Weights
 
-QUANTIZATIONS = ("q8",)
 Kernel = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 GROUP = 32
 ROWS_AT_ONCE = 4096  # rows quantized together: the unembedding's 201,088 rows never exist as float32 all at once
@@ -84,7 +83,6 @@ def quantize_weights(weights: Weights, kernel: Kernel | None = None) -> None:
 # scale of each 32 of them, little-endian (68 bytes for head_dim 64, against 128 in bf16). One uint8 tensor
 # [positions, kv_heads, row bytes] holds them, so the cache's slicing, ring slots, copies and the prefix cache's
 # blocks work on it as on bf16 rows. The C kernels read it in place (csrc/kernels.c, attention over a q8 cache).
-KV_DTYPES = ("auto", "q8")
 
 
 def kv_row_bytes(head_dim: int) -> int:

@@ -75,16 +75,13 @@ async def retrieve_model(model: str, request: Request) -> ModelCard:
 
 def create_app(llm: LLM, served_model_names: Iterable[str] | None = None,
                options: ServerOptions | None = None) -> FastAPI:
-    """The server for `llm` (its runner serves every request through one Engine)."""
+    """The server for `llm`: every request goes through its engine (llm.engine, its options llm.args')."""
     options = options or ServerOptions()
     if not any(isinstance(f, RequestIdFilter) for f in log.filters):
         log.addFilter(RequestIdFilter())
-    # the server's scheduling options make the LLM's engine anew, stepped by a thread of its own: the library's
-    # calls in this process (llm.generate, llm.chat) then share its batch, budget and prefix cache until the server
-    # stops, and the LLM gets its own engine back
-    own_engine = llm.engine
-    engine = llm.engine = Engine(llm.runner, max_running=options.max_running,
-                                 prefill_while_decoding=options.prefill_while_decoding).start()
+    # the LLM's engine, stepped by a thread of its own while the server runs: the library's calls in this process
+    # (llm.generate, llm.chat) share its batch, budget and prefix cache, and step it themselves again afterwards
+    engine = llm.engine.start()
     serving = Serving(engine, llm.config, list(served_model_names or [default_model_name(llm)]), options,
                       model_path=llm.path, weight_bytes=llm.model.w.nbytes(), device=str(llm.device))
 
@@ -93,7 +90,6 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None,
         constraints.prepare()  # the steering's tables, before the first request that needs them
         yield
         engine.shutdown()
-        llm.engine = own_engine
         serving.tokenizing.close()
 
     app = FastAPI(title="ossie", description="OpenAI-compatible server for gpt-oss", lifespan=lifespan)

@@ -30,9 +30,7 @@ class ServerOptions:
     trust_cache_salt: bool = False  # requests' cache_salt comes from a trusted gateway: it narrows the cache scope
     shared_prefixes: tuple[str, ...] = ()  # system prompts whose rendered tokens every principal may share cached
     allowed_origins: tuple[str, ...] = ()  # CORS: origins a browser app may call from ("*": any)
-    max_running: int = 16  # requests generating at once (one batch)
     max_queued: int = 256  # requests waiting beyond those; more get 429 with Retry-After
-    prefill_while_decoding: int | None = 64  # prompt tokens a step computes while others decode (None: a chunk)
     max_prompt_tokens: int | None = None  # longest prompt accepted (None: the context less one token)
     default_max_tokens: int | None = None  # for requests that give no max_tokens (None: the rest of the context)
     request_timeout_s: float | None = None  # a request generates this long at most, then ends as at max_tokens
@@ -103,10 +101,11 @@ class Serving:
         a step found "waiting" requests while slots were free (191 of 200 refused with 16 slots, 9-13 used).
         Retry-After: when a place in the queue should free, from how long requests take now."""
         s = self.engine.snapshot()
-        queued = s.waiting + s.running - self.options.max_running  # beyond what the slots take
+        slots = self.engine.max_running
+        queued = s.waiting + s.running - slots  # beyond what the slots take
         if queued < self.options.max_queued:
             return
-        waves = (queued - self.options.max_queued) // self.options.max_running + 1  # slot turnovers to wait for
+        waves = (queued - self.options.max_queued) // slots + 1  # slot turnovers to wait for
         retry = min(RETRY_AFTER_MAX_S, max(1, math.ceil(waves * (s.mean_request_s or 1.0))))
         raise APIError(429, f"the server is busy ({s.waiting} requests waiting); retry in {retry} s",
                        code="server_busy", type="rate_limit_error", headers={"Retry-After": str(retry)})
