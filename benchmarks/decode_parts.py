@@ -107,7 +107,7 @@ def main() -> None:
                     if rnd:
                         times[name, "step"] += time.perf_counter() - t0
                         tokens[name] += 1
-            runner.free(seq)
+            runner.kv.free(seq)
             if rnd == 0:
                 times.clear()
             else:

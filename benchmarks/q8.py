@@ -59,7 +59,7 @@ def main() -> None:
 
     def decoding(llm: ossie.LLM) -> torch.Tensor:
         """Each position's logits as generation computes them: one token a step over the cache."""
-        cache = llm.runner.new_cache(len(ids))
+        cache = llm.runner.kv.new_cache(len(ids))
         return torch.stack([llm.model.forward(torch.tensor([t]), cache)[-1].float() for t in ids])
 
     if args.kv_cache:
@@ -94,10 +94,10 @@ def measure_kv_cache(path: str, ids: list[int], load: dict, decoding, float32: b
         kv8 = ossie.LLM(path, dtype=dtype, kv_cache_dtype="q8", **load)
         quantized = decoding(kv8)
         agree = (quantized.argmax(-1) == exact.argmax(-1)).float().mean().item()
-        cache = kv8.runner.new_cache(len(ids))
+        cache = kv8.runner.kv.new_cache(len(ids))
         print(f"  {dtype}: q8 KV cache vs exact: relative logit error {rel(quantized, exact):.4f}, top-1 agreement "
               f"{agree:.1%}; cache {cache.nbytes() / 2**20:.2f} MiB against "
-              f"{ossie.LLM(path, dtype=dtype, **load).runner.new_cache(len(ids)).nbytes() / 2**20:.2f}")
+              f"{ossie.LLM(path, dtype=dtype, **load).runner.kv.new_cache(len(ids)).nbytes() / 2**20:.2f}")
         if dtype == "float32":
             bf16 = decoding(ossie.LLM(path, **load))
             agree = (bf16.argmax(-1) == exact.argmax(-1)).float().mean().item()

@@ -46,9 +46,9 @@ def first_token_s(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[float, 
 
 def warm_up(llm: LLM) -> None:
     """The first pass over the weights pays their page faults: keep it out of the figures."""
-    cache, llm.runner.prefix_cache = llm.runner.prefix_cache, None
+    cache, llm.runner.kv.prefix_cache = llm.runner.kv.prefix_cache, None
     first_token_s(llm, list(range(1000, 1100)), 2)
-    llm.runner.prefix_cache = cache
+    llm.runner.kv.prefix_cache = cache
 
 
 def chat(llm: LLM, turns: int, completion: int) -> None:
@@ -57,9 +57,9 @@ def chat(llm: LLM, turns: int, completion: int) -> None:
     channel until its end, so the parsed answer is not the measure)."""
     system = "You are a careful assistant for a shipping company. " * 90  # ~1,000 tokens
     questions = [f"Question {i}: where is container {1000 + i}, and when will it arrive? " * 3 for i in range(turns)]
-    cache = llm.runner.prefix_cache
+    cache = llm.runner.kv.prefix_cache
     for mode in ("with the prefix cache", "without"):
-        llm.runner.prefix_cache = cache if mode.startswith("with ") else None
+        llm.runner.kv.prefix_cache = cache if mode.startswith("with ") else None
         if cache is not None:
             cache.clear()
         messages, rows = [{"role": "system", "content": system}], []
@@ -79,16 +79,16 @@ def chat(llm: LLM, turns: int, completion: int) -> None:
         print("turn  prompt  cached  first token  bandwidth")
         for i, (n, cached, ttft, bw) in enumerate(rows):
             print(f"{i + 1:4d} {n:7d} {cached:7d} {ttft:10.2f} s {bw:6.1f} GB/s")
-    llm.runner.prefix_cache = cache
+    llm.runner.kv.prefix_cache = cache
 
 
 def agent(llm: LLM, rounds: int, system: int, completion: int, tool: int) -> None:
     gen = torch.Generator().manual_seed(0)
     system_prompt = random_tokens(system, gen)
     tool_results = [random_tokens(tool, gen) for _ in range(rounds)]
-    cache = llm.runner.prefix_cache
+    cache = llm.runner.kv.prefix_cache
     for mode in ("with the prefix cache", "without"):
-        llm.runner.prefix_cache = cache if mode.startswith("with ") else None
+        llm.runner.kv.prefix_cache = cache if mode.startswith("with ") else None
         if cache is not None:
             cache.clear()
         prompt, rows = list(system_prompt), []
@@ -98,9 +98,9 @@ def agent(llm: LLM, rounds: int, system: int, completion: int, tool: int) -> Non
             new = len(prompt) - cached
             fresh = ttft
             if cached:  # the time to prefill only the new tokens: a fresh prompt of that length (not cached)
-                llm.runner.prefix_cache = None
+                llm.runner.kv.prefix_cache = None
                 fresh, _, _ = first_token_s(llm, random_tokens(new, gen), 1)
-                llm.runner.prefix_cache = cache
+                llm.runner.kv.prefix_cache = cache
             rows.append((r + 1, len(prompt), cached, new, ttft, fresh, bw))
             prompt = prompt + out + tool_results[r]
         print(f"agent loop, {mode}:")
@@ -108,7 +108,7 @@ def agent(llm: LLM, rounds: int, system: int, completion: int, tool: int) -> Non
         for r, n, cached, new, ttft, fresh, bw in rows:
             print(f"{r:5d} {n:7d} {cached:7d} {new:5d} {ttft:10.2f} s {fresh:14.2f} s {ttft / fresh:6.2f}x "
                   f"{bw:6.1f} GB/s")
-    llm.runner.prefix_cache = cache
+    llm.runner.kv.prefix_cache = cache
 
 
 def token_times(llm: LLM, prompts: list[list[int]], gen_tokens: int) -> list[list[float]]:

@@ -39,7 +39,7 @@ def run_ossie(folder: str, prompt: list[int], gen: int, runs: int) -> dict:
     load = time.perf_counter() - t0
     prefill, decode, first = [], [], None
     for _ in range(runs + 1):
-        cache = llm.runner.new_cache(len(prompt) + gen)
+        cache = llm.runner.kv.new_cache(len(prompt) + gen)
         t0 = time.perf_counter()
         logits = llm.model.forward(torch.tensor(prompt), cache, last_only=True)[-1]
         t1 = time.perf_counter()

@@ -199,7 +199,7 @@ def run_bench(llm: LLM, prompt_tokens: int = 64, gen_tokens: int = 32, runs: int
         while not seq.finished:
             seq.append(llm.runner.run([seq])[0])
         t_decode = time.perf_counter() - t0
-        llm.runner.free(seq)
+        llm.runner.kv.free(seq)
         if run > 0:
             res.prefill_tok_s.append(prompt_tokens / t_prefill)
             res.decode_tok_s.append(gen_tokens / t_decode)

@@ -66,7 +66,7 @@ def stream(runner: ModelRunner, seq: Sequence) -> Iterator[int]:
                 seq.append(tok)
                 yield tok
     finally:
-        runner.free(seq)
+        runner.kv.free(seq)
 
 
 def alone(runner: ModelRunner, prompt: list[int], params: SamplingParams) -> list[int]:

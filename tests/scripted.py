@@ -16,6 +16,7 @@ import time
 import torch
 
 from ossie.engine import ModelRunner, Sequence
+from ossie.engine.kv_manager import KVManager
 from ossie.special_tokens import RETURN
 from ossie.tokenizer import harmony_encoding
 
@@ -24,22 +25,10 @@ DEFAULT_TURN = "<|channel|>final<|message|><|return|>"
 
 class ScriptedRunner:
     def __init__(self, runner: ModelRunner, script: list[str | dict], seconds_per_token: float = 0.0):
-        self.config, self.device = runner.config, runner.device
-        self.prefix_cache, self.kv_budget, self.prefill_chunk = None, None, runner.prefill_chunk
+        self.config, self.device, self.prefill_chunk = runner.config, runner.device, runner.prefill_chunk
+        self.kv = KVManager(runner.config, runner.model.dtype, runner.device)  # no budget, no prefix cache
         self.script, self.turn, self.seconds_per_token = script, 0, seconds_per_token
         self.completions: dict[int, list[int]] = {}  # sequence id -> its scripted completion
-
-    def allocate(self, seq: Sequence) -> None:
-        pass
-
-    def cache_bytes(self, seq: Sequence) -> int:
-        return 0
-
-    def running_bytes(self, seqs: list[Sequence]) -> int:
-        return 0
-
-    def free(self, seq: Sequence) -> None:
-        self.completions.pop(seq.id, None)
 
     def run(self, batch: list[Sequence], sizes: list[int] | None = None) -> list[int | None]:
         time.sleep(self.seconds_per_token)

@@ -122,7 +122,7 @@ def test_preempted_when_kv_memory_runs_out(tiny_llm, sampling):
     and when their caches grow (past the room they started with) the one admitted last is preempted and computes its
     tokens again later. Nothing fails, and everyone produces what it produces alone, greedy or with a seed."""
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]
-    first_cache = ModelRunner(tiny_llm.model).cache_bytes(Sequence(prompts[1], greedy(300)))
+    first_cache = ModelRunner(tiny_llm.model).kv.cache_bytes(Sequence(prompts[1], greedy(300)))
     runner = ModelRunner(tiny_llm.model, kv_budget=int(2.5 * first_cache))
     engine = Engine(runner).start()
     try:

@@ -75,7 +75,7 @@ def test_cache_sizes(tiny_llm):
     full = [i for i, sliding in enumerate(seq.cache.sliding) if not sliding]
     assert all(seq.cache.k[i].shape[0] <= 10 + 256 for i in full)
     assert all(seq.cache.k[i].shape[0] == 128 for i, s in enumerate(seq.cache.sliding) if s)
-    runner.free(seq)
+    runner.kv.free(seq)
     assert seq.cache is None
     tokens = list(tiny_llm.generate(PROMPT[:10], max_tokens=300, temperature=0, stop_token_ids=[]))
     assert tokens == list(ossie.LLM(tiny_llm.path, dtype="float32", progress=False, prefill_chunk=3).generate(

@@ -59,13 +59,13 @@ def test_generations_read_in_turn_are_batched_and_equal_alone(counted):
 def test_the_kv_budget_preempts_library_requests_as_it_does_the_servers(counted, tiny_llm):
     """The server's preemption test, through LLM.generate: a KV budget of 2.5 first caches, three requests that
     grow past it. The last admitted is preempted and computes again; everyone gets what it gets alone."""
-    first_cache = ModelRunner(tiny_llm.model).cache_bytes(Sequence(PROMPTS[1], greedy(300)))
+    first_cache = ModelRunner(tiny_llm.model).kv.cache_bytes(Sequence(PROMPTS[1], greedy(300)))
     llm = counted(kv_cache_gb=2.5 * first_cache / 2**30)
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]
     out = interleave(llm, prompts, 300)
     stats = llm.engine.snapshot()
     assert stats.preempted >= 1 and stats.finished == 3 and stats.failed == 0
-    assert llm.runner.running_bytes([]) == 0 and stats.running == 0
+    assert llm.runner.kv.running_bytes([]) == 0 and stats.running == 0
     for prompt, tokens in zip(prompts, out, strict=True):
         assert tokens == alone(ModelRunner(tiny_llm.model), prompt, greedy(300))
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ossie.engine import Engine, PrefixCache, Scheduler, Sequence
+from ossie.engine.kv_manager import KVManager
 from tests.helpers import greedy, run_engine
 
 # ---- the scheduler ---------------------------------------------------------------------------------------------
@@ -100,25 +101,17 @@ class FakeCache:
         return self.per_token * (self.seq.num_computed + 4)
 
 
-class FakeRunner:
-    """Memory: per_token bytes a computed token (and 4 tokens' room); every step checks the engine's promise: the
-    caches held at the start of a step fit the budget, unless only one sequence holds one."""
+class FakeMemory(KVManager):
+    """The KV manager's policy over fake memory: per_token bytes a computed token (and 4 tokens' room)."""
 
-    prefill_chunk, prefix_cache = 512, None
-
-    def __init__(self, budget: int, per_token: int = 1):
-        self.kv_budget, self.per_token = budget, per_token
-        self.config = types.SimpleNamespace(vocab_size=1000)
+    def __init__(self, budget: int, per_token: int):
+        super().__init__(types.SimpleNamespace(), torch.float32, budget=budget)
+        self.per_token = per_token
         self.holding: list[Sequence] = []
         self.allocations: list[int] = []  # sequence ids, each time one gets a cache
-        self.violations: list[str] = []
-        self.hold = lambda: False  # the first step waits while this is true (requests submitted meanwhile queue up)
 
     def cache_bytes(self, seq: Sequence) -> int:
         return self.per_token * (seq.num_tokens + 4)
-
-    def running_bytes(self, seqs: list[Sequence]) -> int:
-        return sum(s.cache.nbytes() for s in seqs if s.cache is not None)
 
     def allocate(self, seq: Sequence) -> None:
         seq.cache, seq.num_computed = FakeCache(seq, self.per_token), 0
@@ -130,14 +123,27 @@ class FakeRunner:
         if seq in self.holding:
             self.holding.remove(seq)
 
+
+class FakeRunner:
+    """Every step checks the engine's promise: the caches held at the start of a step fit the budget, unless only
+    one sequence holds one."""
+
+    prefill_chunk = 512
+
+    def __init__(self, budget: int, per_token: int = 1):
+        self.kv = FakeMemory(budget, per_token)
+        self.config = types.SimpleNamespace(vocab_size=1000)
+        self.violations: list[str] = []
+        self.hold = lambda: False  # the first step waits while this is true (requests submitted meanwhile queue up)
+
     def run(self, batch: list[Sequence], sizes: list[int]) -> list[int | None]:
         deadline = time.monotonic() + 30  # a hold that never ends fails the test's checks, not the suite
         while self.hold() and time.monotonic() < deadline:
             time.sleep(0.001)
         self.hold = lambda: False  # once
-        held = self.running_bytes(self.holding)
-        if held > self.kv_budget and len(self.holding) > 1:
-            self.violations.append(f"{held} bytes held by {len(self.holding)} sequences")
+        held = self.kv.running_bytes(self.kv.holding)
+        if held > self.kv.budget and len(self.kv.holding) > 1:
+            self.violations.append(f"{held} bytes held by {len(self.kv.holding)} sequences")
         out = []
         for seq, n in zip(batch, sizes, strict=True):
             seq.num_computed += n
@@ -158,8 +164,8 @@ def test_the_last_admitted_is_preempted_and_returns_before_the_others():
     finally:
         engine.shutdown()
     first, second, third = (h.sequence.id for h in handles)
-    assert runner.allocations[1:4] == [first, second, second]  # the second, admitted last, preempted, back first
-    assert runner.allocations.index(third) > 2
+    assert runner.kv.allocations[1:4] == [first, second, second]  # the second, admitted last, preempted, back first
+    assert runner.kv.allocations.index(third) > 2
     assert engine.snapshot().preempted >= 1 and runner.violations == []
     assert all(len(tokens) == 30 for tokens in out)
 
@@ -174,7 +180,7 @@ def test_a_request_larger_than_the_whole_budget_runs_alone_and_is_never_preempte
     s = engine.snapshot()
     assert (s.finished, s.failed) == (2, 0)  # admitted when nothing ran; nothing hung
     big = handles[0].sequence.id
-    assert runner.allocations.count(big) == 1  # over the budget alone, it was not preempted
+    assert runner.kv.allocations.count(big) == 1  # over the budget alone, it was not preempted
     assert runner.violations == []
 
 

@@ -25,7 +25,7 @@ def generate(runner: RecordingRunner, prompt: list[int], steps: int = 6) -> tupl
         (tok,) = runner.run([seq])
         if tok is not None:
             seq.append(tok)
-    runner.free(seq)
+    runner.kv.free(seq)
     return seq, torch.stack(runner.seen)
 
 
@@ -83,9 +83,9 @@ def test_eviction_under_a_small_budget(tiny_llm):
     exactly."""
     probe = runner_with_cache(tiny_llm)
     generate(probe, HISTORY[:65], steps=1)
-    block_bytes = probe.prefix_cache.stats.bytes
+    block_bytes = probe.kv.prefix_cache.stats.bytes
     runner = runner_with_cache(tiny_llm, budget=3 * block_bytes)
-    cache = runner.prefix_cache
+    cache = runner.kv.prefix_cache
     generate(runner, HISTORY[:330])  # 5 blocks: the chain's end is dropped, its start stays
     assert cache.stats.bytes <= 3 * block_bytes and cache.stats.blocks == 3
     second, logits = generate(runner, HISTORY[:330])
@@ -104,7 +104,7 @@ def test_budget_zero_caches_nothing(tiny_llm):
     runner = runner_with_cache(tiny_llm, budget=0)
     generate(runner, HISTORY[:200])
     again, _ = generate(runner, HISTORY[:200])
-    assert again.num_cached_tokens == 0 and runner.prefix_cache.stats.bytes == 0
+    assert again.num_cached_tokens == 0 and runner.kv.prefix_cache.stats.bytes == 0
 
 
 def test_two_requests_sharing_a_prefix_at_once(tiny_llm):
@@ -118,13 +118,13 @@ def test_two_requests_sharing_a_prefix_at_once(tiny_llm):
     try:
         out, _ = run_engine(engine, prompts, greedy(12))
         assert out == solo
-        assert runner.prefix_cache.stats.blocks == 3  # 192 shared positions; neither has a 4th whole block
+        assert runner.kv.prefix_cache.stats.blocks == 3  # 192 shared positions; neither has a 4th whole block
         _, (third,) = run_engine(engine, [HISTORY[:200] + OTHER[45:60]], greedy(12))
     finally:
         engine.shutdown()
     assert third.sequence.num_cached_tokens == 192
     stats = engine.snapshot()
-    assert stats.cached_prompt_tokens in (192, 384) and stats.kv_cached_blocks == runner.prefix_cache.stats.blocks
+    assert stats.cached_prompt_tokens in (192, 384) and stats.kv_cached_blocks == runner.kv.prefix_cache.stats.blocks
 
 
 def test_chat_turns_reuse_the_conversation(tiny_llm):

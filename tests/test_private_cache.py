@@ -170,12 +170,12 @@ def test_prefix_cache_scopes(tiny_llm):
     from ossie.engine import ModelRunner, SamplingParams, Sequence
 
     runner = ModelRunner(tiny_llm.model, 512, PrefixCache(tiny_llm.config, 2**30))
-    cache = runner.prefix_cache
+    cache = runner.kv.prefix_cache
     prompt = tokens(4 * BLOCK_SIZE + 1)
     shared = 2 * BLOCK_SIZE + 10  # two whole blocks public, the rest alice's
     seq = Sequence(prompt, SamplingParams(max_tokens=1, temperature=0, stop_token_ids=[]),
                    scope=CacheScope("alice", shared))
-    runner.allocate(seq)
+    runner.kv.allocate(seq)
     runner.run([seq])
     assert {b.owner for b in cache.blocks.values()} == {None, "alice"}
     assert [b.owner for b in cache.match(prompt, CacheScope("alice", shared))] == [None, None, "alice", "alice"]

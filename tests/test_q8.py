@@ -219,7 +219,7 @@ def test_q8_kv_cache_costs_accuracy_within_bounds(head64_repo):
     ids = torch.randint(0, 200_000, (300,), generator=torch.Generator().manual_seed(3)).tolist()
 
     def decoding(llm: ossie.LLM) -> torch.Tensor:
-        cache = llm.runner.new_cache(len(ids))
+        cache = llm.runner.kv.new_cache(len(ids))
         return torch.stack([llm.model.forward(torch.tensor([t]), cache)[-1].float() for t in ids])
 
     truth, rounded, quantized = f32.logits(ids), bf16.logits(ids), decoding(kv8)
@@ -228,10 +228,10 @@ def test_q8_kv_cache_costs_accuracy_within_bounds(head64_repo):
     assert rel(kv8.logits(ids), truth) < 3 * rel(rounded, truth)
     from ossie.engine import SamplingParams, Sequence
 
-    cache, probe = kv8.runner.new_cache(64), Sequence(ids, SamplingParams(max_tokens=1))
+    cache, probe = kv8.runner.kv.new_cache(64), Sequence(ids, SamplingParams(max_tokens=1))
     assert cache.k[1].dtype == torch.uint8  # 68 bytes a row of 64 values, against 128 in bf16
-    assert cache.nbytes() * 128 == bf16.runner.new_cache(64).nbytes() * 68
-    assert kv8.runner.cache_bytes(probe) * 128 == bf16.runner.cache_bytes(probe) * 68  # the engine's budget
+    assert cache.nbytes() * 128 == bf16.runner.kv.new_cache(64).nbytes() * 68
+    assert kv8.runner.kv.cache_bytes(probe) * 128 == bf16.runner.kv.cache_bytes(probe) * 68  # the engine's budget
 
 
 def test_q8_kv_cache_on_every_decoding_path(head64_repo):
@@ -249,7 +249,7 @@ def test_q8_kv_cache_on_every_decoding_path(head64_repo):
     torch_path = ossie.LLM(head64_repo, kv_cache_dtype="q8", backend="torch", enable_prefix_caching=False, **load)
     reference = list(torch_path.generate(prompt, max_tokens=10, temperature=0, stop_token_ids=[]))
     assert fused[:4] == by_ops[:4] == reference[:4]
-    assert llm.runner.prefix_cache.stats.hit_tokens >= 128  # the second run resumed from cached blocks
+    assert llm.runner.kv.prefix_cache.stats.hit_tokens >= 128  # the second run resumed from cached blocks
     cold = ossie.LLM(head64_repo, kv_cache_dtype="q8", enable_prefix_caching=False, **load)
     assert list(cold.generate(prompt, max_tokens=10, temperature=0, stop_token_ids=[])) == by_ops
 

@@ -90,11 +90,11 @@ def test_candidates_taken_back_leave_every_later_logit_unchanged(tiny_llm, prefi
     before = seq.num_computed
     checked_step(test, seq)
     assert seq.num_computed == before + 5
-    test.rollback(seq, 5)
+    test.kv.rollback(seq, 5)
     seq.accept([])  # nothing kept: the step never happened
     assert seq.pending == 1 and seq.cache.length == before
     if prefix_cache:
-        assert len(seq.block_keys) == seq.num_computed // test.prefix_cache.block_size == 2
+        assert len(seq.block_keys) == seq.num_computed // test.kv.prefix_cache.block_size == 2
     test.seen.clear()
     while not seq.finished:
         seq.append(test.run([seq])[0])
@@ -119,7 +119,7 @@ def test_kept_candidates_and_the_token_after_them_are_recorded(tiny_llm):
     seq.propose(CANDIDATES)
     samples = checked_step(runner, seq)
     seq.accept(CANDIDATES[:2] + [samples[2]])
-    runner.rollback(seq, len(CANDIDATES) - 2)
+    runner.kv.rollback(seq, len(CANDIDATES) - 2)
     assert seq.output[-3:] == CANDIDATES[:2] + [samples[2]] and seq.num_tokens == n + 3
     assert seq.pending == 1 and seq.num_computed == seq.cache.length == n + 2 and not seq.candidates
     assert runner.run([seq])[0] is not None

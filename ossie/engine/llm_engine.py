@@ -102,7 +102,8 @@ class Engine:
     def __init__(self, runner: ModelRunner, max_running: int = 16, prefill_while_decoding: int | None = None):
         """prefill_while_decoding: prompt tokens per step while others decode (Scheduler; None: a whole chunk)."""
         self.runner, self.max_running = runner, max_running
-        align = runner.prefix_cache.block_size if runner.prefix_cache is not None else 1
+        self.kv = runner.kv
+        align = self.kv.prefix_cache.block_size if self.kv.prefix_cache is not None else 1
         self.scheduler = Scheduler(max_running, runner.prefill_chunk, align, prefill_while_decoding)
         self.intake: queue.Queue[Handle | None] = queue.Queue()
         self.handles: dict[int, Handle] = {}  # sequence id -> handle, for the sequences in the scheduler
@@ -244,58 +245,38 @@ class Engine:
         self._measure_kv()
 
     def _admit(self) -> None:
-        budget = self.runner.kv_budget
-        used = self.runner.running_bytes(self.scheduler.running)
-
-        def fits(seq: Sequence) -> bool:  # its first KV cache within the budget, beside the running ones'
-            nonlocal used
-            need = self.runner.cache_bytes(seq)
-            if budget is not None and used + need > budget:
-                return False
-            used += need
-            return True
-
-        for seq in self.scheduler.admit(fits):
+        for seq in self.scheduler.admit(self.kv.admission(self.scheduler.running)):
             with self._lock:
                 self.stats.waiting -= 1
                 self.stats.running += 1
             try:
-                self.runner.allocate(seq)  # here, so that the prompt tokens it reads from the prefix cache are known
+                self.kv.allocate(seq)  # here, so that the prompt tokens it reads from the prefix cache are known
             except Exception as e:
                 log.exception("request %d failed", seq.id)
                 self._end(seq, Failed(e))
 
     def _fit_memory(self) -> None:
-        """Keep the running sequences' KV caches and the cached prefixes within the runner's budget: drop cached
-        blocks first, then preempt the sequences admitted last (never the only one running: it must progress)."""
-        budget = self.runner.kv_budget
-        if budget is None:
-            return
-        running = self.runner.running_bytes(self.scheduler.running)
-        while running > budget and len(self.scheduler.running) > 1:
+        """Keep within the KV budget (kv_manager.py's policy): preempt the sequences admitted last while the running
+        caches outgrow it (never the only one running: it must progress), then evict cached blocks."""
+        while self.kv.over_budget(self.scheduler.running) and len(self.scheduler.running) > 1:
             seq = self.scheduler.preempt()
-            self.runner.free(seq)
+            self.kv.free(seq)
             log.info("request %d preempted for KV memory; it will compute its tokens again", seq.id)
-            running = self.runner.running_bytes(self.scheduler.running)
             with self._lock:
                 self.stats.running -= 1
                 self.stats.waiting += 1
                 self.stats.preempted += 1
-        if self.runner.prefix_cache is not None:
-            self.runner.prefix_cache.evict(max(0, budget - running))
+        self.kv.evict(self.scheduler.running)
 
     def _measure_kv(self) -> None:
-        running = self.runner.running_bytes(self.scheduler.running)
-        cached = self.runner.prefix_cache.stats if self.runner.prefix_cache is not None else None
+        usage = self.kv.usage(self.scheduler.running)
         with self._lock:
-            self.stats.kv_running_bytes = running
-            self.stats.kv_cached_bytes = cached.bytes if cached else 0
-            self.stats.kv_cached_blocks = cached.blocks if cached else 0
+            self.stats.kv_running_bytes, self.stats.kv_cached_bytes, self.stats.kv_cached_blocks = usage
 
     def _end(self, seq: Sequence, event: Finished | Failed | Cancelled) -> None:
         was_running = seq in self.scheduler.running
         self.scheduler.remove(seq)
-        self.runner.free(seq)
+        self.kv.free(seq)
         if not seq.finished:
             seq.finish(None)
         with self._lock:
