@@ -31,7 +31,7 @@ def tiny_llm(tiny_repo):
 @pytest.fixture(scope="module")
 def server(tiny_repo):
     """`ossie serve` on the tiny checkpoint (one per test module), whose log must show no traceback at the end."""
-    from tests.test_server import Server
+    from tests.helpers.server import Server
 
     s = Server(tiny_repo)
     yield s
@@ -41,10 +41,10 @@ def server(tiny_repo):
 
 @pytest.fixture(scope="module")
 def scripted(tiny_repo, tmp_path_factory):
-    """`ossie serve` whose runner replays tests/test_server.py's SCRIPT (scripted completions of known shapes)."""
+    """`ossie serve` whose runner replays tests/helpers/server.py's SCRIPT (scripted completions of known shapes)."""
     import json
 
-    from tests.test_server import SCRIPT, Server
+    from tests.helpers.server import SCRIPT, Server
 
     path = tmp_path_factory.mktemp("script") / "script.json"
     path.write_text(json.dumps(SCRIPT))

@@ -2,7 +2,7 @@
 with a float16 scale for each 32 of a row (llama.cpp's q8_0), made at load from the bf16 checkpoint. The experts
 stay MXFP4; the embedding (read one row a token), the router and the norms stay as they are. A decode step then
 reads ~2.5 GB instead of ~3.7 for the 20b; the cost in accuracy is measured by benchmarks/q8.py and bounded in
-tests/test_q8.py.
+tests/model/test_q8.py.
 """
 
 from __future__ import annotations

@@ -11,8 +11,7 @@ import ossie
 from ossie.model.checkpoint import CheckpointError, ModelNotFoundError, detect_layout, resolve_model
 from ossie.model.config import ConfigError
 from ossie.synth import write_checkpoint
-
-from .conftest import TINY
+from tests.conftest import TINY
 
 SMALL = TINY.replace(num_layers=2, vocab_size=512)
 

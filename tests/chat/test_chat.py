@@ -13,7 +13,7 @@ import ossie
 from tests.helpers import use_runner
 from tests.scripted import ScriptedRunner
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = [
     "<|channel|>analysis<|message|>User wants weather. Call the tool.<|end|><|start|>assistant<|channel|>commentary "

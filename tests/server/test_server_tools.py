@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from tests.test_server import MODEL, Server
-from tests.test_tools import BIG, PAGES
+from tests.helpers.server import MODEL, Server
+from tests.tools.test_tools import BIG, PAGES
 
 SCRIPT = [
     {"match": "run some python", "completion": "<|channel|>analysis<|message|>Let me compute.<|end|><|start|>"

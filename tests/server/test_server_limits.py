@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.test_server import GOOD, MODEL, WEATHER, Server, client, user
+from tests.helpers.server import GOOD, MODEL, WEATHER, Server, client, user
 
 LONG = {"model": MODEL, "messages": user("Talk for a long time"), "max_tokens": 5000, "temperature": 1.0}
 

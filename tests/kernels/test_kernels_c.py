@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ["tests/kernels_test.c", "kernels.c", "pool.c", "x86_avx2.c", "x86_avx512.c", "neon.c"]
 
 

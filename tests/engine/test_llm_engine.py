@@ -9,9 +9,9 @@ import pytest
 
 import ossie
 from ossie.engine import ModelRunner, Sequence
+from tests.engine.test_batching import PROMPTS
 from tests.helpers import alone, greedy, use_runner
 from tests.scripted import ScriptedRunner
-from tests.test_batching import PROMPTS
 
 
 def interleave(llm: ossie.LLM, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

@@ -6,7 +6,7 @@ import json
 import httpx
 import pytest
 
-from tests.test_server import MODEL, WEATHER
+from tests.helpers.server import MODEL, WEATHER
 
 ollama = pytest.importorskip("ollama")
 
