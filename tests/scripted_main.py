@@ -27,11 +27,11 @@ def main() -> int:
     cli.load_llm = load_scripted
     pages = os.environ.get("OSSIE_TEST_PAGES")  # the browser tool searches and opens these pages, not the web
     if pages:
-        import ossie.tools
+        import ossie.tools.browser
         from ossie.tools import LocalBackend
 
         served = json.loads(Path(pages).read_text())
-        ossie.tools.make_backend = lambda name: LocalBackend(served)
+        ossie.tools.browser.make_backend = lambda name: LocalBackend(served)
     return cli.main(sys.argv[2:])
 
 

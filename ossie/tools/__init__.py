@@ -6,40 +6,17 @@ builtin_tools=["python", "browser"])`, the server)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from .base import Tool
-from .browser import Backend, BrowserError, BrowserTool, Citation, LocalBackend, SearchResult
-from .python import Limits, PythonTool, SandboxUnavailable
+from .browser import Backend, BrowserError, BrowserTool, Citation, LocalBackend, SearchResult, make_backend
+from .python import PythonTool, SandboxUnavailable
+from .settings import Limits, ToolSettings
 
 __all__ = ["Backend", "BrowserError", "BrowserTool", "BuiltinTools", "Citation", "Limits", "LocalBackend",
            "PythonTool", "SandboxUnavailable", "SearchResult", "TOOLS", "Tool", "ToolSettings", "make_backend"]
 
 TOOLS: dict[str, type[Tool]] = {tool.name: tool for tool in (BrowserTool, PythonTool)}
 NAMES = tuple(TOOLS)
-MAX_CALLS = 32  # built-in tool calls one answer may make; beyond, the model is told to answer
-
-
-def make_backend(name: str | None) -> Backend:
-    """A search backend by name: "exa", "you", "ddgs", or None for the first one whose key is set (else ddgs)."""
-    from . import browser
-
-    if name is None:
-        return browser.default_backend()
-    if name not in browser.BACKENDS:
-        raise ValueError(f"unknown search backend {name!r}; choose from {sorted(browser.BACKENDS)}")
-    return browser.BACKENDS[name]()
-
-
-@dataclass(frozen=True)
-class ToolSettings:
-    """How the tools of each conversation are made (the server's and the CLI's options)."""
-
-    python: Limits = field(default_factory=Limits)
-    dangerously_unsandboxed: bool = False
-    search_backend: str | None = None  # see make_backend
-    allow_private: bool = False  # the browser may open loopback and private addresses
-    max_calls: int = MAX_CALLS
 
 
 class BuiltinTools:

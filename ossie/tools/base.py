@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from openai_harmony import SystemContent
 
-    from . import ToolSettings
+    from .settings import ToolSettings
 
 
 class Tool(ABC):

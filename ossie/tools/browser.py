@@ -30,7 +30,7 @@ from .base import Tool
 if TYPE_CHECKING:
     from openai_harmony import SystemContent
 
-    from . import ToolSettings
+    from .settings import ToolSettings
 
 VIEW_TOKENS = 1024  # a display's size, as the official tool's
 MAX_FIND_RESULTS = 50
@@ -255,6 +255,15 @@ class LocalBackend(Backend):
 BACKENDS = {"exa": ExaBackend, "you": YouComBackend, "ddgs": DDGSBackend}
 
 
+def make_backend(name: str | None) -> Backend:
+    """A search backend by name: "exa", "you", "ddgs", or None for the first one whose key is set (else ddgs)."""
+    if name is None:
+        return default_backend()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown search backend {name!r}; choose from {sorted(BACKENDS)}")
+    return BACKENDS[name]()
+
+
 def default_backend() -> Backend:
     """Exa if EXA_API_KEY is set, else You.com if YDC_API_KEY is, else ddgs (no key)."""
     if os.environ.get("EXA_API_KEY"):
@@ -416,14 +425,10 @@ class BrowserTool(Tool):
 
     @classmethod
     def from_settings(cls, settings: ToolSettings) -> BrowserTool:
-        from . import make_backend  # the tools package's, which tests replace with a local backend
-
         return cls(make_backend(settings.search_backend), allow_private=settings.allow_private)
 
     @classmethod
     def check(cls, settings: ToolSettings) -> None:
-        from . import make_backend
-
         make_backend(settings.search_backend)
 
     def process(self, function: str, arguments: str) -> str:

@@ -37,16 +37,16 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .base import Tool
+from .settings import Limits
 
 if TYPE_CHECKING:
     from openai_harmony import SystemContent
 
-    from . import ToolSettings
+    from .settings import ToolSettings
 
 log = logging.getLogger("ossie")
 
@@ -57,16 +57,6 @@ REPL = Path(__file__).with_name("_repl.py")
 
 class SandboxUnavailable(RuntimeError):
     """bubblewrap is missing or cannot start here; nothing was run."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    timeout_s: float = 120.0  # a call's wall-clock time: the figure harmony's tool description gives the model
-    memory_mb: int = 4096  # address space of each process in the sandbox
-    processes: int = 64
-    cpu_s: int = 3600  # CPU time of the whole session
-    file_mb: int = 1024  # the largest file it may write
-    max_output_chars: int = 16_000  # longer output is cut, with a note saying so
 
 
 def find_bwrap() -> str | None:
