@@ -125,7 +125,8 @@ class Engine:
     @property
     def background(self) -> bool:
         """Whether an engine thread steps (clients then wait for events instead of stepping)."""
-        return self._thread is not None and not self._stop.is_set()
+        thread = self._thread  # a thread that died (a bug) leaves its clients to step, not to wait for ever
+        return thread is not None and thread.is_alive() and not self._stop.is_set()
 
     def submit(self, prompt: list[int], params: SamplingParams, steering: Steering | None,
                on_event: Callable[[Event], None], timeout_s: float | None = None,
