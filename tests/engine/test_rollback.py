@@ -68,15 +68,25 @@ def checked_step(runner: ModelRunner, seq: Sequence) -> list[int]:
     return samples
 
 
+@pytest.fixture(scope="module")
+def bf16_llm(tiny_repo):
+    import ossie
+
+    return ossie.LLM(tiny_repo, progress=False)  # bf16: one-token steps take the C kernels' fused decode
+
+
 @pytest.mark.parametrize("prefix_cache", [False, True])
-def test_candidates_taken_back_leave_every_later_logit_unchanged(tiny_llm, prefix_cache):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_candidates_taken_back_leave_every_later_logit_unchanged(tiny_llm, bf16_llm, prefix_cache, dtype):
     """Decode 3 tokens, feed 4 candidates beside the last one and take all 5 positions back, then decode on: the
     tokens and their logits are bit for bit those of the sequence that never saw the candidates. (The 186-token
     prompt wraps the 128-position rings, and the 5 positions, 188-192, complete a 64-position block of the prefix
     cache that must be forgotten.)"""
+    llm = tiny_llm if dtype == "float32" else bf16_llm
+
     def runner():
-        cache = PrefixCache(tiny_llm.config, 2**30) if prefix_cache else None
-        return RecordingRunner(tiny_llm.model, prefix_cache=cache)
+        cache = PrefixCache(llm.config, 2**30) if prefix_cache else None
+        return RecordingRunner(llm.model, prefix_cache=cache)
 
     ref, ref_seq = runner(), Sequence(PROMPT, greedy(12))
     while not ref_seq.finished:
