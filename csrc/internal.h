@@ -53,6 +53,7 @@ typedef void (*task_fn)(const void *ctx, int64_t begin, int64_t end);
 #define MAX_THREADS 256
 extern pthread_mutex_t call_mu;  /* one job at a time owns the pool: the API's entry points hold it */
 void parallel_for(task_fn fn, const void *ctx, int64_t n, int64_t grain);
+void parallel_for_dynamic(task_fn fn, const void *ctx, int64_t n, int64_t grain);
 int pool_threads(void);
 void pool_set_threads(int n);
 

@@ -246,8 +246,10 @@ int ossie_matmul(int kind, const float *x, const void *wa, const void *wb, const
 typedef struct {
     int64_t n, k, H, I, T; int bf16, path; float alpha, limit;  /* path: the products' (x's layout follows it) */
     job_t *up, *down;      /* per distinct chosen expert, ascending: its W1 product (into h) and W2 product (into part) */
-    task_fn up_fn, down_fn;
+    task_fn *fn;           /* per expert: its products' kernel, chosen by its token count (a panel GEMM from GEMM_MIN_T) */
     float **act; uint16_t **actb;  /* per expert [T_e, I] activations: float32, or bf16 in the avx512bf16 order */
+    float **actn;          /* per expert on the avx2 path, where its kernel is the panel GEMM: the activations in natural
+                              order too (the panel reads x so, its fallback tile kernel permuted); NULL elsewhere */
     const int64_t *slot_expert, *slot_row;  /* [T, k] in ascending expert order: which expert, which of its rows */
     const float *slot_wt, *residual;
     float *y;
@@ -257,7 +259,7 @@ static void moe_up(const void *p, int64_t b, int64_t e) {
     const moe_job_t *m = p; int64_t rows = 2 * m->I;
     for (int64_t n = b / rows; n < m->n && n * rows < e; n++) {
         int64_t r0 = b > n * rows ? b - n * rows : 0, r1 = e < (n + 1) * rows ? e - n * rows : rows;
-        m->up_fn(&m->up[n], r0, r1);  /* chunks start at multiples of an even grain: whole (gate, up) pairs */
+        m->fn[n](&m->up[n], r0, r1);  /* chunks start at multiples of an even grain: whole (gate, up) pairs */
         for (int64_t t = 0; t < m->up[n].T; t++) {
             const float *h = m->up[n].y + t * rows;
             for (int64_t i = r0 / 2; i < r1 / 2; i++) {  /* clamped SwiGLU on interleaved (gate, up) */
@@ -265,8 +267,10 @@ static void moe_up(const void *p, int64_t b, int64_t e) {
                 gate = gate > m->limit ? m->limit : gate;
                 up = up > m->limit ? m->limit : (up < -m->limit ? -m->limit : up);
                 float a = gate * (1.f / (1.f + expf(-(m->alpha * gate)))) * (up + 1.f);
+                if (m->bf16) a = rbf(a);
                 if (m->path == PATH_AVX512BF16) m->actb[n][t * m->I + permuted_pos(i, m->I)] = f32_to_bf16(a);
-                else m->act[n][t * m->I + (m->path == PATH_AVX2 ? permuted_pos_avx2(i, m->I) : i)] = m->bf16 ? rbf(a) : a;
+                else m->act[n][t * m->I + (m->path == PATH_AVX2 ? permuted_pos_avx2(i, m->I) : i)] = a;
+                if (m->actn[n]) m->actn[n][t * m->I + i] = a;
             }
         }
     }
@@ -274,7 +278,7 @@ static void moe_up(const void *p, int64_t b, int64_t e) {
 
 static void moe_down(const void *p, int64_t b, int64_t e) {
     const moe_job_t *m = p;
-    for (int64_t n = 0; n < m->n; n++) m->down_fn(&m->down[n], b, e);
+    for (int64_t n = 0; n < m->n; n++) m->fn[n](&m->down[n], b, e);
     for (int64_t t = 0; t < m->T; t++)
         for (int64_t r = b; r < e; r++) {
             float acc = 0.f;
@@ -285,6 +289,10 @@ static void moe_down(const void *p, int64_t b, int64_t e) {
         }
 }
 
+/* The MoE block of T tokens in one call: decoding's few (each chosen expert read once for all of them) and a
+ * prompt's many. A prompt's tokens gather on their experts unevenly, so its experts' products go to the threads
+ * piece by piece (parallel_for_dynamic) rather than in equal shares of rows; one call rather than a call per expert
+ * and product leaves no thread waiting at each of them. */
 int ossie_moe(const float *x, const void *w1b, const void *w1s, const float *b1, const void *w2b, const void *w2s,
               const float *b2, const int64_t *experts, const float *weights, float *y, int64_t T, int64_t k, int64_t H,
               int64_t I, int64_t E, int bf16, float alpha, float limit, const float *res) {
@@ -295,34 +303,51 @@ int ossie_moe(const float *x, const void *w1b, const void *w1s, const float *b1,
     int64_t *count = calloc(E, sizeof(int64_t)), *index = malloc(sizeof(int64_t) * E), *order = malloc(sizeof(int64_t) * k),
             *slot_expert = malloc(sizeof(int64_t) * T * k), *slot_row = malloc(sizeof(int64_t) * T * k);
     float *slot_wt = malloc(sizeof(float) * T * k);
-    int rc = !count || !index || !order || !slot_expert || !slot_row || !slot_wt;
-    float *xg = NULL, *h = NULL, *actf = NULL, *part = NULL; uint16_t *xb = NULL, *actbuf = NULL;
+    m.fn = calloc(E, sizeof(task_fn));
+    int rc = !count || !index || !order || !slot_expert || !slot_row || !slot_wt || !m.fn;
+    float *xg = NULL, *xn = NULL, *h = NULL, *actf = NULL, *actnf = NULL, *part = NULL;
+    uint16_t *xb = NULL, *actbuf = NULL;
     if (!rc) {
         for (int64_t j = 0; j < T * k; j++) count[ex[j]]++;
-        int64_t n = 0, rows = 0;
-        for (int64_t e = 0; e < E; e++) if (count[e]) { index[e] = n++; rows += count[e]; }
+        task_fn one;  /* the one-token kernel: experts with more tokens may take a panel GEMM */
+        m.path = choose_path(0, bf16, 1, &one);
+        int64_t n = 0, rows = 0, panel_rows = 0, least = T, most = 0;
+        for (int64_t e = 0; e < E; e++) if (count[e]) {
+            int64_t i = index[e] = n++;
+            rows += count[e];
+            if (count[e] < least) least = count[e];
+            if (count[e] > most) most = count[e];
+            choose_path(0, bf16, count[e], &m.fn[i]);
+            if (m.path == PATH_AVX2 && m.fn[i] != one) panel_rows += count[e];
+        }
         m.n = n; m.k = k; m.H = H; m.I = I; m.T = T; m.bf16 = bf16; m.alpha = alpha; m.limit = limit;
         m.up = calloc(n, sizeof(job_t)); m.down = calloc(n, sizeof(job_t));
-        m.act = calloc(n, sizeof(float *)); m.actb = calloc(n, sizeof(uint16_t *));
-        xg = malloc(sizeof(float) * rows * H); xb = malloc(sizeof(uint16_t) * rows * H);
-        h = malloc(sizeof(float) * rows * 2 * I); actf = malloc(sizeof(float) * rows * I);
-        actbuf = malloc(sizeof(uint16_t) * rows * I); part = malloc(sizeof(float) * rows * H);
-        rc = !m.up || !m.down || !m.act || !m.actb || !xg || !xb || !h || !actf || !actbuf || !part;
+        m.act = calloc(n, sizeof(float *)); m.actb = calloc(n, sizeof(uint16_t *)); m.actn = calloc(n, sizeof(float *));
+        int both = panel_rows > 0;  /* some experts take the avx2 panel: x in both orders */
+        xg = malloc(sizeof(float) * rows * H); h = malloc(sizeof(float) * rows * 2 * I);
+        actf = malloc(sizeof(float) * rows * I); part = malloc(sizeof(float) * rows * H);
+        if (m.path == PATH_AVX512BF16) { xb = malloc(sizeof(uint16_t) * rows * H); actbuf = malloc(sizeof(uint16_t) * rows * I); }
+        if (both) { xn = malloc(sizeof(float) * panel_rows * H); actnf = malloc(sizeof(float) * panel_rows * I); }
+        rc = !m.up || !m.down || !m.act || !m.actb || !m.actn || !xg || !h || !actf || !part ||
+             (m.path == PATH_AVX512BF16 && (!xb || !actbuf)) || (both && (!xn || !actnf));
         if (!rc) {
-            m.path = choose_path(0, bf16, 1, &m.up_fn);
-            m.down_fn = m.up_fn;
             /* each expert's rows (its tokens, in token order) start after the previous experts' */
-            int64_t off = 0;
+            int64_t off = 0, panel_off = 0;
             for (int64_t e = 0; e < E; e++) if (count[e]) {
                 int64_t i = index[e], c = count[e];
-                m.up[i] = (job_t){xg + off * H, xb + off * H, (const uint8_t *)w1b + e * 2 * I * (H / 32) * 16,
+                m.up[i] = (job_t){xg + off * H, xb ? xb + off * H : NULL, (const uint8_t *)w1b + e * 2 * I * (H / 32) * 16,
                                   (const uint8_t *)w1s + e * 2 * I * (H / 32), NULL, (const float *)b1 + e * 2 * I,
                                   h + off * 2 * I, 0, 2 * I, H};
-                m.act[i] = actf + off * I; m.actb[i] = actbuf + off * I;
+                m.act[i] = actf + off * I; m.actb[i] = actbuf ? actbuf + off * I : NULL;
                 m.down[i] = (job_t){m.act[i], m.actb[i], (const uint8_t *)w2b + e * H * (I / 32) * 16,
                                     (const uint8_t *)w2s + e * H * (I / 32), NULL, (const float *)b2 + e * H,
                                     part + off * H, c, H, I};
                 m.up[i].xp = m.up[i].x; m.down[i].xp = m.down[i].x;  /* on the avx2 path both are laid out permuted */
+                if (both && m.fn[i] != one) {  /* the panel reads x in natural order */
+                    m.up[i].x = xn + panel_off * H;
+                    m.down[i].x = m.actn[i] = actnf + panel_off * I;
+                    panel_off += c;
+                }
                 off += c;
             }
             const float *xf = x;
@@ -336,10 +361,11 @@ int ossie_moe(const float *x, const void *w1b, const void *w1s, const float *b1,
                     int64_t e = ex[t * k + order[a]], i = index[e];
                     job_t *u = &m.up[i];
                     int64_t row = u->T++;  /* this token's row in the expert's products */
-                    float *dst = xg + (u->x - xg) + row * H;  /* u->x points into xg, which this call owns */
+                    float *dst = (float *)u->xp + row * H;  /* points into xg, which this call owns */
                     if (m.path == PATH_AVX2)
                         for (int64_t c = 0; c < H; c++) dst[permuted_pos_avx2(c, H)] = xf[t * H + c];
                     else memcpy(dst, xf + t * H, sizeof(float) * H);
+                    if (u->x != u->xp) memcpy((float *)u->x + row * H, xf + t * H, sizeof(float) * H);
                     if (m.path == PATH_AVX512BF16)
                         for (int64_t c = 0; c < H; c++) xb[(u->xb - xb) + row * H + permuted_pos(c, H)] = f32_to_bf16(dst[c]);
                     slot_expert[t * k + a] = i; slot_row[t * k + a] = row; slot_wt[t * k + a] = wts[t * k + order[a]];
@@ -348,13 +374,15 @@ int ossie_moe(const float *x, const void *w1b, const void *w1s, const float *b1,
             m.slot_expert = slot_expert; m.slot_row = slot_row; m.slot_wt = slot_wt;
             m.residual = res; m.y = y;
             pthread_mutex_lock(&call_mu);
-            parallel_for(moe_up, &m, n * 2 * I, 16);
+            if (most > least) parallel_for_dynamic(moe_up, &m, n * 2 * I, 128);  /* a multiple of 16: see moe_up */
+            else parallel_for(moe_up, &m, n * 2 * I, 16);
             parallel_for(moe_down, &m, H, 16);
             pthread_mutex_unlock(&call_mu);
         }
     }
     free(count); free(index); free(order); free(slot_expert); free(slot_row); free(slot_wt);
-    free(m.up); free(m.down); free(m.act); free(m.actb); free(xg); free(xb); free(h); free(actf); free(actbuf); free(part);
+    free(m.up); free(m.down); free(m.fn); free(m.act); free(m.actb); free(m.actn);
+    free(xg); free(xn); free(xb); free(h); free(actf); free(actnf); free(actbuf); free(part);
     return rc ? -1 : 0;
 }
 /* q . k[off..off+D) in the scalar kernels' 4 lanes (dot_neon's order), the elements past a multiple of 4 after */

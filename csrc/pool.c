@@ -85,6 +85,23 @@ void parallel_for(task_fn fn, const void *ctx, int64_t n, int64_t grain) {
     }
 }
 
+/* parallel_for for units of unequal cost (a prompt's experts, each with its own token count): the threads take
+ * `grain` units at a time from a shared counter until none are left, where parallel_for's equal parts would leave
+ * one thread waiting on the other. Which thread computes a unit changes nothing in its result. */
+typedef struct { task_fn fn; const void *ctx; int64_t n, grain, next; } dynamic_job_t;
+
+static void dynamic_part(const void *p, int64_t b, int64_t e) {
+    (void)b; (void)e;
+    dynamic_job_t *d = (dynamic_job_t *)p;
+    for (int64_t s; (s = __atomic_fetch_add(&d->next, d->grain, __ATOMIC_RELAXED)) < d->n;)
+        d->fn(d->ctx, s, s + d->grain < d->n ? s + d->grain : d->n);
+}
+
+void parallel_for_dynamic(task_fn fn, const void *ctx, int64_t n, int64_t grain) {
+    dynamic_job_t d = {fn, ctx, n, grain, 0};
+    parallel_for(dynamic_part, &d, pool.nthreads, 1);
+}
+
 int pool_threads(void) { return pool.nthreads; }
 
 /* callers hold call_mu (not in the middle of a job) */

@@ -27,7 +27,7 @@ from ..model.q8 import Q8, dequantize
 from ..model.transformer import route
 from . import cpu_kernels as K
 from .base import Backend
-from .torch_ops import TorchBackend, swiglu, tokens_by_expert
+from .torch_ops import TorchBackend
 
 if TYPE_CHECKING:
     from ..engine.kv_cache import KVCache
@@ -139,18 +139,8 @@ class CpuBackend(Backend):
             for r in rows:
                 out[r] = self.experts(x[r], lw, chosen[r], weight[r], cfg)
             return out
-        # one C call for all tokens: each chosen expert read once for the tokens that chose it (decoding, and the
-        # decode steps of a batch); a prompt's many tokens go expert by expert through the products instead, which
-        # keeps the activations of one expert's tokens at a time
-        bf16 = x.dtype == torch.bfloat16
-        if x.shape[0] <= SMALL_BATCH:
-            y = K.moe(x, lw.w1_blocks, lw.w1_scales, lw.w1_bias, lw.w2_blocks, lw.w2_scales, lw.w2_bias, chosen,
-                      weight, cfg.swiglu_alpha, cfg.swiglu_limit, bf16)
-            return y.to(x.dtype)
-        out = torch.zeros(x.shape, dtype=torch.float32)
-        for e, tok, slot in tokens_by_expert(chosen):  # the packed weights read directly
-            h = K.mxfp4_matmul(x[tok], lw.w1_blocks[e], lw.w1_scales[e], lw.w1_bias[e], bf16)
-            a = swiglu(h, cfg.swiglu_alpha, cfg.swiglu_limit)
-            y = K.mxfp4_matmul(a.to(x.dtype), lw.w2_blocks[e], lw.w2_scales[e], lw.w2_bias[e], bf16)
-            out.index_add_(0, tok, y * weight[tok, slot, None])
-        return out.to(x.dtype)
+        # one C call for all tokens: each chosen expert read once for the tokens that chose it, decoding's few
+        # and a prompt's many alike (a call per expert and product left a thread waiting at each of them)
+        y = K.moe(x, lw.w1_blocks, lw.w1_scales, lw.w1_bias, lw.w2_blocks, lw.w2_scales, lw.w2_bias, chosen,
+                  weight, cfg.swiglu_alpha, cfg.swiglu_limit, x.dtype == torch.bfloat16)
+        return y.to(x.dtype)

@@ -191,6 +191,53 @@ def test_moe_one_token_matches_reference(path, bf16):
         close(y.double(), residual.double() + ref)
 
 
+def moe_reference(x, weights_, experts, weights, alpha, limit, bf16):
+    """The MoE block in float64, expert by expert in ascending order as the kernel adds them"""
+    w1b, w1s, b1, w2b, w2s, b2 = weights_
+    ref = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for n in experts[t].argsort().tolist():
+            ex = int(experts[t, n])
+            act = swiglu(mxfp4_linear(x[t:t + 1].double(), w1b[ex], w1s[ex], b1[ex].double()), alpha, limit)
+            if bf16:  # the activation is a bf16 tensor in a bf16 model
+                act = act.float().bfloat16().double()
+            ref[t] += weights[t, n].double() * mxfp4_linear(act, w2b[ex], w2s[ex], b2[ex].double())[0]
+    return ref
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_moe_of_a_prompt_matches_reference(path, bf16):
+    """A prompt's MoE block in one call: experts chosen by many tokens (the panel GEMM, x in both orders on the avx2
+    path), by a few (the tile kernel) and by one, their products handed to the threads piece by piece; against the
+    float64 reference, and the same bits on one thread as on several."""
+    gen = torch.Generator().manual_seed(31 + bf16)
+    weights_ = random_experts(gen)
+    tokens = 40
+    x = torch.randn(tokens, 320, generator=gen)
+    if bf16:
+        x = x.bfloat16().float()
+    experts = torch.stack([torch.tensor([0, 1 + t % 2, 3 + (t % 7 == 0) + 2 * (t == 5)]) for t in range(tokens)])
+    counts = torch.bincount(experts.flatten(), minlength=6).tolist()
+    assert counts[0] == tokens and 1 < counts[4] < 16 and counts[5] == 1  # panel, tile, one token
+    weights = torch.softmax(torch.randn(tokens, 3, generator=gen), -1)
+    y = kernels.moe(x, *weights_, experts, weights, 1.702, 7.0, bf16)
+    ref = moe_reference(x, weights_, experts, weights, 1.702, 7.0, bf16)
+    if bf16:
+        # a bf16 model rounds each activation to bf16: where the float32 sum lies within its last bit of a rounding
+        # boundary it rounds the other way than the float64 one (23,040 activations here), and one such activation
+        # moves its token's output by 2^-8 of its share, ~1e-5 of the whole: a bound of flips, not of sums
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 3e-5
+    else:
+        close(y.double(), ref)
+    before = kernels.kernel_threads()
+    try:
+        kernels.set_num_threads(1)
+        one = kernels.moe(x, *weights_, experts, weights, 1.702, 7.0, bf16)
+    finally:
+        kernels.set_num_threads(before)
+    assert torch.equal(one, y)
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_moe_tokens_together_equal_each_alone(path, bf16):
     """Continuous batching's MoE: 7 tokens in one call (sharing some experts, each expert read once) give every
