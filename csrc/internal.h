@@ -127,6 +127,7 @@ typedef struct {
 } attn_job_t;
 
 #define KV_ROW(D) ((D) + 2 * ((D) / 32))
+#define ATTN_PQ 8  /* queries the AVX2 prefill attention takes together (each key row read and transposed once for them) */
 
 /* element i (= (position * KV + kv_head) * D + d) of a q8 cache */
 static inline float q8_kv_at(const attn_job_t *a, const void *base, int64_t i) {
@@ -168,6 +169,7 @@ void bf16_avx512bf16_t1(const void *p, int64_t r0, int64_t r1);
 float dot_avx2(const attn_job_t *a, const float *q, int64_t off);
 void axpy_avx2(const attn_job_t *a, float *o, float p, int64_t off);
 void attn_kv_heads_avx2(const void *p, int64_t u0, int64_t u1);  /* decoding, D % 8 == 0, D <= 128 */
+void attn_prefill_avx2(const void *p, int64_t u0, int64_t u1);  /* prompts, D % 32 == 0; units: ATTN_PQ queries of a KV head */
 void attention_setup(attn_job_t *a, int64_t n);
 void attn_groups_avx512(const void *p, int64_t u0, int64_t u1);
 void attn_kv_heads_avx512(const void *p, int64_t u0, int64_t u1);

@@ -464,21 +464,33 @@ static void attention_heads(attn_job_t *a) {
 
 /* attention_prefill(q, k, v, sinks, out, T, S, H, KV, D, scale, bf16, first, window[, q8]) -> bool: T queries q
  * float32 [T, H, D] at key rows first.. of k, v [S, KV, D] (rows in position order; with q8 packed q8 rows [S, KV,
- * KV_ROW(D)]), causal, within `window` rows if not 0; out float32 [T, H, D]. False (nothing done) where the
- * AVX-512 kernel does not apply: the caller's torch path then serves. */
+ * KV_ROW(D)]), causal, within `window` rows if not 0; out float32 [T, H, D]. False (nothing done) where neither
+ * the AVX-512 kernel nor the AVX2 one applies (no AVX2; off AVX-512, a q8 cache or D not a multiple of 32): the
+ * caller's torch path then serves. */
 int ossie_attention_prefill(const float *q, const void *k, const void *v, const float *sinks, float *out, int64_t T,
                             int64_t S, int64_t H, int64_t KV, int64_t D, float scale, int bf16, int64_t first,
                             int64_t window, int q8) {
     attn_job_t a = {q, k, v, sinks, out, S, H, KV, D, scale, bf16 && !q8, 0, T, first, window};
     a.q8 = q8;
-    if (!quads_apply(&a)) return 0;
+    if (quads_apply(&a)) {
 #ifdef OSSIE_X86
-    pthread_mutex_lock(&call_mu);
-    attention_setup(&a, T * H);
-    parallel_for(attn_groups_prefill_avx512, &a, T * (H / a.group), 1);
-    pthread_mutex_unlock(&call_mu);
+        pthread_mutex_lock(&call_mu);
+        attention_setup(&a, T * H);
+        parallel_for(attn_groups_prefill_avx512, &a, T * (H / a.group), 1);
+        pthread_mutex_unlock(&call_mu);
 #endif
-    return a.failed ? -1 : 1;
+        return a.failed ? -1 : 1;
+    }
+#ifdef OSSIE_X86
+    int path = current_path();
+    if (path >= PATH_AVX2 && path <= PATH_AVX512BF16 && !q8 && D % 32 == 0) {
+        pthread_mutex_lock(&call_mu);  /* later queries see more keys: units of unequal cost */
+        parallel_for_dynamic(attn_prefill_avx2, &a, KV * ((T + ATTN_PQ - 1) / ATTN_PQ), 1);
+        pthread_mutex_unlock(&call_mu);
+        return a.failed ? -1 : 1;
+    }
+#endif
+    return 0;
 }
 
 /* attention(q, k, v, sinks, out, S, H, KV, D, scale, bf16[, q8]): q float32 [H, D], out float32 [H, D]; k, v

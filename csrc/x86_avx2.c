@@ -4,7 +4,7 @@
  * every x86-64 CPU. */
 #include "internal.h"
 #ifdef OSSIE_X86
-#include <immintrin.h>
+#include "x86_avx2.h"
 
 /* ---- AVX2 (with FMA and F16C): the path of every x86 laptop and desktop without AVX-512 BF16 -----------------
  * MXFP4: two groups (32 bytes, 64 values) decoded at a time, by in-lane byte shuffles only (no lane-crossing
@@ -18,13 +18,6 @@ static const int8_t FP4_BF16_HI[16] = {0x00, 0x3f, 0x3f, 0x3f, 0x40, 0x40, 0x40,
                                        (int8_t)0xc0, (int8_t)0xc0, (int8_t)0xc0, (int8_t)0xc0};
 static const int8_t FP4_BF16_LO[16] = {0x00, 0x00, (int8_t)0x80, (int8_t)0xc0, 0x00, 0x40, (int8_t)0x80, (int8_t)0xc0,
                                        0x00, 0x00, (int8_t)0x80, (int8_t)0xc0, 0x00, 0x40, (int8_t)0x80, (int8_t)0xc0};
-#define AVX2 "avx2,fma,f16c"
-
-__attribute__((target(AVX2))) static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s)); s = _mm_add_ss(s, _mm_movehdup_ps(s)); return _mm_cvtss_f32(s);
-}
-
 /* the 64 values of two groups at blk, as 8 vectors of floats in permuted_pos_avx2's order */
 __attribute__((target(AVX2), always_inline)) static inline void decode2_avx2(const uint8_t *blk, __m256 w[8]) {
     const __m256i hi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FP4_BF16_HI));
@@ -187,20 +180,6 @@ __attribute__((target(AVX2))) void bf16_avx2(const void *p, int64_t r0, int64_t 
  * same sums however the prompt is cut into chunks. */
 #define PB_K 256
 #define PT 6  /* tokens per tile */
-
-/* r[i] = row i of an 8 x 8 matrix of floats; afterwards r[j] = its column j */
-__attribute__((target(AVX2), always_inline)) static inline void transpose8(__m256 r[8]) {
-    __m256 t[8], s[8];
-    for (int i = 0; i < 8; i += 2) { t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]); t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]); }
-    for (int i = 0; i < 8; i += 4) {
-        s[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44); s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-        s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44); s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-    }
-    for (int i = 0; i < 4; i++) {
-        r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
-        r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
-    }
-}
 
 /* rows o..o+nr (16 with zero rows past nr) of the bf16 weight, inputs k0..k0+kn (kn a multiple of 8), as a panel */
 __attribute__((target(AVX2))) static void bf16_panel(const job_t *j, int64_t o, int nr, int64_t k0, int64_t kn,
@@ -379,75 +358,6 @@ __attribute__((target(AVX2))) void mxfp4_avx2_gemm(const void *p, int64_t r0, in
 Q8_INT8_KERNEL(q8_avx2, AVX2, DOT_AVX2)
 Q8_INT8_KERNEL(q8_avxvnni, AVX2 ",avxvnni", DOT_AVXVNNI)
 Q8_INT8_KERNEL(q8_vnni, AVX2 ",avx512f,avx512vl,avx512vnni", DOT_AVX512VNNI)
-
-/* 8 floats of a bf16 or float32 cache, from element i */
-__attribute__((target(AVX2), always_inline)) static inline __m256 kv8(const attn_job_t *a, const void *base, int64_t i) {
-    return a->bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(
-                         _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + i))), 16))
-                   : _mm256_loadu_ps((const float *)base + i);
-}
-
-__attribute__((target(AVX2))) float dot_avx2(const attn_job_t *a, const float *q, int64_t off) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t d = 0; d < a->D; d += 8) {
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), kv8(a, a->k, off + d), acc);
-    }
-    return hsum256(acc);
-}
-__attribute__((target(AVX2))) void axpy_avx2(const attn_job_t *a, float *o, float p, int64_t off) {
-    __m256 pv = _mm256_set1_ps(p);
-    for (int64_t d = 0; d < a->D; d += 8) {
-        _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, kv8(a, a->v, off + d), _mm256_loadu_ps(o + d)));
-    }
-}
-
-/* Decoding attention, a KV head's query heads together (units: KV heads): each key and value row read and
- * converted once for the G heads that share it, where head by head read it G times (8 for gpt-oss). Every sum and
- * the softmax run as attn_heads runs them with dot_avx2 and axpy_avx2 (the same numbers bit for bit), only the
- * loops are swapped. D a multiple of 8, at most 128. */
-#define KVH_MAX_D 128
-__attribute__((target(AVX2))) void attn_kv_heads_avx2(const void *p, int64_t u0, int64_t u1) {
-    const attn_job_t *a = p; int64_t G = a->H / a->KV, S = a->S, D = a->D, V = D / 8;
-    float *w = malloc(sizeof(float) * G * (S + 2));
-    if (!w) { __atomic_store_n(&((attn_job_t *)p)->failed, 1, __ATOMIC_RELAXED); return; }
-    float *m = w + G * S, *total = m + G;
-    for (int64_t kvh = u0; kvh < u1; kvh++) {
-        int64_t h0 = kvh * G;
-        for (int64_t g = 0; g < G; g++) m[g] = a->sinks[h0 + g];
-        for (int64_t s = 0; s < S; s++) {
-            int64_t off = (s * a->KV + kvh) * D;
-            __m256 kv[KVH_MAX_D / 8];
-            for (int64_t v = 0; v < V; v++)
-                kv[v] = kv8(a, a->k, off + 8 * v);
-            for (int64_t g = 0; g < G; g++) {
-                const float *q = a->q + (h0 + g) * D;
-                __m256 acc = _mm256_setzero_ps();
-                for (int64_t v = 0; v < V; v++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * v), kv[v], acc);
-                float score = hsum256(acc) * a->scale;
-                w[g * S + s] = score;
-                if (score > m[g]) m[g] = score;
-            }
-        }
-        for (int64_t g = 0; g < G; g++) {
-            float *wg = w + g * S;
-            total[g] = expf(a->sinks[h0 + g] - m[g]);
-            for (int64_t s = 0; s < S; s++) { wg[s] = expf(wg[s] - m[g]); total[g] += wg[s]; }
-            memset(a->out + (h0 + g) * D, 0, sizeof(float) * D);
-        }
-        for (int64_t s = 0; s < S; s++) {
-            int64_t off = (s * a->KV + kvh) * D;
-            __m256 vv[KVH_MAX_D / 8];
-            for (int64_t v = 0; v < V; v++)
-                vv[v] = kv8(a, a->v, off + 8 * v);
-            for (int64_t g = 0; g < G; g++) {
-                __m256 pv = _mm256_set1_ps(w[g * S + s] / total[g]);
-                float *o = a->out + (h0 + g) * D;
-                for (int64_t v = 0; v < V; v++) _mm256_storeu_ps(o + 8 * v, _mm256_fmadd_ps(pv, vv[v], _mm256_loadu_ps(o + 8 * v)));
-            }
-        }
-    }
-    free(w);
-}
 
 /* the bandwidth probe's reads (ossie_read) */
 __attribute__((target(AVX2))) void read_part_avx2(const void *ctx, int64_t b, int64_t e) {

@@ -126,7 +126,7 @@ class CpuBackend(Backend):
                 out = K.attention_prefill(q, k, v, sinks, q_start - k_start, window)
                 if out is not None:
                     return out.to(q.dtype)
-        if q.shape[0] > 1:  # a prompt's attention in torch (no C kernel for this path): on every core, as the GEMMs
+        if q.shape[0] > 1:  # a prompt's attention in torch (no C kernel for this path or cache): on every core
             with K.torch_threads(K.kernel_threads()):
                 return TorchBackend.attention(self, q, k, v, sinks, q_start, k_start, window)
         return TorchBackend.attention(self, q, k, v, sinks, q_start, k_start, window)

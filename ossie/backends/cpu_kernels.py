@@ -252,8 +252,8 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: 
                       window: int) -> torch.Tensor | None:
     """Causal attention of T queries q [T, H, D] at key rows first.. of k/v [S, KV, D] (rows in position order, or a
     q8 cache's packed rows, whose scores round the queries to int8 per 32 as decoding's do), within `window` rows if
-    not 0; float32 [T, H*D]. None where the C kernel does not apply (see quads_apply in csrc/kernels.c): the torch
-    path serves then."""
+    not 0; float32 [T, H*D]. None where no C kernel applies (see ossie_attention_prefill in csrc/kernels.c): the
+    torch path serves then."""
     fn = "attention_prefill"
     t, h, d = q.shape
     q, sinks, k, v = _f32(q), _f32(sinks), k.contiguous(), v.contiguous()

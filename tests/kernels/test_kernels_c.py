@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-SOURCES = ["tests/kernels_test.c", "kernels.c", "pool.c", "x86_avx2.c", "x86_avx512.c", "neon.c"]
+SOURCES = ["tests/kernels_test.c", "kernels.c", "pool.c", "x86_avx2.c", "x86_avx2_attention.c", "x86_avx512.c",
+           "neon.c"]
 
 
 def test_every_native_path_against_the_scalar_path(tmp_path):
