@@ -40,9 +40,10 @@ class Backend(ABC):
 
     @abstractmethod
     def layers(self, model: Transformer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               caches: list[KVCache], sizes: list[int]) -> torch.Tensor:
+               caches: list[KVCache], sizes: list[int], checking: Sequence[int] = ()) -> torch.Tensor:
         """Every layer of `model` on x [T, hidden] (sizes[b] rows of each sequence b), in order: `model.layer` for
-        each, or what computes the same."""
+        each, or what computes the same. checking: sequences whose rows are a decoding token and candidates
+        (Transformer.forward_batch)."""
 
     @abstractmethod
     def rms_norm(self, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
@@ -56,10 +57,12 @@ class Backend(ABC):
 
     @abstractmethod
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int,
-               caches: list[KVCache], sizes: list[int], state: Any = None) -> torch.Tensor:
+               caches: list[KVCache], sizes: list[int], state: Any = None,
+               checking: Sequence[int] = ()) -> torch.Tensor:
         """Attention of a layer for sizes[b] rows of each sequence b: their new keys and values [T, KV, D] go into
         the sequence's cache, and its queries [T, H, D] attend to the keys they see there. Returns [T, H*D]. state:
-        what this backend's `layers` passed for the step, if anything."""
+        what this backend's `layers` passed for the step, if anything; the rows of a sequence in `checking` attend
+        each as its one-token step would."""
 
     @abstractmethod
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_start: int,

@@ -76,9 +76,9 @@ class CpuBackend(Backend):
         return K.torch_threads(1)
 
     def layers(self, model: Transformer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               caches: list[KVCache], sizes: list[int]) -> torch.Tensor:
+               caches: list[KVCache], sizes: list[int], checking: Sequence[int] = ()) -> torch.Tensor:
         if not (self.fused_decode and x.shape[0] == 1 and x.dtype == torch.bfloat16):
-            return TorchBackend.layers(self, model, x, cos, sin, caches, sizes)
+            return TorchBackend.layers(self, model, x, cos, sin, caches, sizes, checking)
         cfg, (cache,) = model.cfg, caches
         cos2, sin2 = cos[0].float(), sin[0].float()
         x = x[0].float()  # float32 holding bf16 values, as the kernels take and give them

@@ -95,21 +95,22 @@ class CudaBackend(Backend):
                                   K.decode_splits(keys.shape[0]))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int,
-               caches: list[KVCache], sizes: list[int], state: DecodeStep | None = None) -> torch.Tensor:
+               caches: list[KVCache], sizes: list[int], state: DecodeStep | None = None,
+               checking: Sequence[int] = ()) -> torch.Tensor:
         """Prompts as the reference does (each sequence's keys into its cache, then `attention`); a batched decode
         step (`state`, from `layers`) through its tables: the keys written and read where they lie."""
         step = state
         if step is None:
-            return TorchBackend.attend(self, layer, q, k, v, sinks, window, caches, sizes)
+            return TorchBackend.attend(self, layer, q, k, v, sinks, window, caches, sizes, checking=checking)
         K.write_kv(k, v, step.k_table[layer], step.v_table[layer], step.slots[layer])
         return K.attention_decode(q, step.k_table[layer], step.v_table[layer], step.n_keys[layer], sinks, k.shape[1],
                                   step.splits[layer])
 
     # ---- decode steps ------------------------------------------------------------------------------------------
     def layers(self, model: Transformer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               caches: list[KVCache], sizes: list[int]) -> torch.Tensor:
+               caches: list[KVCache], sizes: list[int], checking: Sequence[int] = ()) -> torch.Tensor:
         if max(sizes) != 1:
-            return TorchBackend.layers(self, model, x, cos, sin, caches, sizes)
+            return TorchBackend.layers(self, model, x, cos, sin, caches, sizes, checking)
         batch = len(caches)
         bucket = next((b for b in BUCKETS if b >= batch), None)
         if not (self.cuda_graphs and x.device.type == "cuda" and bucket):

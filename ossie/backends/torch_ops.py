@@ -7,7 +7,7 @@ experts are decoded one at a time, only when a token routes to them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -60,6 +60,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
     return out
 
 
+def one_token_steps(attention: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`attention` (a backend's, same arguments) applied to queries q [T, H, D] at q_start.. one at a time, each
+    over the keys the one-token step at its position reads, in the order it reads them: on a sliding layer, the
+    ring as it would lie then (slot j holding the position that is j modulo the window), not the window in
+    position order. The same keys in another order give other float sums, and a checked candidate must get the
+    logits of the step that would have decoded it (speculative decoding then cannot change a greedy token)."""
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_start: int, k_start: int,
+               window: int) -> torch.Tensor:
+        out = []
+        for i in range(q.shape[0]):
+            p = q_start + i
+            lo = max(k_start, p - window + 1) if window else k_start
+            keys, values = k[lo - k_start:p + 1 - k_start], v[lo - k_start:p + 1 - k_start]
+            if window and p + 1 > window:  # a full ring: from the slot-0 position on, then the older ones
+                r = -lo % window
+                keys, values = torch.cat([keys[r:], keys[:r]]), torch.cat([values[r:], values[:r]])
+            out.append(attention(q[i:i + 1], keys, values, sinks, p, p + 1 - keys.shape[0], window))
+        return torch.cat(out)
+
+    return attend
+
+
 def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """Clamped SwiGLU on interleaved gate/up columns: gate = h[..., 0::2], up = h[..., 1::2]."""
     gate, up = h[..., 0::2].clamp(max=limit), h[..., 1::2].clamp(-limit, limit)
@@ -79,10 +102,10 @@ class TorchBackend(Backend):
         return contextlib.nullcontext()
 
     def layers(self, model: Transformer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               caches: list[KVCache], sizes: list[int]) -> torch.Tensor:
+               caches: list[KVCache], sizes: list[int], checking: Sequence[int] = ()) -> torch.Tensor:
         """Every layer of `model` on x [T, hidden] (sizes[b] rows of each sequence b), in order."""
         for i in range(len(model.w.layers)):
-            x = model.layer(i, x, cos, sin, caches, sizes)
+            x = model.layer(i, x, cos, sin, caches, sizes, checking=checking)
         return x
 
     def rms_norm(self, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
@@ -98,13 +121,15 @@ class TorchBackend(Backend):
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int,
-               caches: list[KVCache], sizes: list[int], state: Any = None) -> torch.Tensor:
+               caches: list[KVCache], sizes: list[int], state: Any = None,
+               checking: Sequence[int] = ()) -> torch.Tensor:
         """Attention of a layer for sizes[b] rows of each sequence b: their new keys and values [T, KV, D] go into
         the sequence's cache, and its queries [T, H, D] attend to the keys they see there. Returns [T, H*D]."""
         parts, row = [], 0
-        for cache, n in zip(caches, sizes, strict=True):
+        for b, (cache, n) in enumerate(zip(caches, sizes, strict=True)):
             keys, values, k_start = cache.update(layer, k[row:row + n], v[row:row + n])
-            parts.append(self.attention(q[row:row + n], keys, values, sinks, cache.length, k_start, window))
+            attend = one_token_steps(self.attention) if b in checking else self.attention
+            parts.append(attend(q[row:row + n], keys, values, sinks, cache.length, k_start, window))
             row += n
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -56,7 +56,8 @@ class ModelRunner:
         if any(c > 1 for c in checked):
             ends = torch.tensor(sizes).cumsum(0).tolist()
             rows = [r for end, c in zip(ends, checked, strict=True) for r in range(end - c, end)]
-        logits = self.model.forward_batch(tokens, [seq.cache for seq in batch], sizes, rows=rows)
+        checking = [b for b, c in enumerate(checked) if c > 1]  # each row as its one-token step would compute it
+        logits = self.model.forward_batch(tokens, [seq.cache for seq in batch], sizes, rows=rows, checking=checking)
         out: list[int | list[int] | None] = []
         # sampling under the backend's threads too: on the CPU, torch's own workers would otherwise spin after the
         # argmax over the vocabulary, on the cores the next step's kernels need

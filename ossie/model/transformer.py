@@ -11,6 +11,7 @@ load: this module is the math and never asks which kernel runs it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -53,12 +54,14 @@ def route(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return chosen, torch.softmax(top.float(), dim=-1)
 
 
-def decoding_rows(sizes: list[int]) -> list[int]:
-    """The rows of a step's decoding sequences (one row each; sizes[b] rows of each sequence b in turn)."""
+def decoding_rows(sizes: list[int], checking: Sequence[int] = ()) -> list[int]:
+    """The rows of a step's decoding sequences (sizes[b] rows of each sequence b in turn): one row each, or every
+    row of a sequence in `checking` (its last token and k candidates, each row computed as the one-token step at
+    its position would compute it)."""
     rows, row = [], 0
-    for n in sizes:
-        if n == 1:
-            rows.append(row)
+    for b, n in enumerate(sizes):
+        if n == 1 or b in checking:
+            rows.extend(range(row, row + n))
         row += n
     return rows
 
@@ -85,23 +88,25 @@ class Transformer:
 
     @torch.inference_mode()
     def forward_batch(self, tokens: torch.Tensor, caches: list[KVCache], sizes: list[int],
-                      all_logits: bool = False, rows: list[int] | None = None) -> torch.Tensor:
+                      all_logits: bool = False, rows: list[int] | None = None,
+                      checking: Sequence[int] = ()) -> torch.Tensor:
         """Several sequences in one pass: `tokens` [T] are sizes[b] tokens of each sequence b in turn, at positions
         caches[b].length..; every weight is read once for all of them. Returns float32 logits at the last token
         of each sequence [len(caches), vocab] (with all_logits, at every token [T, vocab]; with rows, at those
-        rows of the T, in order: a sequence's guessed tokens being checked)."""
+        rows of the T, in order: a sequence's guessed tokens being checked). checking: the sequences whose rows
+        are a decoding token and its candidates: each row gets the logits its one-token step would get."""
         cfg = self.cfg
         with self.ops.running():
             positions = torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(caches, sizes, strict=True)])
             cos, sin = self.rope(positions)
             x = F.embedding(tokens, self.w.embedding).to(self.dtype)
-            x = self.ops.layers(self, x, cos, sin, caches, sizes)
+            x = self.ops.layers(self, x, cos, sin, caches, sizes, checking)
             for cache, n in zip(caches, sizes, strict=True):
                 cache.advance(n)
             if all_logits:
-                alone = decoding_rows(sizes)
+                alone = decoding_rows(sizes, checking)
             elif rows is not None:
-                decoding = set(decoding_rows(sizes))
+                decoding = set(decoding_rows(sizes, checking))
                 alone = [i for i, r in enumerate(rows) if r in decoding]
                 x = x[torch.tensor(rows, device=x.device)]
             else:
@@ -111,18 +116,18 @@ class Transformer:
                                    alone=alone).float()
 
     def layer(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache],
-              sizes: list[int], state: Any = None) -> torch.Tensor:
+              sizes: list[int], state: Any = None, checking: Sequence[int] = ()) -> torch.Tensor:
         """Layer i on x [T, hidden] (sizes[b] rows of each sequence b in turn): x + Attn(RMSNorm(x)), then
         + MoE(RMSNorm(x)). Products and the experts see all rows at once; attention each sequence's own. state:
-        the backend's, for the step (backends/base.py)."""
+        the backend's, for the step (backends/base.py); checking: as forward_batch's."""
         cfg, lw, ops = self.cfg, self.w.layers[i], self.ops
         n_q, n_kv, d, t = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, x.shape[0]
-        alone = decoding_rows(sizes)  # rows a backend computes as it would alone (a decoding sequence's)
+        alone = decoding_rows(sizes, checking)  # rows a backend computes as it would alone (a decoding sequence's)
         qkv = ops.linear(ops.rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), lw.qkv_w, lw.qkv_b, alone)
         qk = apply_rope(qkv[:, :(n_q + n_kv) * d].view(t, n_q + n_kv, d), cos, sin)  # q and k heads at once
         q, k, v = qk[:, :n_q], qk[:, n_q:], qkv[:, (n_q + n_kv) * d:].view(t, n_kv, d)
         window = cfg.sliding_window if cfg.is_sliding(i) else 0
-        a = ops.attend(i, q, k, v, lw.sinks, window, caches, sizes, state)
+        a = ops.attend(i, q, k, v, lw.sinks, window, caches, sizes, state, checking)
         x = x + ops.linear(a, lw.out_w, lw.out_b, alone)
         h = ops.rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
         chosen, weight = route(ops.linear(h, lw.gate_w, lw.gate_b, alone), cfg.experts_per_token)

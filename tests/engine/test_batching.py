@@ -30,20 +30,6 @@ def test_batched_sequences_equal_each_alone(tiny_llm, sampling):
         assert torch.allclose(together, by_itself, rtol=1e-5, atol=1e-5), (together - by_itself).abs().max()
 
 
-@pytest.fixture(scope="module")
-def wide_repo(tmp_path_factory):
-    """The 20b's widths (hidden 2,880, expert width 2,880, 64 query heads over 8 KV heads of 64), two layers (one
-    sliding, one full), 8 experts and a small vocabulary: where batched decoding once parted from decoding alone
-    while the tiny model's shapes agreed."""
-    import dataclasses
-
-    from ossie.model.config import PRESETS
-    from ossie.synth import write_checkpoint
-
-    cfg = dataclasses.replace(PRESETS["20b"], num_layers=2, layer_types=(), num_experts=8, vocab_size=4096)
-    return write_checkpoint(tmp_path_factory.mktemp("wide"), cfg, "hf", seed=2, progress=False)
-
-
 @pytest.mark.skipif(not kernels_built(), reason="the C kernels were not built (no C compiler at install)")
 @pytest.mark.parametrize("model", ["tiny", "wide", "wide-q8"])
 def test_batched_bf16_decoding_equals_alone_bit_for_bit(request, path, model):
