@@ -41,6 +41,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="q8: hold the attention projections and the unembedding in 8 bits (llama.cpp's q8_0), made "
                         "at load; decoding reads ~2.5 GB a token instead of ~3.7 (the 20b) at a small cost in "
                         "accuracy (CPU; default: exact, as the checkpoint is)")
+    p.add_argument("--speculative", choices=["off", "ngram"], default="off",  # = engine_args.SPECULATIVE
+                   help="ngram: greedy requests guess what follows from their own text (prompt lookup) and check "
+                        "the guesses in one step; the output is the same token for token (default: off)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="N",
+                   help="guesses a step checks at most for one request (default 4)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "q8"], default="auto",  # = engine_args.KV_CACHE_DTYPES
                    help="q8: cache keys and values in 8 bits (int8 and a float16 scale per 32; 13 KiB a token "
                         "for the 20b instead of 24), so that a 131,072-token context fits beside the 20b in 16 GiB, "
@@ -55,6 +60,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "threads": (1, MAX_THREADS, False), "prefill_chunk": (1, INF, False), "kv_cache_gb": (0, INF, False),
     "port": (1, 65535, False), "max_running": (1, INF, False), "max_queued": (0, INF, False),
     "prefill_while_decoding": (1, INF, False), "max_prompt_tokens": (1, INF, False),
+    "num_speculative_tokens": (1, 64, False),
     "default_max_tokens": (1, INF, False), "request_timeout": (0, INF, True), "max_body_mb": (0, INF, True),
     "shutdown_timeout": (0, INF, False), "python_timeout": (0, INF, True), "max_tool_calls": (1, INF, False),
     "max_tokens": (0, INF, False), "temperature": (0, 2, False), "top_p": (0, 1, True),

@@ -15,6 +15,7 @@ from .defaults import DEFAULT_BUDGET_GB, PREFILL_CHUNK
 DTYPE_NAMES = ("bfloat16", "bf16", "float32", "fp32")
 QUANTIZATIONS = ("q8",)  # None: exact
 KV_CACHE_DTYPES = ("auto", "q8")
+SPECULATIVE = ("ngram",)  # None: off
 # options whose command-line flag has an older name than the option's (--threads, --max-running)
 CLI_DEST = {"num_threads": "threads", "max_num_seqs": "max_running"}
 
@@ -28,7 +29,9 @@ class EngineArgs:
     the running requests and the cached prefixes together (the engine preempts and evicts to stay within it).
     quantization: None (exact) or "q8" (ossie.model.q8). kv_cache_dtype: "auto" or "q8". max_num_seqs: requests
     generating at once (one batch; more wait). prefill_while_decoding: prompt tokens a step computes while other
-    requests decode (None: a whole chunk; the server's default is 64)."""
+    requests decode (None: a whole chunk; the server's default is 64). speculative: None (off) or "ngram" (greedy
+    requests guess what follows from their own text and check the guesses in one step; engine/speculative.py),
+    num_speculative_tokens: the guesses a step checks at most for one request."""
 
     model: str | Path
     device: str = "cpu"
@@ -43,8 +46,12 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"
     max_num_seqs: int = 16
     prefill_while_decoding: int | None = None
+    speculative: str | None = None
+    num_speculative_tokens: int = 4
 
     def __post_init__(self) -> None:
+        if self.speculative == "off":  # the command line's name for None
+            self.speculative = None
         self.validate()
 
     def validate(self) -> None:
@@ -58,7 +65,10 @@ class EngineArgs:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
-        for name in ("num_threads", "prefill_chunk", "max_num_seqs", "prefill_while_decoding"):
+        if self.speculative not in (None, *SPECULATIVE):
+            raise ValueError(f"speculative must be one of {SPECULATIVE} or None, got {self.speculative!r}")
+        for name in ("num_threads", "prefill_chunk", "max_num_seqs", "prefill_while_decoding",
+                     "num_speculative_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -22,7 +22,7 @@ from . import backends
 from .backends import Backend
 from .chat import harmony
 from .chat.answer import Answer
-from .engine import Engine, Generation, ModelRunner, PrefixCache, SamplingParams, check_prompt
+from .engine import Engine, Generation, ModelRunner, PrefixCache, SamplingParams, Speculator, check_prompt
 from .engine_args import DTYPE_NAMES, EngineArgs
 from .model.checkpoint import detect_layout, is_synthetic, load_config, load_weights, resolve_model
 from .model.q8 import quantize_weights
@@ -73,8 +73,10 @@ class LLM:
         prefix_cache = PrefixCache(self.config, budget) if args.enable_prefix_caching else None
         self.runner = ModelRunner(self.model, args.prefill_chunk, prefix_cache, kv_budget=budget,
                                   quantized_kv=args.kv_cache_dtype == "q8")
+        speculator = (Speculator(args.num_speculative_tokens, rows=self.backend.decoding_rows)
+                      if args.speculative == "ngram" else None)
         self.engine = Engine(self.runner, max_running=args.max_num_seqs,
-                             prefill_while_decoding=args.prefill_while_decoding)
+                             prefill_while_decoding=args.prefill_while_decoding, speculator=speculator)
         # What loading made lives as long as the model: moved out of the collector's reach, so the full collections
         # that decoding's allocations trigger now and then do not walk it (they cost ~2 % of the 20b's decode time)
         gc.collect()

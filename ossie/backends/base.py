@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 class Backend(ABC):
     name: ClassVar[str]
+    # the rows of a step's decoding sequences (one each, and a checked sequence's guesses) that the backend
+    # computes each as it would alone: a speculating engine checks no more guesses than fit (engine/speculative.py)
+    decoding_rows: ClassVar[int] = 8
 
     @abstractmethod
     def prepare(self, weights: Weights) -> None:

@@ -51,6 +51,7 @@ def _apart(alone: Sequence[int], x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 class CpuBackend(Backend):
     name = "cpu"
+    decoding_rows = SMALL_BATCH  # see _apart
     attend = TorchBackend.attend  # each sequence's keys into its cache, then `attention` (below) over them
 
     def __init__(self, fused_decode: bool = True):

@@ -27,6 +27,7 @@ from .prefix_cache import EVERYONE, CacheScope
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, Status, check_prompt
+from .speculative import Speculator
 
 if TYPE_CHECKING:
     from ..chat.constraints import Steering
@@ -92,6 +93,8 @@ class EngineStats:
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     generated_tokens: int = 0
+    drafted_tokens: int = 0  # tokens guessed by speculative decoding and checked
+    accepted_tokens: int = 0  # of them, kept
     kv_running_bytes: int = 0  # the running sequences' KV caches
     kv_cached_bytes: int = 0  # the prefix cache's blocks
     kv_cached_blocks: int = 0
@@ -99,9 +102,11 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, max_running: int = 16, prefill_while_decoding: int | None = None):
-        """prefill_while_decoding: prompt tokens per step while others decode (Scheduler; None: a whole chunk)."""
-        self.runner, self.max_running = runner, max_running
+    def __init__(self, runner: ModelRunner, max_running: int = 16, prefill_while_decoding: int | None = None,
+                 speculator: Speculator | None = None):
+        """prefill_while_decoding: prompt tokens per step while others decode (Scheduler; None: a whole chunk).
+        speculator: the decoding sequences' guesses, checked in their steps (engine/speculative.py; None: none)."""
+        self.runner, self.max_running, self.speculator = runner, max_running, speculator
         self.kv = runner.kv
         align = self.kv.prefix_cache.block_size if self.kv.prefix_cache is not None else 1
         self.scheduler = Scheduler(max_running, runner.prefill_chunk, align, prefill_while_decoding)
@@ -211,6 +216,8 @@ class Engine:
     def _step(self) -> None:
         self._end_stopped()
         self._admit()
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         batch, sizes = self.scheduler.schedule()
         if not batch:  # idle, or every request ended above: the gauges must say so (they read non-zero when idle)
             self._measure_kv()
@@ -226,20 +233,30 @@ class Engine:
             for seq in batch:
                 self._end(seq, Failed(e))
             raise
-        for seq, tok in zip(batch, tokens, strict=True):
-            if tok is None:
+        for seq, out in zip(batch, tokens, strict=True):
+            if out is None:
                 continue
+            first = not seq.output
             try:
-                seq.append(tok)
+                if isinstance(out, list):  # its guesses were checked: what it keeps (speculative.py)
+                    drafted = len(seq.candidates)
+                    new, kept = self.speculator.settle(seq, out, self.kv.rollback)
+                    with self._lock:
+                        self.stats.drafted_tokens += drafted
+                        self.stats.accepted_tokens += kept
+                else:
+                    seq.append(out)
+                    new = [out]
             except Exception as e:  # e.g. its steering: this request fails alone
                 log.exception("request %d failed", seq.id)
                 self._end(seq, Failed(e))
                 continue
             with self._lock:
-                self.stats.generated_tokens += 1
-                if len(seq.output) == 1:  # its prompt is read: how much of it came from the prefix cache is known
+                self.stats.generated_tokens += len(new)
+                if first:  # its prompt is read: how much of it came from the prefix cache is known
                     self.stats.cached_prompt_tokens += seq.num_cached_tokens
-            self.handles[seq.id].on_event(Token(tok))
+            for tok in new:
+                self.handles[seq.id].on_event(Token(tok))
             if seq.finished:
                 self._end(seq, Finished(seq.finish_reason))
         self._fit_memory()
@@ -278,6 +295,8 @@ class Engine:
         was_running = seq in self.scheduler.running
         self.scheduler.remove(seq)
         self.kv.free(seq)
+        if self.speculator is not None:
+            self.speculator.forget(seq)
         if not seq.finished:
             seq.finish(None)
         with self._lock:

@@ -1,0 +1,112 @@
+"""Speculative decoding's first part (engine/speculative.py): greedy requests guess what follows from their own text
+and check the guesses in one step. What it must never do: change a token, exceed a request's budget, let one
+request's text into another's guesses, or check more rows than the backend computes each as alone."""
+
+import pytest
+import torch
+
+import ossie
+from ossie.backends import cpu_kernels
+from ossie.engine import NgramDraft, SamplingParams, Sequence, Speculator
+from tests.helpers import run_engine
+
+REPEATING = [5, 6, 7, 8, 9, 10, 11, 12] * 6 + [5, 6, 7]  # a text that repeats itself: its guesses are right
+
+
+def test_ngram_draft_follows_the_latest_occurrence_of_the_longest_suffix():
+    d = NgramDraft()
+    d.extend([1, 2, 3, 4, 9, 2, 3, 5, 1, 2, 3])
+    assert d.propose(2) == [4, 9]  # [1, 2, 3] seen before, followed by 4: the 3-gram wins over [2, 3] -> 5
+    d.extend([7, 2, 3])
+    assert d.propose(3) == [7, 2, 3]  # [2, 3]: its latest occurrence (after 1) was followed by 7
+    d.extend([8])
+    assert d.propose(4) == []  # [3, 8] never seen, and one token alone guesses nothing
+
+
+def decoding(prompt: list[int], **params) -> Sequence:
+    params = {"max_tokens": 50, "temperature": 0, **params}
+    seq = Sequence(prompt, SamplingParams(stop_token_ids=[], **params))
+    seq.num_computed = len(prompt) - 1  # read: its last token is the one to compute
+    seq.output = [prompt[-1]]
+    seq.prompt = prompt[:-1]
+    return seq
+
+
+def test_guesses_come_from_the_requests_own_text_only():
+    """Two requests: one's prompt says what follows [1, 2, 3]; the other ends with [1, 2, 3] but never saw what
+    followed it: it guesses nothing (one index per request: nothing one sends reaches another's guesses)."""
+    spec = Speculator(k=4)
+    teller, asker = decoding([1, 2, 3, 42, 43, 44, 9, 1, 2]), decoding([7, 7, 1, 2, 3])
+    spec.propose([teller, asker])
+    assert teller.candidates == [3, 42, 43, 44] and asker.candidates == []
+
+
+def test_guesses_stay_within_the_rows_and_the_budget():
+    """Rows: one per decoding sequence, the guesses in what is left; max_tokens: a guess never asks for a token
+    past the request's budget (the step samples one more after the guesses)."""
+    spec = Speculator(k=4, rows=8)
+    seqs = [decoding(REPEATING) for _ in range(6)]  # 6 rows, 2 left for guesses
+    spec.propose(seqs)
+    assert [len(s.candidates) for s in seqs] == [2, 0, 0, 0, 0, 0]
+    short = decoding(REPEATING, max_tokens=3)  # 1 token out: 2 left, of which the step samples one after guesses
+    Speculator(k=4).propose([short])
+    assert len(short.candidates) == 1
+    sampled = decoding(REPEATING, temperature=0.7)  # sampled requests do not guess (yet)
+    Speculator(k=4).propose([sampled])
+    assert sampled.candidates == []
+
+
+@pytest.fixture(scope="module")
+def llms(tiny_repo):
+    """The tiny model in bf16 (its products are the C kernels', whose checked rows equal one-token steps bit for
+    bit: test_checked_step.py), with and without speculation"""
+    if not cpu_kernels.available():
+        pytest.skip("the C kernels were not built")
+    plain = ossie.LLM(tiny_repo, progress=False, enable_prefix_caching=False)
+    spec = ossie.LLM(tiny_repo, progress=False, enable_prefix_caching=False, speculative="ngram")
+    return plain, spec
+
+
+def together(llm, prompts, params):
+    """the prompts submitted at once to the LLM's engine, stepped on a thread of its own: their tokens"""
+    llm.engine.start()
+    try:
+        return run_engine(llm.engine, prompts, params)[0]
+    finally:
+        llm.engine.shutdown()
+
+
+def test_greedy_output_is_the_same_token_for_token(llms, path):
+    """Greedy requests alone and four at once (one of them sampled with a seed, which does not guess), on every
+    kernel path: the same tokens with speculation as without, and guesses were made and kept (on text that repeats
+    itself and on the random model's own loops)."""
+    plain, spec = llms
+    gen = torch.Generator().manual_seed(4)
+    prompts = [REPEATING, torch.randint(0, 1000, (40,), generator=gen).tolist(), REPEATING[3:] + [99, 98],
+               torch.randint(0, 1000, (150,), generator=gen).tolist()]  # past the sliding window of 128
+    for prompt in prompts:
+        assert list(spec.generate(prompt, max_tokens=40, temperature=0, stop_token_ids=[])) == \
+            list(plain.generate(prompt, max_tokens=40, temperature=0, stop_token_ids=[]))
+    before = spec.engine.snapshot()
+    params = [SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[]) for _ in prompts[:3]]
+    params.append(SamplingParams(max_tokens=30, temperature=0.8, seed=3, stop_token_ids=[]))
+    assert together(spec, prompts, params) == together(plain, prompts, params)
+    stats = spec.engine.snapshot()
+    assert stats.accepted_tokens > before.accepted_tokens and stats.drafted_tokens > stats.accepted_tokens
+    assert plain.engine.snapshot().drafted_tokens == 0
+
+
+def test_with_the_prefix_cache_the_same_tokens(tiny_repo, llms):
+    """Checked guesses fill blocks of the prefix cache, and those of the guesses not kept are forgotten: the same
+    request again (its prompt from the cache) and a longer one starting with its whole text give the tokens of the
+    model without speculation."""
+    plain, _ = llms
+    spec = ossie.LLM(tiny_repo, progress=False, speculative="ngram")
+    prompt = REPEATING + [1, 2, 3]
+    first = list(spec.generate(prompt, max_tokens=70, temperature=0, stop_token_ids=[]))
+    assert first == list(plain.generate(prompt, max_tokens=70, temperature=0, stop_token_ids=[]))
+    assert list(spec.generate(prompt, max_tokens=70, temperature=0, stop_token_ids=[])) == first
+    longer = prompt + first[:50]
+    assert list(spec.generate(longer, max_tokens=20, temperature=0, stop_token_ids=[])) == \
+        list(plain.generate(longer, max_tokens=20, temperature=0, stop_token_ids=[]))
+    assert spec.engine.snapshot().cached_prompt_tokens > 0 and spec.engine.snapshot().accepted_tokens > 0
