@@ -222,8 +222,12 @@ class Engine:
         if not batch:  # idle, or every request ended above: the gauges must say so (they read non-zero when idle)
             self._measure_kv()
             return
+        decoding_alone = len(batch) == 1 and (sizes[0] == 1 or bool(batch[0].candidates))
         try:
+            t0 = time.perf_counter()
             tokens = self.runner.run(batch, sizes)
+            if self.speculator is not None and decoding_alone:  # what guessing costs on this machine
+                self.speculator.observe(sizes[0], time.perf_counter() - t0)
         except Exception as e:  # a failed step fails the requests in it; the engine goes on serving
             log.exception("a step of requests %s failed", [s.id for s in batch])
             for seq in batch:

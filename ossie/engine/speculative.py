@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
 
 from .sequence import Sequence
 
@@ -55,16 +56,68 @@ class NgramDraft:
         return []
 
 
+# Whether guessing pays: a step that checks k guesses costs more than a one-token step (k more rows of attention,
+# and more experts read: k + 1 tokens choose more of them), and gains the guesses kept. Until this machine's steps
+# have been timed, a guessed row is taken to cost PRIOR_ROW_COST one-token steps (the synthetic 20b on 2 AVX2 cores:
+# 0.51 for one guess, 0.45 a guess for 4, random routing reading 15 of 32 experts a layer for 5 rows: an upper
+# bound for real routing); a sequence's guesses are taken to be kept with probability PRIOR_KEPT each, until its
+# own are counted.
+PRIOR_ROW_COST = 0.5
+PRIOR_KEPT = 0.8
+FORGET = 0.9  # the weight of what was counted before, at each new count (a text's repetitiveness changes)
+# ... and at each step a sequence does not guess: its misses fade slowly enough that a text whose guesses all miss
+# tries one again only every ~25 steps (at most ~2 % of its time, with a missed guess costing half a step)
+FADE = 0.98
+
+
+@dataclass
+class Guessing:
+    """One sequence's guessing: its n-gram index, and its guesses kept and missed (counts that fade)"""
+    draft: NgramDraft = field(default_factory=NgramDraft)
+    kept: float = 0.0
+    missed: float = 0.0
+
+    def chance(self) -> float:
+        """The chance that a guess is kept, given that the one before it was (prior PRIOR_KEPT, worth 2 counts)"""
+        return (self.kept + 2 * PRIOR_KEPT) / (self.kept + self.missed + 2)
+
+
 class Speculator:
     """The engine's guessing, per step: `propose` before the scheduler picks the batch, `settle` for each
-    sequence whose candidates a step checked. k: guesses a step checks at most for one sequence; rows: the rows a
-    step may give decoding sequences (one each, and their guesses)."""
+    sequence whose candidates a step checked, `observe` for each step's time. k: guesses a step checks at most for
+    one sequence; rows: the rows a step may give decoding sequences (one each, and their guesses). A sequence
+    guesses as many tokens as maximize its expected tokens per second: with p the chance of each guess being kept,
+    (1 + p + p^2 + ... + p^k) / (cost of a step of 1 + k rows / cost of a one-token step), the costs as this
+    machine's steps of one sequence took (or PRIOR_ROW_COST a row until timed). A sequence whose guesses are
+    missed stops guessing (k = 0); its counts fade, and it tries again later."""
 
     def __init__(self, k: int = NUM_SPECULATIVE_TOKENS, rows: int = 8):
         if k < 1 or rows < 1:
             raise ValueError(f"the guesses a step checks and its rows must be >= 1, got {k} and {rows}")
         self.k, self.rows = k, rows
-        self.drafts: dict[int, NgramDraft] = {}
+        self.guessing: dict[int, Guessing] = {}
+        self.step_s: dict[int, float] = {}  # rows -> seconds a step of one sequence took (a moving average)
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """A step of one decoding sequence computed `rows` rows (1, or 1 + its guesses) in `seconds`."""
+        before = self.step_s.get(rows)
+        self.step_s[rows] = seconds if before is None else FORGET * before + (1 - FORGET) * seconds
+
+    def cost(self, rows: int) -> float:
+        """A step of `rows` rows over a one-token step: as timed, else as PRIOR_ROW_COST says."""
+        if rows in self.step_s and 1 in self.step_s:
+            return self.step_s[rows] / self.step_s[1]
+        return 1 + PRIOR_ROW_COST * (rows - 1)
+
+    def length(self, p: float, most: int) -> int:
+        """The guesses (0..most) that maximize the expected tokens per second at chance p"""
+        best, best_rate, expected = 0, 1.0, 1.0
+        for k in range(1, most + 1):
+            expected += p ** k
+            rate = expected / self.cost(1 + k)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        return best
 
     def propose(self, running: list[Sequence]) -> None:
         decoding = [seq for seq in running if seq.pending == 1 and not seq.finished]
@@ -74,13 +127,17 @@ class Speculator:
                 return
             if seq.params.temperature != 0 or seq.steering is not None:
                 continue
-            draft = self.drafts.get(seq.id)
-            if draft is None:
-                draft = self.drafts[seq.id] = NgramDraft()
-            seen = len(draft.tokens)
-            draft.extend(seq.prompt[seen:] + seq.output[max(0, seen - len(seq.prompt)):])
+            g = self.guessing.get(seq.id)
+            if g is None:
+                g = self.guessing[seq.id] = Guessing()
+            seen = len(g.draft.tokens)
+            g.draft.extend(seq.prompt[seen:] + seq.output[max(0, seen - len(seq.prompt)):])
             left = seq.params.max_tokens - len(seq.output) - 1  # the step samples one token after the guesses
-            guess = draft.propose(min(self.k, room, left))
+            k = self.length(g.chance(), min(self.k, room, left))
+            if k == 0:  # not worth it now: what was counted fades, so that it tries again later
+                g.kept, g.missed = FADE * g.kept, FADE * g.missed
+                continue
+            guess = g.draft.propose(k)
             if guess:
                 seq.propose(guess)
                 room -= len(guess)
@@ -95,9 +152,12 @@ class Speculator:
         while n < len(guesses) and samples[n] == guesses[n]:
             n += 1
         take_back(seq, len(guesses) - n)
+        g = self.guessing.get(seq.id)
+        if g is not None:
+            g.kept, g.missed = FORGET * g.kept + n, FORGET * g.missed + (n < len(guesses))
         before = len(seq.output)
         seq.accept(guesses[:n] + [samples[n]])
         return seq.output[before:], n
 
     def forget(self, seq: Sequence) -> None:
-        self.drafts.pop(seq.id, None)
+        self.guessing.pop(seq.id, None)

@@ -23,6 +23,14 @@ def test_ngram_draft_follows_the_latest_occurrence_of_the_longest_suffix():
     assert d.propose(4) == []  # [3, 8] never seen, and one token alone guesses nothing
 
 
+class Eager(Speculator):
+    """Guessing that always pays (a step of any rows costs one step's time): whether guesses pay is
+    test_guess_length_follows_the_costs_and_the_chance's matter, not these tests'"""
+
+    def cost(self, rows: int) -> float:
+        return 1.0
+
+
 def decoding(prompt: list[int], **params) -> Sequence:
     params = {"max_tokens": 50, "temperature": 0, **params}
     seq = Sequence(prompt, SamplingParams(stop_token_ids=[], **params))
@@ -35,7 +43,7 @@ def decoding(prompt: list[int], **params) -> Sequence:
 def test_guesses_come_from_the_requests_own_text_only():
     """Two requests: one's prompt says what follows [1, 2, 3]; the other ends with [1, 2, 3] but never saw what
     followed it: it guesses nothing (one index per request: nothing one sends reaches another's guesses)."""
-    spec = Speculator(k=4)
+    spec = Eager(k=4)
     teller, asker = decoding([1, 2, 3, 42, 43, 44, 9, 1, 2]), decoding([7, 7, 1, 2, 3])
     spec.propose([teller, asker])
     assert teller.candidates == [3, 42, 43, 44] and asker.candidates == []
@@ -44,16 +52,53 @@ def test_guesses_come_from_the_requests_own_text_only():
 def test_guesses_stay_within_the_rows_and_the_budget():
     """Rows: one per decoding sequence, the guesses in what is left; max_tokens: a guess never asks for a token
     past the request's budget (the step samples one more after the guesses)."""
-    spec = Speculator(k=4, rows=8)
+    spec = Eager(k=4, rows=8)
     seqs = [decoding(REPEATING) for _ in range(6)]  # 6 rows, 2 left for guesses
     spec.propose(seqs)
     assert [len(s.candidates) for s in seqs] == [2, 0, 0, 0, 0, 0]
     short = decoding(REPEATING, max_tokens=3)  # 1 token out: 2 left, of which the step samples one after guesses
-    Speculator(k=4).propose([short])
+    Eager(k=4).propose([short])
     assert len(short.candidates) == 1
     sampled = decoding(REPEATING, temperature=0.7)  # sampled requests do not guess (yet)
-    Speculator(k=4).propose([sampled])
+    Eager(k=4).propose([sampled])
     assert sampled.candidates == []
+
+
+def test_guess_length_follows_the_costs_and_the_chance():
+    """Guess as many tokens as maximize the expected tokens per second: none where a step of more rows costs more
+    than the guesses would bring, the most allowed where they cost nothing; a sequence whose guesses are all
+    missed stops guessing, and tries again once its counts have faded."""
+    spec = Speculator(k=7)
+    for rows, seconds in ((1, 1.0), (2, 1.5), (3, 1.9), (5, 2.75), (8, 3.8)):  # timed as on the 20b, AVX2
+        spec.observe(rows, seconds)
+    assert spec.cost(5) == 2.75 and spec.cost(4) == 1 + 3 * 0.5  # 4 rows never timed: the prior's
+    assert spec.length(0.2, 7) == 0 and spec.length(0.99, 7) >= 4 and spec.length(0.8, 1) == 1
+    flat = Eager(k=7)
+    assert flat.length(0.5, 7) == 7 and flat.length(0.0, 7) == 0
+    seq = decoding(REPEATING, max_tokens=1000)
+    spec.propose([seq])
+    assert seq.candidates  # the prior (each guess kept at 0.8) says it pays
+    missed = 0
+    for _ in range(100):  # every guess missed: the sequence writes 5-token loops of its own, which it guesses
+        if seq.candidates:
+            seq.num_computed += len(seq.candidates) + 1  # the step, as the runner counts it
+            spec.settle(seq, [99] * (len(seq.candidates) + 1),
+                        lambda s, n: setattr(s, "num_computed", s.num_computed - n))
+            missed += 1
+        else:
+            seq.num_computed += 1
+            seq.append(len(seq.output) % 5)
+        spec.propose([seq])
+        if missed and spec.length(spec.guessing[seq.id].chance(), 7) == 0:
+            break
+    assert 1 <= missed <= 3 and not seq.candidates  # a few misses and it stops guessing
+    for waited in range(200):  # noqa: B007 (counted)  # no guesses: the misses fade until the prior's chance says to try again
+        seq.num_computed += 1
+        seq.append(len(seq.output) % 5)
+        spec.propose([seq])
+        if seq.candidates:
+            break
+    assert seq.candidates and waited >= 20  # not soon: a text whose guesses miss pays ~2 % for trying
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +109,7 @@ def llms(tiny_repo):
         pytest.skip("the C kernels were not built")
     plain = ossie.LLM(tiny_repo, progress=False, enable_prefix_caching=False)
     spec = ossie.LLM(tiny_repo, progress=False, enable_prefix_caching=False, speculative="ngram")
+    spec.engine.speculator = Eager(rows=spec.engine.speculator.rows)
     return plain, spec
 
 
@@ -102,6 +148,7 @@ def test_with_the_prefix_cache_the_same_tokens(tiny_repo, llms):
     model without speculation."""
     plain, _ = llms
     spec = ossie.LLM(tiny_repo, progress=False, speculative="ngram")
+    spec.engine.speculator = Eager(rows=spec.engine.speculator.rows)
     prompt = REPEATING + [1, 2, 3]
     first = list(spec.generate(prompt, max_tokens=70, temperature=0, stop_token_ids=[]))
     assert first == list(plain.generate(prompt, max_tokens=70, temperature=0, stop_token_ids=[]))
