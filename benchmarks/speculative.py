@@ -1,6 +1,14 @@
-"""What checking k guessed tokens in one step costs against one decoding step, and how many experts it reads.
+"""What checking k guessed tokens in one step costs against one decoding step, how many experts it reads, and
+what speculative decoding gains at each acceptance.
 
     python benchmarks/speculative.py CHECKPOINT [--k 1 2 4 7] [--reps 5] [--quantization q8]
+    python benchmarks/speculative.py CHECKPOINT --acceptance 0 0.5 0.7 0.9 1 [--gen-tokens 32] [--guesses 4]
+
+--acceptance: a greedy run gives the reference tokens; then the same request decodes with guesses taken from them,
+each guess replaced by a wrong token with probability 1 - acceptance (an oracle draft, to set the acceptance at
+will), once with `--guesses` guesses a step whatever they cost and once as the engine chooses (guessing only where
+this machine's timed steps say it pays), beside plain decoding in the same minutes; every run's tokens must be the
+reference's.
 
 A sequence reads a random prompt, then alternates one-token steps with steps that check k candidates (taken back
 at once: the cache is as before), in the same minutes, and prints each step's median time, the ratio, the distinct
@@ -22,8 +30,64 @@ import torch
 from ossie import LLM
 from ossie.backends import cpu_kernels
 from ossie.bench import measure_bandwidth
-from ossie.engine import SamplingParams, Sequence
+from ossie.engine import SamplingParams, Sequence, Speculator
+from ossie.engine.speculative import FADE, Guessing
 from ossie.special_tokens import N_ORDINARY
+
+
+class Oracle(Speculator):
+    """Guesses from a known continuation, each wrong with probability 1 - acceptance; `fixed`: always `k` of them"""
+
+    def __init__(self, reference: list[int], acceptance: float, k: int, rows: int, fixed: bool):
+        super().__init__(k, rows)
+        self.reference, self.acceptance, self.fixed = reference, acceptance, fixed
+        self.gen = torch.Generator().manual_seed(1)
+
+    def cost(self, rows: int) -> float:
+        return 1.0 if self.fixed else super().cost(rows)
+
+    def propose(self, running: list[Sequence]) -> None:
+        for seq in running:
+            g = self.guessing.setdefault(seq.id, Guessing())
+            done = len(seq.output)
+            k = self.length(g.chance(), min(self.k, seq.params.max_tokens - done - 1))
+            if seq.pending != 1 or k == 0:
+                g.kept, g.missed = FADE * g.kept, FADE * g.missed
+                continue
+            truth = self.reference[done:done + k]
+            wrong = torch.rand(len(truth), generator=self.gen) >= self.acceptance
+            guess = [(t + 1) % N_ORDINARY if w else t for t, w in zip(truth, wrong.tolist(), strict=True)]
+            if guess:
+                seq.propose(guess)
+
+
+def decode_runs(llm: LLM, args: argparse.Namespace) -> None:
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, N_ORDINARY, (args.prompt_tokens,), generator=gen).tolist()
+    params = dict(max_tokens=args.gen_tokens, temperature=0, stop_token_ids=[])
+    plain = llm.engine.speculator
+    reference = list(llm.generate(prompt, **params))
+    rows = llm.backend.decoding_rows
+
+    def timed(speculator: Speculator | None) -> tuple[float, int, int]:
+        llm.engine.speculator = speculator
+        before = llm.engine.snapshot()
+        t0 = time.perf_counter()
+        out = list(llm.generate(prompt, **params))
+        took = time.perf_counter() - t0
+        after = llm.engine.snapshot()
+        assert out == reference, "speculation changed a token"
+        return (args.gen_tokens / took, after.drafted_tokens - before.drafted_tokens,
+                after.accepted_tokens - before.accepted_tokens)
+
+    print(f"decoding {args.gen_tokens} greedy tokens after a {args.prompt_tokens}-token prompt; tok/s (kept/guessed)")
+    for a in args.acceptance:
+        base = timed(None)[0]
+        fixed, d1, k1 = timed(Oracle(reference, a, args.guesses, rows, fixed=True))
+        chosen, d2, k2 = timed(Oracle(reference, a, args.guesses, rows, fixed=False))
+        print(f"acceptance {a:4.2f}: plain {base:5.2f}; {args.guesses} guesses a step {fixed:5.2f} ({k1}/{d1}) = "
+              f"{fixed / base:4.2f}x; as the engine chooses {chosen:5.2f} ({k2}/{d2}) = {chosen / base:4.2f}x")
+    llm.engine.speculator = plain
 
 
 def main() -> None:
@@ -33,8 +97,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--quantization", choices=["q8"], default=None)
+    ap.add_argument("--acceptance", type=float, nargs="+", help="measure decoding at these acceptances instead")
+    ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--guesses", type=int, default=4)
     args = ap.parse_args()
     llm = LLM(args.checkpoint, quantization=args.quantization, enable_prefix_caching=False)
+    if args.acceptance:
+        return decode_runs(llm, args)
     runner, cfg = llm.runner, llm.config
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, N_ORDINARY, (args.prompt_tokens,), generator=gen).tolist()

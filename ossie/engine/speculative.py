@@ -63,7 +63,7 @@ class NgramDraft:
 # bound for real routing); a sequence's guesses are taken to be kept with probability PRIOR_KEPT each, until its
 # own are counted.
 PRIOR_ROW_COST = 0.5
-PRIOR_KEPT = 0.8
+PRIOR_KEPT = 0.6
 FORGET = 0.9  # the weight of what was counted before, at each new count (a text's repetitiveness changes)
 # ... and at each step a sequence does not guess: its misses fade slowly enough that a text whose guesses all miss
 # tries one again only every ~25 steps (at most ~2 % of its time, with a missed guess costing half a step)

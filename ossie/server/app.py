@@ -55,6 +55,8 @@ async def metrics(request: Request) -> PlainTextResponse:
              f"ossie_prompt_tokens_cached_total {s.cached_prompt_tokens}",
              f"ossie_prefix_cache_hit_rate {hit_rate:.4f}",
              f"ossie_generation_tokens_total {s.generated_tokens}",
+             f"ossie_spec_decode_num_draft_tokens_total {s.drafted_tokens}",
+             f"ossie_spec_decode_num_accepted_tokens_total {s.accepted_tokens}",
              f"ossie_kv_cache_running_bytes {s.kv_running_bytes}",
              f"ossie_kv_cache_prefix_bytes {s.kv_cached_bytes}",
              f"ossie_kv_cache_prefix_blocks {s.kv_cached_blocks}"]

@@ -77,7 +77,7 @@ def test_guess_length_follows_the_costs_and_the_chance():
     assert flat.length(0.5, 7) == 7 and flat.length(0.0, 7) == 0
     seq = decoding(REPEATING, max_tokens=1000)
     spec.propose([seq])
-    assert seq.candidates  # the prior (each guess kept at 0.8) says it pays
+    assert seq.candidates  # the prior (each guess kept at 0.6) says one guess pays
     missed = 0
     for _ in range(100):  # every guess missed: the sequence writes 5-token loops of its own, which it guesses
         if seq.candidates:

@@ -498,3 +498,4 @@ def test_prefix_cache_usage_and_metrics(server):
     assert 0 < float(metrics["ossie_prefix_cache_hit_rate"]) < 1
     assert int(metrics["ossie_kv_cache_prefix_bytes"]) > 0 and int(metrics["ossie_kv_cache_prefix_blocks"]) > 0
     assert int(metrics["ossie_kv_cache_running_bytes"]) == 0  # nothing is running now
+    assert metrics["ossie_spec_decode_num_draft_tokens_total"] == "0"  # speculation is off by default
