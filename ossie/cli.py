@@ -41,11 +41,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="q8: hold the attention projections and the unembedding in 8 bits (llama.cpp's q8_0), made "
                         "at load; decoding reads ~2.5 GB a token instead of ~3.7 (the 20b) at a small cost in "
                         "accuracy (CPU; default: exact, as the checkpoint is)")
-    p.add_argument("--speculative", choices=["off", "ngram"], default="off",  # = engine_args.SPECULATIVE
-                   help="ngram: greedy requests guess what follows from their own text (prompt lookup) and check "
-                        "the guesses in one step; the output is the same token for token (default: off)")
-    p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="N",
-                   help="guesses a step checks at most for one request (default 4)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "q8"], default="auto",  # = engine_args.KV_CACHE_DTYPES
                    help="q8: cache keys and values in 8 bits (int8 and a float16 scale per 32; 13 KiB a token "
                         "for the 20b instead of 24), so that a 131,072-token context fits beside the 20b in 16 GiB, "
@@ -170,6 +165,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     res = run_bench(llm, args.prompt_tokens, args.gen_tokens, args.runs, depth=args.depth)
     print(res.report(llm, args.prompt_tokens, args.gen_tokens))
     return 0
+
+
+def _add_speculative_args(p: argparse.ArgumentParser) -> None:
+    """the commands that decode through the engine (ossie bench times the runner's plain steps; its speculative
+    counterpart is benchmarks/speculative.py)"""
+    p.add_argument("--speculative", choices=["off", "ngram"], default="off",  # = engine_args.SPECULATIVE
+                   help="ngram: greedy requests guess what follows from their own text (prompt lookup) and check "
+                        "the guesses in one step; the output is the same token for token (default: off)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="N",
+                   help="guesses a step checks at most for one request (default 4)")
 
 
 def _add_chat_args(p: argparse.ArgumentParser) -> None:
@@ -426,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="answer one prompt and exit (script-friendly)",
                        description="Answer one prompt with MODEL in the harmony chat format and print the answer.")
     _add_model_args(p)
+    _add_speculative_args(p)
     p.add_argument("--prompt", required=True, help="the user's message ('-' reads standard input)")
     _add_chat_args(p)
     p.add_argument("--json", action="store_true", help="print reasoning, content, tool calls and usage as JSON")
@@ -438,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "/save FILE, /load FILE, /help, /bye. Start and end multi-line input with \"\"\". "
                                    "Ctrl-C stops an answer; Ctrl-D exits.")
     _add_model_args(p)
+    _add_speculative_args(p)
     _add_chat_args(p)
     p.add_argument("--no-reasoning", action="store_true", help="hide the model's reasoning")
     p.set_defaults(func=cmd_chat)
@@ -446,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve MODEL over HTTP with OpenAI's API: /v1/chat/completions, /v1/responses, "
                                    "/v1/completions, /v1/models, plus /health and /metrics.")
     _add_model_args(p)
+    _add_speculative_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--served-model-name", action="append", metavar="NAME",
