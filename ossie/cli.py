@@ -171,8 +171,9 @@ def _add_speculative_args(p: argparse.ArgumentParser) -> None:
     """the commands that decode through the engine (ossie bench times the runner's plain steps; its speculative
     counterpart is benchmarks/speculative.py)"""
     p.add_argument("--speculative", choices=["off", "ngram"], default="off",  # = engine_args.SPECULATIVE
-                   help="ngram: greedy requests guess what follows from their own text (prompt lookup) and check "
-                        "the guesses in one step; the output is the same token for token (default: off)")
+                   help="ngram: requests guess what follows from their own text (prompt lookup) and check the "
+                        "guesses in one step where that pays; greedy output is the same token for token, sampled "
+                        "output has the same distribution (default: off)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="N",
                    help="guesses a step checks at most for one request (default 4)")
 

@@ -29,8 +29,8 @@ class EngineArgs:
     the running requests and the cached prefixes together (the engine preempts and evicts to stay within it).
     quantization: None (exact) or "q8" (ossie.model.q8). kv_cache_dtype: "auto" or "q8". max_num_seqs: requests
     generating at once (one batch; more wait). prefill_while_decoding: prompt tokens a step computes while other
-    requests decode (None: a whole chunk; the server's default is 64). speculative: None (off) or "ngram" (greedy
-    requests guess what follows from their own text and check the guesses in one step; engine/speculative.py),
+    requests decode (None: a whole chunk; the server's default is 64). speculative: None (off) or "ngram" (requests
+    guess what follows from their own text and check the guesses in one step; engine/speculative.py),
     num_speculative_tokens: the guesses a step checks at most for one request."""
 
     model: str | Path

@@ -19,7 +19,7 @@ from ..defaults import PREFILL_CHUNK
 from ..model.transformer import Transformer
 from .kv_manager import KVManager
 from .prefix_cache import PrefixCache
-from .sampling import sample
+from .sampling import check_guesses, sample
 from .sequence import Sequence
 
 
@@ -40,8 +40,10 @@ class ModelRunner:
     def run(self, batch: list[Sequence], sizes: list[int] | None = None) -> list[int | list[int] | None]:
         """One step: sizes[b] more tokens of each sequence b (default: the rest, up to prefill_chunk) in one forward
         pass. Returns each sequence's sampled token, or None while it has tokens left to compute; for a sequence
-        with candidates, the token sampled at each of the k+1 positions (after its last token, then after each
-        candidate), for the caller to check against them (see Sequence.accept and KVManager.rollback)."""
+        with candidates, greedy: the token sampled at each of the k+1 positions (after its last token, then after
+        each candidate), for the caller to check against them (see Sequence.accept and KVManager.rollback);
+        sampled: the candidates speculative sampling keeps, then the token it draws (sampling.check_guesses), which
+        the same check reads alike."""
         for seq in batch:
             if seq.cache is None:
                 self.kv.allocate(seq)
@@ -68,8 +70,11 @@ class ModelRunner:
                 self.kv.keep_blocks(seq)
                 if seq.pending:
                     out.append(None)
-                elif c > 1:
+                elif c > 1 and seq.params.temperature == 0:  # each row's argmax, for the caller to compare
                     out.append([self.sample(seq, logits[r]) for r in range(row, row + c)])
+                elif c > 1:  # sampled: the guesses kept by speculative sampling's rule, then the token drawn
+                    out.append(check_guesses(logits[row:row + c].float().cpu(), seq.candidates, seq.params,
+                                             seq.generator))
                 else:
                     out.append(self.sample(seq, logits[row]))
                 row += c

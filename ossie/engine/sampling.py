@@ -36,10 +36,10 @@ class SamplingParams:
         return frozenset(STOP_TOKEN_IDS if self.stop_token_ids is None else self.stop_token_ids)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """Pick the next token from float logits [vocab]."""
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
+def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The sampling distribution of float logits [vocab] (params.temperature > 0) after temperature, top-k, min-p
+    and top-p: (token ids, their probabilities), ids None for every token in order. Not renormalized: multinomial
+    takes weights."""
     logits = logits.float() / params.temperature
     if params.top_k > 0 and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
@@ -59,5 +59,44 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
             k = min(probs.numel(), k * 8)
         # drop a token when the tokens ranked above it already cover top_p (the top token always stays)
         keep = (covered - ranked) < params.top_p
-        return int(order[keep][torch.multinomial(ranked[keep], 1, generator=generator)])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        return order[keep], ranked[keep]
+    return None, probs
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """Pick the next token from float logits [vocab]."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    ids, weights = candidates(logits, params)
+    pick = int(torch.multinomial(weights, 1, generator=generator))
+    return pick if ids is None else int(ids[pick])
+
+
+def check_guesses(rows: torch.Tensor, guesses: list[int], params: SamplingParams,
+                  generator: torch.Generator | None = None) -> list[int]:
+    """Speculative sampling for guesses that come with no probabilities of their own (prompt lookup: each guess is
+    certain to its guesser). rows: the logits [k + 1, vocab] after the last token and after each guess. Guess i is
+    kept with the probability p_i(guess) that the model gives it there; the first one not kept is replaced by a
+    token drawn from p_i without it (renormalized), and the rest are dropped; if all are kept, a token is drawn
+    from the last row. Each token so produced has the model's distribution given those before it: the same
+    distribution as sampling one token a step (Leviathan et al.'s rule, the draft's distribution one-hot). With
+    temperature 0: each row's argmax, to be compared with the guesses (a guess is kept where it is the argmax).
+    Returns the tokens: guesses kept, then the token drawn (as many as the caller keeps)."""
+    if params.temperature == 0:
+        return [int(torch.argmax(row)) for row in rows]
+    out = []
+    for row, guess in zip(rows, guesses, strict=False):
+        ids, weights = candidates(row, params)
+        at = (ids == guess).nonzero() if ids is not None else torch.tensor([[guess]])
+        p = float(weights[at[0, 0]] / weights.sum()) if at.numel() else 0.0
+        if float(torch.rand((), generator=generator)) < p:
+            out.append(guess)
+            continue
+        weights = weights.clone()
+        if at.numel():
+            weights[at[0, 0]] = 0.0
+        pick = int(torch.multinomial(weights, 1, generator=generator))
+        out.append(pick if ids is None else int(ids[pick]))
+        return out
+    out.append(sample(rows[len(guesses)], params, generator))
+    return out

@@ -1,4 +1,4 @@
-"""Speculative decoding's first part: tokens guessed from a request's own text, checked in one step.
+"""Speculative decoding: tokens guessed from a request's own text, checked in one step.
 
 A decoding sequence guesses what follows by prompt lookup: the last n tokens (n from NGRAM_MAX down to NGRAM_MIN)
 found earlier in its own prompt and output, and the tokens that followed them there (`NgramDraft`: an index of the
@@ -8,12 +8,14 @@ would get (bit for bit with the CPU's bf16 kernels: Transformer.forward_batch's 
 request the tokens kept, the guesses equal to what was sampled before each and then the token sampled after the
 last of them, are the tokens it decodes one at a time. A step reads each weight once for all its rows, so kept
 guesses come almost for free, and a sequence guesses only where its text repeats itself (tool-call arguments,
-code being edited, an answer quoting its sources).
+code being edited, an answer quoting its sources), where guesses pay for the larger step (`Speculator`).
 
-Only greedy requests without steering guess for now (a sampled one would need speculative sampling to keep its
-distribution; a steered one's mask depends on which guesses are kept); the others decode a token a step beside
-them. A step's guessed rows stay within the rows the backend computes each as alone (`Backend.decoding_rows`),
-counting one for every decoding sequence, so that guessing never changes a token.
+A sampled request guesses too: its guesses are kept by speculative sampling's rule (sampling.check_guesses), so
+each token has the distribution of sampling one token a step, and a seed gives the same tokens run to run (not
+those of decoding without guesses: the draws differ). A steered request does not guess (its mask depends on which
+guesses are kept); it decodes a token a step beside the others. A step's guessed rows stay within the rows the
+backend computes each as alone (`Backend.decoding_rows`), counting one for every decoding sequence, so that
+guessing never changes a token.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ class Speculator:
         for seq in decoding:
             if room <= 0:
                 return
-            if seq.params.temperature != 0 or seq.steering is not None:
+            if seq.steering is not None:
                 continue
             g = self.guessing.get(seq.id)
             if g is None:
@@ -144,7 +146,8 @@ class Speculator:
 
     def settle(self, seq: Sequence, samples: list[int],
                take_back: Callable[[Sequence, int], None]) -> tuple[list[int], int]:
-        """Keep the guesses equal to what was sampled before each, then the token sampled after the last kept;
+        """Keep the guesses equal to what was sampled before each, then the token sampled after the last kept
+        (samples: ModelRunner.run's for a checked sequence, greedy or sampled alike);
         take_back(seq, n) gives back the positions of the others. Returns the tokens the sequence gained (cut at a
         stop token or max_tokens) and how many guesses it kept."""
         guesses = seq.candidates

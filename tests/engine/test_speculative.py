@@ -8,6 +8,7 @@ import torch
 import ossie
 from ossie.backends import cpu_kernels
 from ossie.engine import NgramDraft, SamplingParams, Sequence, Speculator
+from ossie.engine.sampling import candidates, check_guesses
 from tests.helpers import run_engine
 
 REPEATING = [5, 6, 7, 8, 9, 10, 11, 12] * 6 + [5, 6, 7]  # a text that repeats itself: its guesses are right
@@ -59,9 +60,11 @@ def test_guesses_stay_within_the_rows_and_the_budget():
     short = decoding(REPEATING, max_tokens=3)  # 1 token out: 2 left, of which the step samples one after guesses
     Eager(k=4).propose([short])
     assert len(short.candidates) == 1
-    sampled = decoding(REPEATING, temperature=0.7)  # sampled requests do not guess (yet)
-    Eager(k=4).propose([sampled])
-    assert sampled.candidates == []
+    steered = decoding(REPEATING)
+    steered.steering = object()  # a mask that depends on which guesses are kept: no guesses
+    sampled = decoding(REPEATING, temperature=0.7)  # checked by speculative sampling's rule
+    Eager(k=4).propose([steered, sampled])
+    assert steered.candidates == [] and len(sampled.candidates) == 4
 
 
 def test_guess_length_follows_the_costs_and_the_chance():
@@ -123,9 +126,9 @@ def together(llm, prompts, params):
 
 
 def test_greedy_output_is_the_same_token_for_token(llms, path):
-    """Greedy requests alone and four at once (one of them sampled with a seed, which does not guess), on every
-    kernel path: the same tokens with speculation as without, and guesses were made and kept (on text that repeats
-    itself and on the random model's own loops)."""
+    """Greedy requests alone and four at once (one of them sampled with a seed), on every kernel path: the greedy
+    ones get the same tokens with speculation as without, the sampled one the same tokens run to run, and guesses
+    were made and kept (on text that repeats itself and on the random model's own loops)."""
     plain, spec = llms
     gen = torch.Generator().manual_seed(4)
     prompts = [REPEATING, torch.randint(0, 1000, (40,), generator=gen).tolist(), REPEATING[3:] + [99, 98],
@@ -136,7 +139,9 @@ def test_greedy_output_is_the_same_token_for_token(llms, path):
     before = spec.engine.snapshot()
     params = [SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[]) for _ in prompts[:3]]
     params.append(SamplingParams(max_tokens=30, temperature=0.8, seed=3, stop_token_ids=[]))
-    assert together(spec, prompts, params) == together(plain, prompts, params)
+    first = together(spec, prompts, params)
+    assert first[:3] == together(plain, prompts, params)[:3]  # the greedy ones
+    assert together(spec, prompts, params) == first  # the sampled one: its seed gives the same tokens again
     stats = spec.engine.snapshot()
     assert stats.accepted_tokens > before.accepted_tokens and stats.drafted_tokens > stats.accepted_tokens
     assert plain.engine.snapshot().drafted_tokens == 0
@@ -157,3 +162,33 @@ def test_with_the_prefix_cache_the_same_tokens(tiny_repo, llms):
     assert list(spec.generate(longer, max_tokens=20, temperature=0, stop_token_ids=[])) == \
         list(plain.generate(longer, max_tokens=20, temperature=0, stop_token_ids=[]))
     assert spec.engine.snapshot().cached_prompt_tokens > 0 and spec.engine.snapshot().accepted_tokens > 0
+
+
+@pytest.mark.parametrize("filters", [{}, {"top_k": 4}, {"top_p": 0.8}, {"min_p": 0.1}])
+def test_speculative_sampling_keeps_the_models_distribution(filters):
+    """Over a 6-token vocabulary, 20,000 checks of two guesses: the first token has the distribution sampling one
+    token gives from the first row, and the second, where the first guess was kept, the second row's (chi-square
+    at p = 0.001; the guesses are the first row's likeliest token, and an unlikely one for the second row)."""
+    gen = torch.Generator().manual_seed(8)
+    rows = torch.randn(3, 6, generator=gen) * 1.5
+    params = SamplingParams(temperature=0.9, **filters)
+    guesses = [int(rows[0].argmax()), int(rows[1].argmin())]
+
+    def dist(row):  # what sampling one token draws from
+        ids, weights = candidates(row, params)
+        p = torch.zeros(6)
+        p[ids if ids is not None else torch.arange(6)] = weights / weights.sum()
+        return p
+
+    first, second = torch.zeros(6), torch.zeros(6)
+    for _ in range(20000):
+        out = check_guesses(rows, guesses, params, gen)
+        first[out[0]] += 1
+        if out[0] == guesses[0]:
+            second[out[1]] += 1
+    for counts, expected in ((first, dist(rows[0])), (second, dist(rows[1]))):
+        n, e = counts.sum(), expected.clamp_min(1e-12)
+        seen = e > 1e-6
+        assert (counts[~seen] == 0).all()  # nothing outside the filtered distribution
+        chi2 = (((counts - n * e) ** 2) / (n * e))[seen].sum()
+        assert chi2 < 20.5, (counts / n, expected)  # 5 degrees of freedom at most, p = 0.001
