@@ -1,6 +1,7 @@
 """`ossie serve` against llama.cpp's `llama-server` on the same weights, the two servers taking turns:
 
     python benchmarks/vs_llamaserver.py CHECKPOINT GGUF --llama-server PATH [--rounds 2]
+    python benchmarks/vs_llamaserver.py CHECKPOINT GGUF --llama-server PATH --speculative [--gen-tokens 96]
 
 Both are driven the same way, over HTTP with the OpenAI completions endpoint and token-id prompts (so both read
 exactly the same tokens), greedy:
@@ -11,6 +12,12 @@ exactly the same tokens), greedy:
 llama-server runs with 4 slots (`-np 4`, prompt cache on, as by default), 2 threads. Only one server runs at a time
 (two 13 GB models do not fit this machine's memory together), and the read bandwidth is probed before each turn.
 The GGUF: see benchmarks/vs_llamacpp.py.
+
+--speculative: one greedy request decoding --gen-tokens tokens (its prompt read first, untimed: both servers reuse
+it), each server plain and with its n-gram speculation (ossie `--speculative ngram`; llama-server `--spec-type
+ngram-simple` and `ngram-mod`, their default settings), taking turns: decode tok/s, and the guesses drafted and
+accepted as each server counts them (ossie's /metrics; llama-server's `timings`). A random-weight model's greedy
+output falls into loops, which gives both something to guess from; every run's tokens must be the same.
 """
 
 from __future__ import annotations
@@ -94,13 +101,74 @@ def bandwidth(checkpoint: str) -> float:
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
+def decode_run(prompt: list[int], gen_tokens: int) -> tuple[float, list[int], dict]:
+    """One greedy completion after its prompt was read (a 1-token request first): decode tok/s, its tokens (as
+    the server's logprobs-free text is not comparable, the token ids it reports) and the server's timings."""
+    body = {"model": "m", "prompt": prompt, "temperature": 0, "max_tokens": 1}
+    httpx.post(f"http://127.0.0.1:{PORT}/v1/completions", json=body, timeout=600).raise_for_status()
+    body.update(max_tokens=gen_tokens, return_tokens=True)
+    t0 = time.perf_counter()
+    r = httpx.post(f"http://127.0.0.1:{PORT}/v1/completions", json=body, timeout=1200)
+    took = time.perf_counter() - t0
+    r.raise_for_status()
+    out = r.json()
+    return gen_tokens / took, out["choices"][0].get("text", ""), out.get("timings", {})
+
+
+def speculative(args: argparse.Namespace) -> None:
+    ossie = [sys.executable, "-m", "ossie", "serve", args.checkpoint, "--port", str(PORT), "--threads", "2",
+             "--served-model-name", "m"]
+    llama = [args.llama_server, "-m", args.gguf, "-np", "1", "-t", "2", "-c", "4096", "--port", str(PORT),
+             "--host", "127.0.0.1"]
+    servers = {"ossie": ossie, "ossie ngram": ossie + ["--speculative", "ngram"], "llama.cpp": llama,
+               "llama.cpp ngram-simple": llama + ["--spec-type", "ngram-simple"],
+               "llama.cpp ngram-mod": llama + ["--spec-type", "ngram-mod"]}
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, N_ORDINARY, (64,), generator=gen).tolist()
+    rates: dict[str, list[float]] = {name: [] for name in servers}
+    texts: dict[str, str] = {}
+    for r in range(args.rounds):
+        for name, command in servers.items():
+            proc = start(command)
+            try:
+                before = metrics() if name.startswith("ossie") else {}
+                rate, text, timings = decode_run(prompt, args.gen_tokens)
+                after = metrics() if name.startswith("ossie") else {}
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+            rates[name].append(rate)
+            texts.setdefault(name.split()[0], text)
+            if name.startswith("ossie"):
+                drafted = after.get("ossie_spec_decode_num_draft_tokens_total", 0) - \
+                    before.get("ossie_spec_decode_num_draft_tokens_total", 0)
+                accepted = after.get("ossie_spec_decode_num_accepted_tokens_total", 0) - \
+                    before.get("ossie_spec_decode_num_accepted_tokens_total", 0)
+            else:
+                drafted, accepted = timings.get("draft_n", 0), timings.get("draft_n_accepted", 0)
+            same = "same text" if text == texts[name.split()[0]] else "OTHER TEXT"
+            print(f"round {r + 1} {name:22s} decode {rate:5.2f} tok/s, guesses accepted {accepted:.0f} of "
+                  f"{drafted:.0f} ({same} as its plain run)", flush=True)
+    for name, got in rates.items():
+        print(f"{name:22s} median decode {statistics.median(got):5.2f} tok/s")
+
+
+def metrics() -> dict[str, float]:
+    text = httpx.get(f"http://127.0.0.1:{PORT}/metrics", timeout=10).text
+    return {k: float(v) for k, v in (line.split() for line in text.splitlines() if line and line[0] != "#")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("gguf")
     ap.add_argument("--llama-server", required=True)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--speculative", action="store_true", help="compare n-gram speculative decoding (above)")
+    ap.add_argument("--gen-tokens", type=int, default=96)
     args = ap.parse_args()
+    if args.speculative:
+        return speculative(args)
     servers = {
         "ossie": [sys.executable, "-m", "ossie", "serve", args.checkpoint, "--port", str(PORT), "--threads", "2",
                   "--served-model-name", "m"],
