@@ -324,13 +324,14 @@ def test_attention_prefill_does_not_depend_on_the_chunk(path, window):
     """A prompt's queries get the same attention bit for bit whether they are read in one chunk or in several (the
     engine cuts prompts at --prefill-chunk and around cached prefixes): nothing in a query's sums depends on the
     queries beside it."""
-    if path == "scalar":
-        pytest.skip("no portable prefill kernel: the torch path serves")
     gen = torch.Generator().manual_seed(7 + window)
     q = torch.randn(300, 16, 64, generator=gen).bfloat16()
     k, v = (torch.randn(300, 2, 64, generator=gen).bfloat16() for _ in range(2))
     sinks = torch.randn(16, generator=gen)
     whole = kernels.attention_prefill(q, k, v, sinks, 0, window)
+    if path == "scalar":  # no portable prefill kernel: the torch path serves, whose queries go in fixed blocks
+        assert whole is None
+        return
     for cut in (1, 37, 200):
         first = kernels.attention_prefill(q[:cut], k[:cut], v[:cut], sinks, 0, window)
         rest = kernels.attention_prefill(q[cut:], k, v, sinks, cut, window)
