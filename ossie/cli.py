@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .defaults import DEFAULT_BUDGET_GB, PREFILL_CHUNK
+from .defaults import DEFAULT_BUDGET_GB, NUM_SPECULATIVE_TOKENS, PREFILL_CHUNK
 
 MODEL_HELP = "a local checkpoint folder, a Hugging Face repo id such as openai/gpt-oss-20b, or gpt-oss:20b"
 
@@ -174,8 +174,8 @@ def _add_speculative_args(p: argparse.ArgumentParser) -> None:
                    help="ngram: requests guess what follows from their own text (prompt lookup) and check the "
                         "guesses in one step where that pays; greedy output is the same token for token, sampled "
                         "output has the same distribution (default: off)")
-    p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="N",
-                   help="guesses a step checks at most for one request (default 4)")
+    p.add_argument("--num-speculative-tokens", type=int, default=NUM_SPECULATIVE_TOKENS, metavar="N",
+                   help=f"guesses a step checks at most for one request (default {NUM_SPECULATIVE_TOKENS})")
 
 
 def _add_chat_args(p: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .defaults import DEFAULT_BUDGET_GB, PREFILL_CHUNK
+from .defaults import DEFAULT_BUDGET_GB, NUM_SPECULATIVE_TOKENS, PREFILL_CHUNK
 
 DTYPE_NAMES = ("bfloat16", "bf16", "float32", "fp32")
 QUANTIZATIONS = ("q8",)  # None: exact
@@ -47,7 +47,7 @@ class EngineArgs:
     max_num_seqs: int = 16
     prefill_while_decoding: int | None = None
     speculative: str | None = None
-    num_speculative_tokens: int = 4
+    num_speculative_tokens: int = NUM_SPECULATIVE_TOKENS
 
     def __post_init__(self) -> None:
         if self.speculative == "off":  # the command line's name for None

@@ -24,10 +24,10 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
+from ..defaults import NUM_SPECULATIVE_TOKENS
 from .sequence import Sequence
 
 NGRAM_MAX, NGRAM_MIN = 4, 2  # the longest suffix looked up first; 1-token matches guess too wildly to pay
-NUM_SPECULATIVE_TOKENS = 4  # guesses a step checks at most for one sequence
 
 
 class NgramDraft:
