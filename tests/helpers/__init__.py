@@ -23,8 +23,9 @@ class RecordingRunner(ModelRunner):
 
 
 def use_runner(llm, runner):
-    """Make `llm` run on `runner` (a scripted or recording one): its engine is made anew around it. Returns llm."""
-    llm.runner, llm.engine = runner, Engine(runner)
+    """Make `llm` run on `runner` (a scripted or recording one): its engine is made anew around it, with the old
+    one's request limit (--max-running). Returns llm."""
+    llm.runner, llm.engine = runner, Engine(runner, max_running=llm.engine.max_running)
     return llm
 
 
