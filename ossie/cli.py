@@ -318,7 +318,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queued=args.max_queued, max_prompt_tokens=args.max_prompt_tokens,
         default_max_tokens=args.default_max_tokens, request_timeout_s=args.request_timeout,
         max_body_bytes=int(args.max_body_mb * 2**20), drain_s=args.shutdown_timeout,
-        builtin_tools=tuple(builtin), tool_settings=settings)
+        builtin_tools=tuple(builtin), tool_settings=settings, webui=not args.no_webui)
     app = create_app(llm, names, options)
     log = logging.getLogger("ossie")
     log.info("model %s (%s layout, %d layers, %d experts, %s), served as %s", llm.path, llm.layout,
@@ -330,6 +330,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("%s", path_summary())
 
     def ready() -> None:
+        if not args.no_webui:
+            shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host  # what a browser can open
+            log.info("chat page: http://%s:%d/", shown, args.port)
         log.info("serving the OpenAI API at http://%s:%d/v1 (chat/completions, responses, completions, models)",
                  args.host, args.port)
         log.info("serving Ollama's API at %s (/api/chat, /api/generate, /api/tags, /api/show, /api/ps)",
@@ -495,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=30, metavar="S",
                    help="on SIGTERM or Ctrl-C, seconds requests in flight may take to finish; then streams end "
                         "with an error event and other requests get 503 (default 30)")
+    p.add_argument("--no-webui", action="store_true", help="no chat page at / (the API alone)")
     p.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN",
                    help="let browser apps from these origins call the server (CORS); '*' allows any")
     _add_tool_args(p)

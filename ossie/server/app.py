@@ -1,9 +1,9 @@
 """`ossie serve`'s application: one engine, error handlers, the API key check, and the endpoints' routers.
 
-Endpoints: GET /health, /metrics, /v1/models; POST /v1/chat/completions (chat_completions.py), /v1/responses
-(responses.py), /v1/completions (completions.py). Errors are OpenAI-shaped: {"error": {"message", "type",
-"param", "code"}} with a 4xx status for anything the client got wrong; one failing request never takes the
-server down.
+Endpoints: GET /health, /metrics, /v1/models, and the chat page at / (webui.py); POST /v1/chat/completions
+(chat_completions.py), /v1/responses (responses.py), /v1/completions (completions.py). Errors are OpenAI-shaped:
+{"error": {"message", "type", "param", "code"}} with a 4xx status for anything the client got wrong; one failing
+request never takes the server down.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..chat import constraints
 from ..engine import Engine
 from ..llm import LLM
-from . import chat_completions, completions, ollama, responses
+from . import chat_completions, completions, ollama, responses, webui
 from .middleware import AccessLog, APIKeyCheck, BodyLimit, JSONBodies, RequestIdFilter, principal
 from .protocol import APIError, ModelCard, ModelList, error_for
 from .serving import ServerOptions, Serving
@@ -99,6 +99,9 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None,
     app.state.responses = responses.ResponseStore()
     for router in (info, chat_completions.router, completions.router, responses.router, ollama.router):
         app.include_router(router)
+    if options.webui:
+        app.state.webui_files = webui.static_files()
+        app.include_router(webui.router)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
@@ -133,7 +136,8 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None,
     app.add_middleware(JSONBodies)
     app.add_middleware(BodyLimit, max_bytes=options.max_body_bytes)
     if options.api_keys:
-        app.add_middleware(APIKeyCheck, keys=options.api_keys)
+        opened = (frozenset({"/"}), webui.OPEN_PREFIXES) if options.webui else (frozenset(), ())
+        app.add_middleware(APIKeyCheck, keys=options.api_keys, open_paths=opened[0], open_prefixes=opened[1])
     if options.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(options.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-request-id", "retry-after"])

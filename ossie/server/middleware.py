@@ -99,14 +99,23 @@ def client_of(scope: Scope) -> str:
 
 
 class APIKeyCheck:
-    """Every path but /health (the API, /metrics, the docs and their schema) needs `Authorization: Bearer KEY` with
-    one of `keys` (key -> the principal's name, which the request then carries in its state: its prefix cache and
-    stored responses are its own, and the access log names it). The scheme is case-insensitive (RFC 7235); the
-    token is compared with every key in constant time, so the time taken says nothing about which is close."""
+    """Every path but /health and the `open` ones (the chat page's files, which must load to ask for the key and hold
+    nothing of the API) needs `Authorization: Bearer KEY` with one of `keys` (key -> the principal's name, which the
+    request then carries in its state: its prefix cache and stored responses are its own, and the access log names
+    it). The scheme is case-insensitive (RFC 7235); the token is compared with every key in constant time, so the
+    time taken says nothing about which is close."""
 
-    def __init__(self, app: ASGIApp, keys: dict[str, str]):
+    def __init__(self, app: ASGIApp, keys: dict[str, str], open_paths: frozenset[str] = frozenset(),
+                 open_prefixes: tuple[str, ...] = ()):
         self.app = app
         self.keys = [(key.encode(), name) for key, name in keys.items()]
+        self.open_paths, self.open_prefixes = OPEN_PATHS | open_paths, open_prefixes
+
+    def _open(self, scope: Scope) -> bool:
+        path = scope["path"]
+        if scope["method"] == "OPTIONS" or path in self.open_paths:
+            return True
+        return scope["method"] in ("GET", "HEAD") and path.startswith(self.open_prefixes) and ".." not in path
 
     def _principal(self, scope: Scope) -> str | None:
         for header, value in scope.get("headers", ()):
@@ -124,7 +133,7 @@ class APIKeyCheck:
             await self.app(scope, receive, send)
             return
         name = self._principal(scope)
-        if name is None and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
+        if name is None and not self._open(scope):
             await _send_json(send, 401, error_for(scope["path"], "Incorrect or missing API key: send "
                                                   "'Authorization: Bearer KEY'", code="invalid_api_key"),
                              [(b"www-authenticate", b'Bearer realm="ossie"')])

@@ -38,6 +38,7 @@ class ServerOptions:
     drain_s: float = 30.0  # on SIGTERM, how long requests in flight may finish before they are cut
     builtin_tools: tuple[str, ...] = ()  # run by the server: "python", "browser" (chat completions declare them)
     tool_settings: ToolSettings = field(default_factory=ToolSettings)
+    webui: bool = True  # the chat page at / (--no-webui: off)
 
 
 class SharedPrefixes:
