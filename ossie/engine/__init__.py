@@ -4,7 +4,7 @@ step's batch, a `ModelRunner` that owns the model and the KV memory and samples,
 
 from ..defaults import DEFAULT_BUDGET_GB, PREFILL_CHUNK
 from .client import EngineClient, Generation
-from .llm_engine import Cancelled, Engine, EngineStats, Event, Failed, Finished, Handle, Token
+from .llm_engine import Cancelled, Engine, EngineStats, Event, Failed, Finished, Handle, RequestMetrics, Token
 from .model_runner import ModelRunner
 from .prefix_cache import EVERYONE, CacheScope, PrefixCache
 from .sampling import SamplingParams, sample
@@ -14,5 +14,5 @@ from .speculative import NgramDraft, Speculator
 
 __all__ = ["DEFAULT_BUDGET_GB", "EVERYONE", "PREFILL_CHUNK", "CacheScope", "Cancelled", "Engine", "EngineClient",
            "EngineStats", "Event", "Failed", "Finished", "Generation", "Handle", "ModelRunner", "NgramDraft",
-           "PrefixCache", "SamplingParams", "Scheduler", "Sequence", "Speculator", "Status", "Token", "check_prompt",
-           "sample"]
+           "PrefixCache", "RequestMetrics", "SamplingParams", "Scheduler", "Sequence", "Speculator", "Status", "Token",
+           "check_prompt", "sample"]

@@ -11,7 +11,7 @@ import queue
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
-from .llm_engine import Cancelled, EngineStats, Event, Failed, Finished, Token
+from .llm_engine import Cancelled, EngineStats, Event, Failed, Finished, RequestMetrics, Token
 from .prefix_cache import EVERYONE, CacheScope
 from .sampling import SamplingParams
 
@@ -36,6 +36,7 @@ class EngineClient(Protocol):
     """The engine as the front ends see it (vLLM's `EngineClient`)."""
 
     max_running: int  # requests generating at once (more wait)
+    observers: list[Callable[[RequestMetrics], None]]  # told of each request as it ends
 
     def submit(self, prompt: list[int], params: SamplingParams, steering: Steering | None,
                on_event: Callable[[Event], None], timeout_s: float | None = None,

@@ -59,6 +59,18 @@ class Cancelled:
 Event = Token | Finished | Failed | Cancelled
 
 
+@dataclass(frozen=True)
+class RequestMetrics:
+    """One request's course, given to the engine's observers when it ends (the server's latency histograms)."""
+    queued_s: float  # from submission to admission (to its end, if never admitted)
+    first_token_s: float | None  # from submission to its first token (None: it had none)
+    e2e_s: float  # from submission to its end
+    prompt_tokens: int
+    cached_tokens: int  # of them, served from the prefix cache
+    generated_tokens: int
+    outcome: str  # "stop" | "length" | "cancelled" | "failed"
+
+
 class Handle:
     """The engine's side of one request. `cancel()` stops its generation at the next step and frees its cache."""
 
@@ -66,6 +78,8 @@ class Handle:
         self.sequence, self.on_event = seq, on_event
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
+        self.admitted: float | None = None  # when it first ran
+        self.first_token: float | None = None
         self.deadline = None if timeout_s is None else self.submitted + timeout_s
 
     def cancel(self) -> None:
@@ -98,6 +112,7 @@ class EngineStats:
     kv_running_bytes: int = 0  # the running sequences' KV caches
     kv_cached_bytes: int = 0  # the prefix cache's blocks
     kv_cached_blocks: int = 0
+    kv_budget_bytes: int = 0  # what the running caches and the cached blocks may hold together (0: no limit)
     mean_request_s: float = 0.0  # how long recent requests took from submission to their end (a moving average)
 
 
@@ -112,7 +127,9 @@ class Engine:
         self.scheduler = Scheduler(max_running, runner.prefill_chunk, align, prefill_while_decoding)
         self.intake: queue.Queue[Handle | None] = queue.Queue()
         self.handles: dict[int, Handle] = {}  # sequence id -> handle, for the sequences in the scheduler
-        self.stats = EngineStats()
+        self.stats = EngineStats(kv_budget_bytes=self.kv.budget or 0)
+        # called on the engine thread with each request's RequestMetrics as it ends (the server's /metrics)
+        self.observers: list[Callable[[RequestMetrics], None]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()  # the running engine thread's: set, it ends after its step
         self._abort: Exception | None = None
@@ -259,8 +276,11 @@ class Engine:
                 self.stats.generated_tokens += len(new)
                 if first:  # its prompt is read: how much of it came from the prefix cache is known
                     self.stats.cached_prompt_tokens += seq.num_cached_tokens
+            handle = self.handles[seq.id]
+            if handle.first_token is None and new:
+                handle.first_token = time.perf_counter()
             for tok in new:
-                self.handles[seq.id].on_event(Token(tok))
+                handle.on_event(Token(tok))
             if seq.finished:
                 self._end(seq, Finished(seq.finish_reason))
         self._fit_memory()
@@ -268,6 +288,9 @@ class Engine:
 
     def _admit(self) -> None:
         for seq in self.scheduler.admit(self.kv.admission(self.scheduler.running)):
+            handle = self.handles[seq.id]
+            if handle.admitted is None:  # not again after a preemption
+                handle.admitted = time.perf_counter()
             with self._lock:
                 self.stats.waiting -= 1
                 self.stats.running += 1
@@ -317,4 +340,22 @@ class Engine:
                 self.stats.cancelled += 1
             else:
                 self.stats.failed += 1
-        self.handles.pop(seq.id).on_event(event)
+        handle = self.handles.pop(seq.id)
+        handle.on_event(event)
+        if self.observers:
+            self._observe(handle, event)
+
+    def _observe(self, handle: Handle, event: Finished | Failed | Cancelled) -> None:
+        end, seq = time.perf_counter(), handle.sequence
+        outcome = event.reason if isinstance(event, Finished) else \
+            "cancelled" if isinstance(event, Cancelled) else "failed"
+        metrics = RequestMetrics(
+            queued_s=(handle.admitted or end) - handle.submitted,
+            first_token_s=None if handle.first_token is None else handle.first_token - handle.submitted,
+            e2e_s=end - handle.submitted, prompt_tokens=len(seq.prompt), cached_tokens=seq.num_cached_tokens,
+            generated_tokens=len(seq.output), outcome=outcome)
+        for observe in self.observers:
+            try:
+                observe(metrics)
+            except Exception:  # an observer's bug must not end the request's neighbours
+                log.exception("a request observer failed")

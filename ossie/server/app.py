@@ -18,13 +18,14 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import constraints
 from ..engine import Engine
 from ..llm import LLM
 from . import chat_completions, completions, ollama, responses, webui
+from .metrics import ServerMetrics
 from .middleware import AccessLog, APIKeyCheck, BodyLimit, JSONBodies, RequestIdFilter, principal
 from .protocol import APIError, ModelCard, ModelList, error_for
 from .serving import ServerOptions, Serving
@@ -46,21 +47,9 @@ async def health(request: Request) -> dict:
 
 
 @info.get("/metrics")
-async def metrics(request: Request) -> PlainTextResponse:
-    s = request.app.state.serving.engine.snapshot()
-    hit_rate = s.cached_prompt_tokens / s.prompt_tokens if s.prompt_tokens else 0.0
-    lines = [f"ossie_requests_waiting {s.waiting}", f"ossie_requests_running {s.running}",
-             f"ossie_requests_finished_total {s.finished}", f"ossie_requests_cancelled_total {s.cancelled}",
-             f"ossie_requests_failed_total {s.failed}", f"ossie_prompt_tokens_total {s.prompt_tokens}",
-             f"ossie_prompt_tokens_cached_total {s.cached_prompt_tokens}",
-             f"ossie_prefix_cache_hit_rate {hit_rate:.4f}",
-             f"ossie_generation_tokens_total {s.generated_tokens}",
-             f"ossie_spec_decode_num_draft_tokens_total {s.drafted_tokens}",
-             f"ossie_spec_decode_num_accepted_tokens_total {s.accepted_tokens}",
-             f"ossie_kv_cache_running_bytes {s.kv_running_bytes}",
-             f"ossie_kv_cache_prefix_bytes {s.kv_cached_bytes}",
-             f"ossie_kv_cache_prefix_blocks {s.kv_cached_blocks}"]
-    return PlainTextResponse("\n".join(lines) + "\n")
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.metrics.exposition()
+    return Response(body, media_type=content_type)
 
 
 @info.get("/v1/models")
@@ -87,15 +76,18 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None,
     serving = Serving(engine, llm.config, list(served_model_names or [default_model_name(llm)]), options,
                       model_path=llm.path, weight_bytes=llm.model.w.nbytes(), device=str(llm.device))
 
+    metrics = ServerMetrics(engine)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         constraints.prepare()  # the steering's tables, before the first request that needs them
         yield
+        engine.observers.remove(metrics.observe)
         engine.shutdown()
         serving.tokenizing.close()
 
     app = FastAPI(title="ossie", description="OpenAI-compatible server for gpt-oss", lifespan=lifespan)
-    app.state.serving = serving
+    app.state.serving, app.state.metrics = serving, metrics
     app.state.responses = responses.ResponseStore()
     for router in (info, chat_completions.router, completions.router, responses.router, ollama.router):
         app.include_router(router)

@@ -98,6 +98,21 @@ def client(s: Server, **kw) -> "openai.OpenAI":
     return openai.OpenAI(base_url=s.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
 
 
+def metrics(url: str, headers: dict | None = None) -> dict[str, float]:
+    """A server's /metrics, read with prometheus_client's own parser: each sample's name (with its labels, if any,
+    as name{k="v"}) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(url + "/metrics", headers=headers or {})
+    assert r.status_code == 200, r.text
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return out
+
+
 def user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 

@@ -14,6 +14,7 @@ import torch
 from ossie.chat import harmony
 from tests.helpers import use_runner
 from tests.helpers.server import GOOD, MODEL, SCRIPT, TIME, WEATHER, Server, client, no_harmony, user
+from tests.helpers.server import metrics as read_metrics
 
 openai = pytest.importorskip("openai")
 
@@ -493,9 +494,9 @@ def test_prefix_cache_usage_and_metrics(server):
     r1, r2 = c.responses.create(**kw), c.responses.create(**kw)
     assert r1.usage.input_tokens_details.cached_tokens <= 64
     assert r2.usage.input_tokens_details.cached_tokens == (r2.usage.input_tokens - 1) // 64 * 64 > 0
-    metrics = dict(line.split() for line in httpx.get(server.url + "/metrics").text.splitlines())
+    metrics = read_metrics(server.url)
     assert int(metrics["ossie_prompt_tokens_cached_total"]) >= 2 * ((n - 1) // 64 * 64)
     assert 0 < float(metrics["ossie_prefix_cache_hit_rate"]) < 1
     assert int(metrics["ossie_kv_cache_prefix_bytes"]) > 0 and int(metrics["ossie_kv_cache_prefix_blocks"]) > 0
     assert int(metrics["ossie_kv_cache_running_bytes"]) == 0  # nothing is running now
-    assert metrics["ossie_spec_decode_num_draft_tokens_total"] == "0"  # speculation is off by default
+    assert metrics["ossie_spec_decode_num_draft_tokens_total"] == 0  # speculation is off by default

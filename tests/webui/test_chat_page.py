@@ -7,14 +7,15 @@ import re
 import time
 from types import SimpleNamespace
 
-import httpx
 import pytest
-from playwright.sync_api import expect
 from rich.console import Console
 
 from ossie.chat_cli import Chat
 from tests.helpers.server import MODEL, Server
+from tests.helpers.server import metrics as read_metrics
 from tests.webui.conftest import scripted_server, stopped
+
+expect = pytest.importorskip("playwright.sync_api").expect  # the [test] extra installs it
 
 FINAL = "<|start|>assistant<|channel|>final<|message|>"
 LONG = " ".join(f"word{i}" for i in range(400))
@@ -61,8 +62,7 @@ def wait_done(page, n=1):
 
 
 def metric(server, name):
-    text = httpx.get(server.url + "/metrics").text
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+    return read_metrics(server.url)[name]
 
 
 def test_the_page_streams_an_answer_with_its_reasoning_and_figures(server, page):
