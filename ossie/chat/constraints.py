@@ -16,6 +16,7 @@ on tokens' bytes, with a small byte-level JSON automaton (`JsonPrefix`).
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Sequence
 
@@ -210,6 +211,16 @@ class Steering:
 
     def _set_trie(self, options: list[tuple[list[int], str]]) -> None:
         self.phase, self.options, self.prefix = "trie", options, []
+
+    def copy(self) -> Steering:
+        """A copy that advances on its own (a step's guesses are tried on one): its state copied, the tables shared
+        (options and after_analysis are replaced, never changed in place)."""
+        other = copy.copy(self)
+        other.prefix = list(self.prefix)
+        if self.json is not None:
+            other.json = JsonPrefix()
+            other.json.state = self.json.state
+        return other
 
     # -- what may come next
     def mask(self, logits: torch.Tensor) -> torch.Tensor:

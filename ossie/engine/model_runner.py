@@ -13,6 +13,8 @@ a conversation or an agent loop reads only what is new.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..defaults import PREFILL_CHUNK
@@ -21,6 +23,9 @@ from .kv_manager import KVManager
 from .prefix_cache import PrefixCache
 from .sampling import check_guesses, sample
 from .sequence import Sequence
+
+if TYPE_CHECKING:
+    from ..chat.constraints import Steering
 
 
 class ModelRunner:
@@ -70,6 +75,10 @@ class ModelRunner:
                 self.kv.keep_blocks(seq)
                 if seq.pending:
                     out.append(None)
+                elif c > 1 and seq.steering is not None:  # the rows masked as they come: see steered_rows
+                    checks = steered_rows(seq.steering, logits[row:row + c].float().cpu(), seq.candidates)
+                    out.append([int(torch.argmax(r)) for r in checks] if seq.params.temperature == 0
+                               else check_guesses(checks, seq.candidates, seq.params, seq.generator))
                 elif c > 1 and seq.params.temperature == 0:  # each row's argmax, for the caller to compare
                     out.append([self.sample(seq, logits[r]) for r in range(row, row + c)])
                 elif c > 1:  # sampled: the guesses kept by speculative sampling's rule, then the token drawn
@@ -93,3 +102,18 @@ class ModelRunner:
         """One forward pass over a whole sequence: float32 logits [len, vocab]."""
         tokens = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         return self.model.forward(tokens, self.kv.new_cache(len(token_ids)))
+
+
+def steered_rows(steering: Steering, rows: torch.Tensor, guesses: list[int]) -> torch.Tensor:
+    """A steered sequence's checked rows [k + 1, vocab], each masked as its steering would mask it once the guesses
+    before it were taken: the mask of row i depends on guesses 0..i-1 being kept, and a row is only read if they
+    were. So a copy of the steering advances through the guesses; from the first guess it forbids on, the rows are
+    left as they are, never read (that guess is refused: its probability under the mask is 0)."""
+    steering = steering.copy()
+    out = rows.clone()
+    for i in range(rows.shape[0]):
+        out[i] = steering.mask(rows[i])
+        if i == len(guesses) or out[i, guesses[i]] == float("-inf"):
+            break
+        steering.advance(guesses[i])
+    return out

@@ -97,10 +97,10 @@ class Sequence:
                 + self.candidates[max(0, start - m):max(0, end - m)])
 
     def propose(self, candidates: list[int]) -> None:
-        """Guess the tokens that follow: the next step checks them (a decoding sequence without steering, whose
-        mask would depend on which of them are kept)."""
-        if self.pending != 1 or self.steering is not None or self.finished:
-            raise ValueError(f"sequence {self.id} takes candidates only while decoding, without steering")
+        """Guess the tokens that follow: the next step checks them (a decoding sequence; a steered one's checked
+        rows are masked as its steering would mask them once the guesses before were taken: ModelRunner)."""
+        if self.pending != 1 or self.finished:
+            raise ValueError(f"sequence {self.id} takes candidates only while decoding")
         self.candidates = list(candidates)
 
     def accept(self, tokens: list[int]) -> None:

@@ -12,8 +12,9 @@ code being edited, an answer quoting its sources), where guesses pay for the lar
 
 A sampled request guesses too: its guesses are kept by speculative sampling's rule (sampling.check_guesses), so
 each token has the distribution of sampling one token a step, and a seed gives the same tokens run to run (not
-those of decoding without guesses: the draws differ). A steered request does not guess (its mask depends on which
-guesses are kept); it decodes a token a step beside the others. A step's guessed rows stay within the rows the
+those of decoding without guesses: the draws differ). A steered request (tool_choice, response_format) guesses
+as well: each checked row is masked as its steering would mask it once the guesses before it were kept
+(ModelRunner's steered_rows), so a guess the steering forbids is never kept. A step's guessed rows stay within the rows the
 backend computes each as alone (`Backend.decoding_rows`), counting one for every decoding sequence, so that
 guessing never changes a token.
 """
@@ -127,8 +128,6 @@ class Speculator:
         for seq in decoding:
             if room <= 0:
                 return
-            if seq.steering is not None:
-                continue
             g = self.guessing.get(seq.id)
             if g is None:
                 g = self.guessing[seq.id] = Guessing()

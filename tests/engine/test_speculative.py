@@ -61,10 +61,10 @@ def test_guesses_stay_within_the_rows_and_the_budget():
     Eager(k=4).propose([short])
     assert len(short.candidates) == 1
     steered = decoding(REPEATING)
-    steered.steering = object()  # a mask that depends on which guesses are kept: no guesses
+    steered.steering = object()  # guesses too: its rows are masked as they come (test_speculative_steering.py)
     sampled = decoding(REPEATING, temperature=0.7)  # checked by speculative sampling's rule
-    Eager(k=4).propose([steered, sampled])
-    assert steered.candidates == [] and len(sampled.candidates) == 4
+    Eager(k=4).propose([steered, sampled])  # 8 rows: one each, 6 for guesses, taken in turn
+    assert len(steered.candidates) == 4 and len(sampled.candidates) == 2
 
 
 def test_guess_length_follows_the_costs_and_the_chance():
