@@ -121,6 +121,15 @@ def matmul_ceiling(dtype: torch.dtype, budget_s: float = 4.0) -> MatmulRate:
 
 
 @dataclass
+class Speculation:
+    """What the timed decodes guessed, over all runs (engine counters)."""
+    drafted: int = 0
+    accepted: int = 0
+    tokens: int = 0  # decoded
+    steps: int = 0  # the decode steps that gave them
+
+
+@dataclass
 class BenchResult:
     load_s: float
     prefill_tok_s: list[float] = field(default_factory=list)
@@ -131,6 +140,7 @@ class BenchResult:
     matmul: MatmulRate | None = None  # the compute ceiling
     flops_per_token: int = 0
     peak_rss_gib: float = 0.0
+    speculation: Speculation | None = None  # with --speculative: what the decodes guessed
 
     @property
     def roofline_tok_s(self) -> float:
@@ -157,6 +167,11 @@ class BenchResult:
             f"decode share {decode / self.roofline_tok_s:.0%} of the roofline "
             f"({decode * self.bytes_per_token / 1e9:.1f} GB/s effective)",
         ]
+        if self.speculation is not None:
+            sp = self.speculation
+            lines.append(f"speculation  {llm.args.speculative}: {sp.drafted} tokens guessed, {sp.accepted} kept "
+                         f"({sp.accepted / sp.drafted if sp.drafted else 0:.0%}); {sp.tokens / sp.steps:.2f} tokens "
+                         f"a decode step (a random prompt gives little to guess: real text repeats more)")
         return "\n".join(lines)
 
     def _ceiling(self, prefill: float) -> str:
@@ -189,17 +204,20 @@ def run_bench(llm: LLM, prompt_tokens: int = 64, gen_tokens: int = 32, runs: int
         seq = Sequence(prompt, SamplingParams(max_tokens=gen_tokens + 1, temperature=0, stop_token_ids=[]))
         while seq.num_computed < depth:  # the context before the timed prompt
             llm.runner.run([seq], [min(llm.runner.prefill_chunk, depth - seq.num_computed)])
-        t0 = time.perf_counter()
-        (tok,) = llm.runner.run([seq])  # the whole prompt: prompt_tokens <= prefill_chunk
-        while tok is None:
-            (tok,) = llm.runner.run([seq])
-        seq.append(tok)
-        t_prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        while not seq.finished:
-            seq.append(llm.runner.run([seq])[0])
-        t_decode = time.perf_counter() - t0
-        llm.runner.kv.free(seq)
+        if llm.engine.speculator is not None:  # through the engine, which guesses (depth is refused with it)
+            t_prefill, t_decode = _engine_decode(llm, prompt, gen_tokens, res, counted=run > 0)
+        else:
+            t0 = time.perf_counter()
+            (tok,) = llm.runner.run([seq])  # the whole prompt: prompt_tokens <= prefill_chunk
+            while tok is None:
+                (tok,) = llm.runner.run([seq])
+            seq.append(tok)
+            t_prefill = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            while not seq.finished:
+                seq.append(llm.runner.run([seq])[0])
+            t_decode = time.perf_counter() - t0
+            llm.runner.kv.free(seq)
         if run > 0:
             res.prefill_tok_s.append(prompt_tokens / t_prefill)
             res.decode_tok_s.append(gen_tokens / t_decode)
@@ -213,3 +231,25 @@ def run_bench(llm: LLM, prompt_tokens: int = 64, gen_tokens: int = 32, runs: int
     res.matmul = matmul_ceiling(llm.dtype)
     res.flops_per_token = matmul_flops_per_token(llm.config)
     return res
+
+
+def _engine_decode(llm: LLM, prompt: list[int], gen_tokens: int, res: BenchResult,
+                   counted: bool) -> tuple[float, float]:
+    """One greedy request through the engine, as a user's decodes with speculation: (seconds to its first token,
+    seconds for the gen_tokens after it); its guesses and steps added to res.speculation if `counted`."""
+    tokens = iter(llm.generate(prompt, max_tokens=gen_tokens + 1, temperature=0, stop_token_ids=[]))
+    t0 = time.perf_counter()
+    next(tokens)
+    t_prefill = time.perf_counter() - t0
+    before = llm.engine.snapshot()
+    t0 = time.perf_counter()
+    decoded = sum(1 for _ in tokens)
+    t_decode = time.perf_counter() - t0
+    after = llm.engine.snapshot()
+    if counted:
+        sp = res.speculation = res.speculation or Speculation()
+        sp.drafted += after.drafted_tokens - before.drafted_tokens
+        sp.accepted += after.accepted_tokens - before.accepted_tokens
+        sp.tokens += decoded
+        sp.steps += after.steps - before.steps
+    return t_prefill, t_decode

@@ -161,6 +161,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
+    if args.depth and args.speculative != "off":
+        raise ValueError("--depth and --speculative cannot go together (speculating decodes go through the engine, "
+                         "which reads the whole prompt at once)")
     llm = load_llm(args)
     res = run_bench(llm, args.prompt_tokens, args.gen_tokens, args.runs, depth=args.depth)
     print(res.report(llm, args.prompt_tokens, args.gen_tokens))
@@ -168,8 +171,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_speculative_args(p: argparse.ArgumentParser) -> None:
-    """the commands that decode through the engine (ossie bench times the runner's plain steps; its speculative
-    counterpart is benchmarks/speculative.py)"""
+    """the commands that decode through the engine, and ossie bench (with speculation, its decodes go through the
+    engine too and it reports the guesses; benchmarks/speculative.py measures what they cost and gain)"""
     p.add_argument("--speculative", choices=["off", "ngram"], default="off",  # = engine_args.SPECULATIVE
                    help="ngram: requests guess what follows from their own text (prompt lookup) and check the "
                         "guesses in one step where that pays; greedy output is the same token for token, sampled "
@@ -430,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=0, metavar="N",
                    help="tokens of context computed before each timed run, untimed (llama-bench's -d; default 0)")
     p.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up; medians are reported (default 5)")
+    _add_speculative_args(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate", help="answer one prompt and exit (script-friendly)",

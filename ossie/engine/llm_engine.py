@@ -104,6 +104,7 @@ class EngineStats:
     cancelled: int = 0
     failed: int = 0
     preempted: int = 0  # times a running request gave its KV memory back and waited to compute again
+    steps: int = 0  # forward passes run (a step's tokens over its steps: what guesses and batching bring)
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     generated_tokens: int = 0
@@ -240,6 +241,8 @@ class Engine:
             self._measure_kv()
             return
         decoding_alone = len(batch) == 1 and (sizes[0] == 1 or bool(batch[0].candidates))
+        with self._lock:
+            self.stats.steps += 1
         try:
             t0 = time.perf_counter()
             tokens = self.runner.run(batch, sizes)

@@ -14,9 +14,9 @@ A sampled request guesses too: its guesses are kept by speculative sampling's ru
 each token has the distribution of sampling one token a step, and a seed gives the same tokens run to run (not
 those of decoding without guesses: the draws differ). A steered request (tool_choice, response_format) guesses
 as well: each checked row is masked as its steering would mask it once the guesses before it were kept
-(ModelRunner's steered_rows), so a guess the steering forbids is never kept. A step's guessed rows stay within the rows the
-backend computes each as alone (`Backend.decoding_rows`), counting one for every decoding sequence, so that
-guessing never changes a token.
+(ModelRunner's steered_rows), so a guess the steering forbids is never kept. A step's guessed rows stay within
+the rows the backend computes each as alone (`Backend.decoding_rows`), counting one for every decoding sequence,
+so that guessing never changes a token.
 """
 
 from __future__ import annotations

@@ -61,6 +61,7 @@ class EngineCollector:
             "ossie_requests_cancelled": ("requests cancelled (a client gone, a stop)", s.cancelled),
             "ossie_requests_failed": ("requests that failed", s.failed),
             "ossie_requests_preempted": ("times a running request gave its KV memory back", s.preempted),
+            "ossie_engine_steps": ("forward passes the engine ran", s.steps),
             "ossie_prompt_tokens": ("prompt tokens submitted", s.prompt_tokens),
             "ossie_prompt_tokens_cached": ("prompt tokens served from the prefix cache", s.cached_prompt_tokens),
             "ossie_generation_tokens": ("tokens generated", s.generated_tokens),

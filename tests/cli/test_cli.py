@@ -35,6 +35,20 @@ def test_synth_then_bench(tmp_path):
         assert word in bench
 
 
+def test_bench_reports_what_speculation_guessed(tmp_path):
+    run("synth", str(tmp_path / "m"), "--preset", "tiny")
+    out = run("bench", str(tmp_path / "m"), "--prompt-tokens", "8", "--gen-tokens", "24", "--runs", "2",
+              "--speculative", "ngram").stdout
+    line = next(x for x in out.splitlines() if x.startswith("speculation"))
+    guessed, kept, per_step = re.search(r"ngram: (\d+) tokens guessed, (\d+) kept \(\d+%\); ([\d.]+) tokens a decode "
+                                        r"step", line).groups()
+    assert int(kept) <= int(guessed) and 1.0 <= float(per_step) <= 1 + 4  # at most 4 guesses and one token a step
+    assert "speculation" not in run("bench", str(tmp_path / "m"), "--prompt-tokens", "8", "--gen-tokens", "4",
+                                    "--runs", "1").stdout
+    p = run("bench", str(tmp_path / "m"), "--depth", "16", "--speculative", "ngram", check=False)
+    assert p.returncode == 2 and "--depth and --speculative" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_bad_model_exit_code(tmp_path):
     p = run("bench", str(tmp_path / "missing"), check=False)
     assert p.returncode == 2 and "error:" in p.stderr and "Traceback" not in p.stderr

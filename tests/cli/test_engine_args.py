@@ -7,7 +7,7 @@ from ossie.cli import build_parser
 from ossie.engine_args import EngineArgs
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "bench"])
 def test_speculative_flags_reach_the_engine_args(command):
     extra = ["--prompt", "hi"] if command == "generate" else []
     args = build_parser().parse_args([command, "some/model", *extra, "--speculative", "ngram",

@@ -21,6 +21,7 @@ GAUGES = {"ossie_requests_waiting", "ossie_requests_running", "ossie_kv_cache_us
           "ossie_prefix_cache_hit_rate", "ossie_kv_cache_running_bytes", "ossie_kv_cache_prefix_bytes",
           "ossie_kv_cache_prefix_blocks", "ossie_kv_cache_budget_bytes"}
 COUNTERS = {"ossie_requests_finished", "ossie_requests_cancelled", "ossie_requests_failed", "ossie_requests_preempted",
+            "ossie_engine_steps",
             "ossie_prompt_tokens", "ossie_prompt_tokens_cached", "ossie_generation_tokens",
             "ossie_spec_decode_num_draft_tokens", "ossie_spec_decode_num_accepted_tokens"}
 HISTOGRAMS = {"ossie_time_to_first_token_seconds", "ossie_request_time_per_output_token_seconds",
@@ -142,6 +143,7 @@ def test_metrics_through_the_server(server):
     assert grew("ossie_request_generation_tokens_sum") == usage["completion_tokens"]
     assert grew("ossie_request_prompt_tokens_sum") == usage["prompt_tokens"]
     assert grew("ossie_generation_tokens_total") == usage["completion_tokens"]
+    assert grew("ossie_engine_steps_total") >= usage["completion_tokens"]  # one token a step without guesses
     assert after["ossie_requests_running"] == 0 and after["ossie_kv_cache_usage_perc"] == 0
     assert after["ossie_kv_cache_budget_bytes"] > 0
     ttft = "ossie_time_to_first_token_seconds"
