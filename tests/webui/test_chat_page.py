@@ -294,6 +294,22 @@ def test_copy_puts_the_code_on_the_clipboard(server, page):
     assert page.evaluate("navigator.clipboard.readText()").startswith("Hi! Here is **code**")
 
 
+def test_the_page_works_where_the_browser_is_not_in_a_secure_context(server, page):
+    """Opened by a LAN address over http (`ossie serve --host 0.0.0.0`), a page has no crypto.randomUUID and no
+    navigator.clipboard: ids and copying fall back (emulated here by removing both before the page loads)."""
+    page.add_init_script("delete Crypto.prototype.randomUUID; "
+                         "Object.defineProperty(Navigator.prototype, 'clipboard', {get: () => undefined})")
+    page.goto(server.url)
+    assert page.evaluate("typeof crypto.randomUUID") == "undefined"
+    send(page, "hello there")
+    wait_done(page)
+    copy = answers(page).first.get_by_role("button", name="Copy code")
+    copy.click()
+    expect(copy).to_have_text("Copied")
+    page.reload()
+    expect(answers(page)).to_have_count(1)
+
+
 def test_a_prompt_over_the_limit_says_what_to_do(server, page):
     page.goto(server.url)
     send(page, " ".join(["many words"] * 400))

@@ -34,11 +34,23 @@ export function el(tag, props = {}, ...children) {
 export function copyButton(getText, label = "Copy") {
   const button = el("button", { type: "button", class: "small", text: label, "aria-label": label });
   button.addEventListener("click", async () => {
-    await navigator.clipboard.writeText(getText());
+    await writeClipboard(getText());
     button.textContent = "Copied";
     setTimeout(() => { button.textContent = label; }, 1500);
   });
   return button;
+}
+
+// navigator.clipboard exists only in secure contexts (https, localhost); elsewhere (the page opened by a LAN
+// address) the older way: a selected, off-screen textarea and the copy command.
+async function writeClipboard(text) {
+  if (navigator.clipboard?.writeText) return navigator.clipboard.writeText(text);
+  const area = el("textarea", { class: "offscreen", "aria-hidden": "true" });
+  area.value = text;
+  document.body.append(area);
+  area.select();
+  document.execCommand("copy");
+  area.remove();
 }
 
 // Markdown as a sanitized fragment; citations ({start_index, end_index, url, title}, indices in code points, as

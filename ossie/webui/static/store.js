@@ -36,7 +36,10 @@ export async function loadAll() {
 export const save = (conv) => transaction("readwrite", (s) => s.put(conv));
 export const remove = (id) => transaction("readwrite", (s) => s.delete(id));
 
-const newId = () => crypto.randomUUID();
+// crypto.randomUUID exists only in secure contexts (https, localhost): a page opened at http://192.168.1.5:8000
+// (`ossie serve --host 0.0.0.0`) has getRandomValues alone
+const newId = () => crypto.randomUUID?.()
+  ?? Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
 
 export function newConversation(settings) {
   const now = Date.now();
