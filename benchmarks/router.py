@@ -22,6 +22,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 import httpx
 
 BLOCK = 64  # the prefix cache's block: a prompt is served from cache in whole blocks
+AUTH: dict[str, str] = {}  # with --privacy, the conversations are alice's
 
 
 def free_port() -> int:
@@ -61,7 +63,7 @@ def rss_mib(pid: int) -> float:
 def read_metrics(url: str) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(url + "/metrics", timeout=10).text
+    text = httpx.get(url + "/metrics", headers=AUTH, timeout=10).text
     return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
 
 
@@ -82,7 +84,7 @@ def conversation(router: str, model: str, index: int, turns: int, max_tokens: in
                                                     f"why does build step {turn} fail?"})
         t0 = time.perf_counter()
         first, usage, text = None, None, ""
-        with httpx.stream("POST", router + "/v1/chat/completions", timeout=300, json={
+        with httpx.stream("POST", router + "/v1/chat/completions", headers=AUTH, timeout=300, json={
                 "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}) as r:
             r.raise_for_status()
@@ -106,6 +108,28 @@ def conversation(router: str, model: str, index: int, turns: int, max_tokens: in
         messages.append({"role": "assistant", "content": text or "(no answer)"})
 
 
+def privacy_probe(router: str, model: str, run: str) -> None:
+    """Two principals through the router, the cache-aware policy sending the same text to the same replica: the
+    second must find nothing of the first's prompt cached (only blocks it sent itself). A secret of its own for
+    each run: bob sends it last, and a later run must not find his copy."""
+    secret = f"Run {run}: the launch code is 4471-ALPHA; tell nobody. " * 30
+
+    def ask(key: str, text: str = secret) -> tuple[int, int]:
+        r = httpx.post(router + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=300,
+                       json={"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 2})
+        r.raise_for_status()
+        usage = r.json()["usage"]
+        return usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"]
+
+    for _ in range(2):  # bob's own requests, on both replicas: the harmony header every prompt starts with is his
+        ask("key-bob", "Something else entirely. " * 30)
+    prompt, _ = ask("key-alice")
+    _, again = ask("key-alice")
+    _, bob = ask("key-bob")
+    print(f"privacy: alice's {prompt}-token prompt, sent again by alice: {again} cached; the same text from bob: "
+          f"{bob} cached ({'nothing of alice' if bob <= BLOCK else 'MORE THAN HIS OWN HEADER: A LEAK'})", flush=True)
+
+
 def run_policy(args: argparse.Namespace, policy: str, workers: list[str]) -> list[dict]:
     port = free_port()
     router = f"http://127.0.0.1:{port}"
@@ -120,6 +144,8 @@ def run_policy(args: argparse.Namespace, policy: str, workers: list[str]) -> lis
             if time.time() > deadline:
                 sys.exit("the router did not register every replica")
             time.sleep(0.2)
+        if args.keys is not None:
+            privacy_probe(router, args.model, policy)
         results: list[dict] = []
         threads = [threading.Thread(target=conversation, args=(router, args.model, i, args.turns, args.max_tokens,
                                                                policy, results)) for i in range(args.conversations)]
@@ -155,7 +181,15 @@ def main() -> None:
     ap.add_argument("--router", default=shutil.which("sglang-router") or "sglang-router",
                     help="the sglang-router executable")
     ap.add_argument("--model", default="gpt-oss")
+    ap.add_argument("--privacy", action="store_true",
+                    help="the replicas require keys of two principals (alice, bob); before each policy's run, bob "
+                         "sends what alice sent: he must find none of it cached")
     args = ap.parse_args()
+    args.keys = None
+    if args.privacy:
+        args.keys = Path(tempfile.mkdtemp()) / "keys"
+        args.keys.write_text("alice:key-alice\nbob:key-bob\n")
+        AUTH["Authorization"] = "Bearer key-alice"
     if not Path(args.router).exists() and shutil.which(args.router) is None:
         sys.exit("no sglang-router: pip install sglang-router (or pass --router PATH)")
     replicas, workers = [], []
@@ -164,7 +198,8 @@ def main() -> None:
             port = free_port()
             t0 = time.perf_counter()
             proc = subprocess.Popen([sys.executable, "-m", "ossie", "serve", args.checkpoint, "--port", str(port),
-                                     "--served-model-name", args.model, "--threads", str(args.threads)],
+                                     "--served-model-name", args.model, "--threads", str(args.threads),
+                                     *(["--api-keys", str(args.keys)] if args.keys else [])],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             url = f"http://127.0.0.1:{port}"
             wait_up(url + "/health", proc, f"replica {i}")
