@@ -89,6 +89,21 @@ def test_the_page_asks_for_the_key_once_and_shows_nothing_before(keyed, page):
     page.console.errors.clear()  # the 401s of the first tries
 
 
+def test_a_key_no_longer_accepted_is_asked_for_again(keyed, page):
+    page.add_init_script("localStorage.setItem('ossie.apiKey', 'sesame')")
+    page.goto(keyed.url)
+    page.locator("#model", has_text=MODEL).wait_for()
+    page.evaluate("localStorage.setItem('ossie.apiKey', 'rotated')")  # the server's key changed meanwhile
+    send(page, "hi")
+    page.locator("#key-error", has_text="no longer accepts").wait_for()
+    page.fill("#key", "sesame")
+    page.press("#key", "Enter")
+    page.locator("#model", has_text=MODEL).wait_for()
+    answers(page).first.get_by_role("button", name="Regenerate").click()
+    answers(page).first.locator(".markdown", has_text="Keyed answer.").wait_for()
+    page.console.errors.clear()  # the 401
+
+
 def test_no_webui(tiny_repo):
     s = Server(tiny_repo, "--no-webui")
     try:

@@ -69,6 +69,7 @@ export async function streamAnswer(node, body, signal, changed) {
     if (e.name === "AbortError") finish = "stopped";
     else {
       node.error = e.message;
+      node.errorStatus = e.status; // 401: the key is no longer accepted (the page asks for it again)
       finish = "failed";
     }
   }

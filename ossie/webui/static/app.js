@@ -267,6 +267,8 @@ async function generate(node) {
   showRunning(false);
   if (conv === state.conv) render();
   await store.save(conv);
+  if (node.errorStatus === 401) askKey("The server no longer accepts the key kept here: enter it again, then " +
+                                       "press Regenerate.");
 }
 
 let pending = null;
