@@ -275,13 +275,13 @@ def test_export_is_what_ossie_chat_loads_and_import_reads_what_it_saves(server, 
     chat.system = "Be brief."
     Chat.save(chat, str(tmp_path / "from_chat.json"))
     page.set_input_files("#import-file", str(tmp_path / "from_chat.json"))
-    page.locator("#title", has_text="from the terminal").wait_for()
-    assert page.locator("article.user .user-text").inner_text() == "from the terminal"
-    assert answers(page).first.locator(".markdown").inner_text() == "Terminal answer."
-    assert page.locator("#system").input_value() == "Be brief."
+    expect(page.locator("#title")).to_have_text("from the terminal")
+    expect(page.locator("article.user .user-text")).to_have_text("from the terminal")
+    expect(answers(page).first.locator(".markdown")).to_have_text("Terminal answer.")
+    expect(page.locator("#system")).to_have_value("Be brief.")
     (tmp_path / "bad.json").write_text('{"not": "a conversation"}')
     page.set_input_files("#import-file", str(tmp_path / "bad.json"))
-    assert "Cannot import bad.json" in page.locator("#banner").inner_text()
+    expect(page.locator("#banner")).to_contain_text("Cannot import bad.json")  # read after the file, in a moment
 
 
 def test_copy_puts_the_code_on_the_clipboard(server, page):
