@@ -155,16 +155,29 @@ def test_ollama_requests_without_a_limit_stop_at_its_default_context(tiny_llm, o
 
 def test_a_responses_stream_cut_by_shutdown_ends_as_the_responses_api_does(tiny_llm):
     app = create_app(tiny_llm, [MODEL])
+    engine = app.state.serving.engine
     events = []
+
+    def shut_down_once_under_way():
+        # by the engine's counters, not by the stream's events: the random model's sampled tokens may give no text
+        # (no delta event) for a long while, and the test waited for a third event for as long (once in CI)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            s = engine.snapshot()
+            if s.running == 1 and s.generated_tokens > generated:
+                break
+            time.sleep(0.01)
+        engine.abort_all(ServerShuttingDown("the server is shutting down"))
+
+    generated = engine.snapshot().generated_tokens
     with TestClient(app) as http, http.stream("POST", "/v1/responses", json={
             "model": MODEL, "input": "talk", "max_output_tokens": 100000, "stream": True}) as r:
+        threading.Thread(target=shut_down_once_under_way, daemon=True).start()
         for line in r.iter_lines():
             if line.startswith("event: "):
                 events.append(line.removeprefix("event: "))
             elif line.startswith("data: ") and events[-1] in ("error", "response.failed"):
                 events.append(json.loads(line.removeprefix("data: ")))
-            if len(events) == 3:  # under way
-                app.state.serving.engine.abort_all(ServerShuttingDown("the server is shutting down"))
     assert "response.created" in events
     error, failed = events[-4:-2], events[-2:]
     assert error[0] == "error" and error[1]["code"] == "server_shutting_down"
