@@ -65,6 +65,7 @@ class ModelRunner:
             rows = [r for end, c in zip(ends, checked, strict=True) for r in range(end - c, end)]
         checking = [b for b, c in enumerate(checked) if c > 1]  # each row as its one-token step would compute it
         logits = self.model.forward_batch(tokens, [seq.cache for seq in batch], sizes, rows=rows, checking=checking)
+        hold_stops(logits, batch, checked)
         out: list[int | list[int] | None] = []
         # sampling under the backend's threads too: on the CPU, torch's own workers would otherwise spin after the
         # argmax over the vocabulary, on the cores the next step's kernels need
@@ -102,6 +103,20 @@ class ModelRunner:
         """One forward pass over a whole sequence: float32 logits [len, vocab]."""
         tokens = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         return self.model.forward(tokens, self.kv.new_cache(len(token_ids)))
+
+
+def hold_stops(logits: torch.Tensor, batch: list[Sequence], checked: list[int]) -> None:
+    """min_tokens: no stop token in the rows a sequence samples from before its output reaches min_tokens (row i of
+    a checked sequence gives its output's token len(output) + i; a row no token is sampled from, one inside a prompt,
+    may be held too). In place: the rows are this step's own."""
+    row = 0
+    for seq, c in zip(batch, checked, strict=True):
+        held = min(c, seq.params.min_tokens - len(seq.output))
+        if held > 0 and seq.stop_ids:
+            stops = torch.tensor(sorted(seq.stop_ids), dtype=torch.long, device=logits.device)
+            with torch.inference_mode():  # the forward pass made the logits there
+                logits[row:row + held].index_fill_(1, stops, float("-inf"))
+        row += c
 
 
 def steered_rows(steering: Steering, rows: torch.Tensor, guesses: list[int]) -> torch.Tensor:

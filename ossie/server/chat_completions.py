@@ -99,6 +99,9 @@ async def start_chat(serving: Serving, request: Request, req: SamplingRequest, m
     what a 400 points at."""
     serving.check_capacity()
     steering, instructions = chat_steering(tools, tool_choice, response_format)
+    if steering is not None and req.min_tokens:  # the demanded call or JSON ends with a stop token min_tokens forbids
+        raise APIError(400, "min_tokens cannot be combined with a tool_choice or response_format that demands an "
+                            "answer", "min_tokens")
     size = int(request.headers.get("content-length") or 0)
     prompt = await serving.tokenizing.render(size, messages + instructions, tools, effort, messages_param, builtin,
                                              client_of(request.scope))

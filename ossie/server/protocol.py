@@ -173,13 +173,15 @@ class SamplingRequest(StrictBody):
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
     seed: int | None = Field(default=None, ge=SEED_RANGE[0], lt=SEED_RANGE[1])
+    min_tokens: int | None = Field(default=None, ge=0)  # vLLM's: no stop token before this many tokens
     stream: bool = False
     cache_salt: str | None = Field(default=None, max_length=1024)  # vLLM's: honoured from a trusted gateway only
 
     def to_sampling_params(self, max_tokens: int, stop_token_ids: list[int] | None) -> SamplingParams:
         p = SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
                            top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed,
-                           stop_token_ids=stop_token_ids, top_k=self.top_k or 0, min_p=self.min_p or 0.0)
+                           stop_token_ids=stop_token_ids, top_k=self.top_k or 0, min_p=self.min_p or 0.0,
+                           min_tokens=self.min_tokens or 0)
         try:
             p.validate()
         except ValueError as e:

@@ -41,6 +41,7 @@ class Run:
         self.demanded = steering is not None  # tool_choice or response_format: a call or JSON, whole or not at all
         self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" once over
         self.prompt_tokens = len(prompt)
+        self.min_tokens = params.min_tokens  # for all rounds together, as max_tokens
         self.completion_tokens = 0
         self.disconnected = False
         self.tools: BuiltinTools | None = None  # the built-in tools this answer runs (start_chat sets them)
@@ -60,7 +61,8 @@ class Run:
         is left of max_tokens and of the request's time."""
         left = None if self.timeout_s is None else max(0.0, self.timeout_s - (self.loop.time() - self.started))
         self.finish_reason = None
-        self.prompt, self.params = prompt, dataclasses.replace(self.params, max_tokens=max_tokens)
+        held = max(0, min(self.min_tokens - self.completion_tokens, max_tokens))  # min_tokens is the answer's
+        self.prompt, self.params = prompt, dataclasses.replace(self.params, max_tokens=max_tokens, min_tokens=held)
         self._submit(prompt, self.params, None, left)
 
     @property

@@ -155,7 +155,8 @@ def test_the_gauges_while_a_request_runs(server):
 
     def long_stream():
         with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, json={
-                "model": MODEL, "stream": True, "messages": user("a long one"), "max_tokens": 2000}) as r:
+                "model": MODEL, "stream": True, "messages": user("a long one"), "max_tokens": 2000,
+                "min_tokens": 2000}) as r:
             for _ in r.iter_lines():
                 if stop.is_set():
                     return

@@ -385,7 +385,7 @@ def wait_for_cancel(server, before) -> dict:
 ])
 def test_disconnect_frees_the_request(server, path, body, lines):
     before = server.health()
-    body = {"model": MODEL, **body, "stream": True, "temperature": 1.0,
+    body = {"model": MODEL, **body, "stream": True, "temperature": 1.0, "min_tokens": 5000,
             ("max_output_tokens" if "responses" in path else "max_tokens"): 5000}
     with httpx.stream("POST", server.url + path, json=body, timeout=30) as r:
         it = r.iter_lines()

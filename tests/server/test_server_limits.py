@@ -12,7 +12,9 @@ import pytest
 
 from tests.helpers.server import GOOD, MODEL, WEATHER, Server, client, user
 
-LONG = {"model": MODEL, "messages": user("Talk for a long time"), "max_tokens": 5000, "temperature": 1.0}
+# min_tokens: the random model's sampled text never ends by itself before the limit a test is about (it did, once)
+LONG = {"model": MODEL, "messages": user("Talk for a long time"), "max_tokens": 5000, "min_tokens": 5000,
+        "temperature": 1.0}
 
 
 def wait_for(s: Server, condition, timeout=30) -> dict:
@@ -244,6 +246,9 @@ BAD_CHAT = [
     ("tool name of 100,000 characters", {**GOOD, "tools": [{"type": "function", "function": {"name": "n" * 100_000}}]}),
     ("too many stop strings", {**GOOD, "stop": [str(i) for i in range(17)]}),
     ("a stop string too long", {**GOOD, "stop": "s" * 60_000}),
+    ("min_tokens over max_tokens", {**GOOD, "min_tokens": 3}),
+    ("min_tokens negative", {**GOOD, "min_tokens": -1}),
+    ("min_tokens with a demanded call", {**GOOD, "min_tokens": 1, "tools": [WEATHER], "tool_choice": "required"}),
 ]
 
 
