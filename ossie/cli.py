@@ -314,7 +314,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for port in ports:
         _check_listen(args.host, port)
     llm = load_llm(args)
-    names = args.served_model_name or [default_model_name(llm)]
+    names = args.served_model_name or [default_model_name(llm.path)]
     options = ServerOptions(
         api_keys=keys, trust_cache_salt=args.trust_cache_salt, shared_prefixes=shared,
         allowed_origins=tuple(args.allowed_origins or ()),

@@ -4,7 +4,8 @@ protocol (requests and responses), serving (the options and what the endpoints s
 the event loop), streaming (running a generation from async code, SSE), one module per OpenAI endpoint, and
 ollama (Ollama's native API)."""
 
-from .app import OLLAMA_PORT, create_app, default_model_name, run_server
-from .serving import ServerOptions
+from .app import OLLAMA_PORT, create_app, default_model_name, run_server, serving_app
+from .serving import ServerOptions, Serving
 
-__all__ = ["OLLAMA_PORT", "ServerOptions", "create_app", "default_model_name", "run_server"]
+__all__ = ["OLLAMA_PORT", "ServerOptions", "Serving", "create_app", "default_model_name", "run_server",
+           "serving_app"]

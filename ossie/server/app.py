@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -67,15 +68,20 @@ async def retrieve_model(model: str, request: Request) -> ModelCard:
 def create_app(llm: LLM, served_model_names: Iterable[str] | None = None,
                options: ServerOptions | None = None) -> FastAPI:
     """The server for `llm`: every request goes through its engine (llm.engine, its options llm.args')."""
-    options = options or ServerOptions()
-    if not any(isinstance(f, RequestIdFilter) for f in log.filters):
-        log.addFilter(RequestIdFilter())
     # the LLM's engine, stepped by a thread of its own while the server runs: the library's calls in this process
     # (llm.generate, llm.chat) share its batch, budget and prefix cache, and step it themselves again afterwards
     engine = llm.engine.start()
-    serving = Serving(engine, llm.config, list(served_model_names or [default_model_name(llm)]), options,
-                      model_path=llm.path, weight_bytes=llm.model.w.nbytes(), device=str(llm.device))
+    return serving_app(Serving(engine, llm.config, list(served_model_names or [default_model_name(llm.path)]),
+                               options or ServerOptions(), model_path=llm.path, weight_bytes=llm.model.w.nbytes(),
+                               device=str(llm.device)))
 
+
+def serving_app(serving: Serving) -> FastAPI:
+    """The server over `serving.engine`, whatever it is: an engine in this process (create_app), or replicas behind
+    a Ray Serve router (ossie.replicas)."""
+    engine, options = serving.engine, serving.options
+    if not any(isinstance(f, RequestIdFilter) for f in log.filters):
+        log.addFilter(RequestIdFilter())
     metrics = ServerMetrics(engine)
 
     @contextlib.asynccontextmanager
@@ -137,10 +143,10 @@ def create_app(llm: LLM, served_model_names: Iterable[str] | None = None,
     return app
 
 
-def default_model_name(llm: LLM) -> str:
+def default_model_name(checkpoint: Path) -> str:
     """The served name when none is given: the checkpoint folder's name (a Hugging Face cache's snapshot is named
     by its repo, "openai/gpt-oss-20b"), never the path as typed."""
-    path = llm.path.resolve()
+    path = checkpoint.resolve()
     if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
         return path.parent.parent.name.removeprefix("models--").replace("--", "/")
     return path.parent.name if path.name == "original" else path.name

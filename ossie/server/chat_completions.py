@@ -206,7 +206,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
                            messages_param="messages", builtin=builtin)
     cid, now = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
     if req.stream:
-        return sse(chat_stream(run, req.stop, cid, now, req.model, req.include_usage), run)
+        return sse(chat_stream(run, req.stop, cid, now, req.model, req.include_usage), run, request)
     result = None
     async with cancel_on_disconnect(run, request):
         async for delta in chat_deltas(run, req.stop):

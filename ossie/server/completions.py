@@ -85,7 +85,7 @@ async def create_completion(req: CompletionRequest, request: Request):
                 yield data(body([], usage=True))
             yield data("[DONE]")
 
-        return sse(stream(), run)
+        return sse(stream(), run, request)
     async with cancel_on_disconnect(run, request):
         text = "".join([t async for t in pieces])
     return body([CompletionChoice(text=text, finish_reason=run.finish_reason)], usage=True)

@@ -27,7 +27,7 @@ from ..model.config import PRESETS, ModelConfig
 from .chat_completions import chat_deltas, start_chat
 from .protocol import SEED_RANGE, APIError, SamplingRequest, StrictBody, check_schema, check_tools
 from .serving import Serving
-from .streaming import Run, cancel_on_disconnect
+from .streaming import Run, cancel_on_disconnect, streamed
 
 router = APIRouter()
 
@@ -309,20 +309,10 @@ async def _generate(run: Run, stops: list[str] | None, show_thinking: bool, star
                    "eval_count": result.completion_tokens, "eval_duration": _ns(end - first)}
 
 
-def _ndjson(run: Run, pieces: AsyncIterator[dict]) -> StreamingResponse:
-    """Newline-delimited JSON; a failure mid-stream is a last {"error": ...} line (the ollama client raises it), and
-    a stream that ends early for any reason cancels its generation."""
-
-    async def lines() -> AsyncIterator[str]:
-        try:
-            async for piece in pieces:
-                yield json.dumps(piece) + "\n"
-        except APIError as e:
-            yield json.dumps({"error": e.message}) + "\n"
-        finally:
-            run.handle.cancel()  # a no-op once it has finished
-
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+def _ndjson(run: Run, pieces: AsyncIterator[dict], request: Request) -> StreamingResponse:
+    """Newline-delimited JSON; a failure mid-stream is a last {"error": ...} line (the ollama client raises it)."""
+    return streamed((json.dumps(piece) + "\n" async for piece in pieces), run, request,
+                    lambda e: json.dumps({"error": e.message}) + "\n", "application/x-ndjson")
 
 
 async def _start(serving: Serving, request: Request, req: _OllamaRequest, messages: list[dict],
@@ -381,7 +371,7 @@ async def chat(req: OllamaChatRequest, request: Request):
         raise APIError(500, "the generation ended without a final message", type="server_error")
 
     if req.stream:
-        return _ndjson(run, pieces())
+        return _ndjson(run, pieces(), request)
     async with cancel_on_disconnect(run, request):
         return await merge(pieces())
 
@@ -423,6 +413,6 @@ async def generate(req: OllamaGenerateRequest, request: Request):
         raise APIError(500, "the generation ended without a final message", type="server_error")
 
     if req.stream:
-        return _ndjson(run, pieces())
+        return _ndjson(run, pieces(), request)
     async with cancel_on_disconnect(run, request):
         return await merge(pieces())

@@ -368,7 +368,7 @@ async def create_response(req: ResponsesRequest, request: Request):
         return body
 
     if req.stream:
-        return sse(responses_stream(run, base, finish), run)
+        return sse(responses_stream(run, base, finish), run, request)
     async with cancel_on_disconnect(run, request):
         async for event in collect(run):
             answer = event

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
@@ -125,21 +125,31 @@ async def cancel_on_disconnect(run: Run, request: Request) -> AsyncIterator[None
         watcher.cancel()
 
 
-def sse(chunks: AsyncIterator[str], run: Run) -> StreamingResponse:
-    """Server-sent events of `run`. A generation failing mid-stream ends the stream with an OpenAI-style error event;
-    a stream that ends early for any reason (its client gone while it waited in the queue, say) cancels `run`."""
+def sse(chunks: AsyncIterator[str], run: Run, request: Request) -> StreamingResponse:
+    """Server-sent events of `run`; a generation failing mid-stream ends it with an OpenAI-style error event."""
+    return streamed(chunks, run, request, lambda e: data(e.body()), "text/event-stream",
+                    {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def streamed(chunks: AsyncIterator[str], run: Run, request: Request, error: Callable[[APIError], str],
+             media_type: str, headers: dict[str, str] | None = None) -> StreamingResponse:
+    """A streamed answer: `chunks`, or after a failure mid-stream its error(e) piece. A stream that ends early for any
+    reason (its client gone while it waited in the queue, say) cancels `run`. The client's going is also watched
+    for as a non-streaming request's is: a server that is told of it only through the cancellation of its task
+    (Ray Serve's ingress, where that cancellation is best-effort) would otherwise generate to the end for no one,
+    as it once did for one stream in four."""
 
     async def body() -> AsyncIterator[str]:
         try:
-            async for chunk in chunks:
-                yield chunk
+            async with cancel_on_disconnect(run, request):
+                async for chunk in chunks:
+                    yield chunk
         except APIError as e:
-            yield data(e.body())
+            yield error(e)
         finally:
             run.handle.cancel()  # a no-op once it has finished
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(body(), media_type=media_type, headers=headers)
 
 
 def data(obj: BaseModel | dict | str, **dump: Any) -> str:
