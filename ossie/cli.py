@@ -60,6 +60,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "shutdown_timeout": (0, INF, False), "python_timeout": (0, INF, True), "max_tool_calls": (1, INF, False),
     "max_tokens": (0, INF, False), "temperature": (0, 2, False), "top_p": (0, 1, True),
     "prompt_tokens": (1, INF, False), "gen_tokens": (1, INF, False), "runs": (1, INF, False), "depth": (0, INF, False),
+    "min_replicas": (1, INF, False), "max_replicas": (1, INF, False),
 }
 
 
@@ -313,8 +314,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ports = [args.port] + ([OLLAMA_PORT] if args.ollama and args.port != OLLAMA_PORT else [])
     for port in ports:
         _check_listen(args.host, port)
-    llm = load_llm(args)
-    names = args.served_model_name or [default_model_name(llm.path)]
     options = ServerOptions(
         api_keys=keys, trust_cache_salt=args.trust_cache_salt, shared_prefixes=shared,
         allowed_origins=tuple(args.allowed_origins or ()),
@@ -322,6 +321,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens, request_timeout_s=args.request_timeout,
         max_body_bytes=int(args.max_body_mb * 2**20), drain_s=args.shutdown_timeout,
         builtin_tools=tuple(builtin), tool_settings=settings, webui=not args.no_webui)
+    if args.replicas is not None:
+        return _serve_replicas(args, options)
+    llm = load_llm(args)
+    names = args.served_model_name or [default_model_name(llm.path)]
     app = create_app(llm, names, options)
     log = logging.getLogger("ossie")
     log.info("model %s (%s layout, %d layers, %d experts, %s), served as %s", llm.path, llm.layout,
@@ -343,6 +346,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     run_server(app, args.host, ports, "info" if args.verbose else "warning", ready)
     return 0
+
+
+def _serve_replicas(args: argparse.Namespace, options: Any) -> int:
+    """`ossie serve --replicas`: the same server, its engines on Ray Serve (ossie.replicas)."""
+    if args.ollama:
+        raise ValueError("--ollama cannot be used with --replicas (Ray Serve listens on one port): Ollama's API is "
+                         "served on --port too, so give --port 11434 for Ollama's clients")
+    if args.replicas == "auto" and args.min_replicas > args.max_replicas:
+        raise ValueError(f"--min-replicas ({args.min_replicas}) is above --max-replicas ({args.max_replicas})")
+    try:
+        from .replicas.serve import serve_replicas
+    except ImportError as e:
+        raise ValueError(f"--replicas needs Ray Serve ({e}): pip install 'ossie[ray]'") from None
+    return serve_replicas(args, options)
+
+
+def _replica_count(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be a number of replicas (1 or more) or 'auto', got {text!r}")
+    return count
 
 
 def api_keys(key: str | None, path: str | None) -> dict[str, str]:
@@ -506,6 +535,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN",
                    help="let browser apps from these origins call the server (CORS); '*' allows any")
     _add_tool_args(p)
+    p.add_argument("--replicas", type=_replica_count, metavar="N|auto",
+                   help="run N engine replicas on Ray Serve behind this address, each conversation routed to the "
+                        "replica that holds its prefix ('auto': scaled on load between --min-replicas and "
+                        "--max-replicas); each takes --threads CPUs; needs pip install 'ossie[ray]'")
+    p.add_argument("--min-replicas", type=int, default=1, metavar="N", help="with --replicas auto (default 1)")
+    p.add_argument("--max-replicas", type=int, default=2, metavar="N", help="with --replicas auto (default 2)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="with --replicas: the Ray cluster to join (e.g. HEAD:6379, after `ray start --head` there); "
+                        "default: a local one, started here")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -28,6 +28,10 @@ class ServerShuttingDown(Exception):
     """Ends the requests still in flight when the server's drain time after SIGTERM is over."""
 
 
+class EngineUnavailable(Exception):
+    """The engine running a request went away mid-answer (a replica that died): the client may retry."""
+
+
 class Run:
     """One request in the engine, seen from the event loop: `async for tok in run.tokens()`; closing that iterator
     early (a disconnect, a stop string) cancels the generation, which frees its KV cache. An answer that runs
@@ -96,6 +100,8 @@ class Run:
                     if isinstance(event.error, ServerShuttingDown):
                         raise APIError(503, "the server is shutting down; retry elsewhere or later",
                                        type="server_error", code="server_shutting_down")
+                    if isinstance(event.error, EngineUnavailable):
+                        raise APIError(503, f"{event.error}; retry", type="server_error", code="engine_unavailable")
                     raise APIError(500, "generation failed (the server's log has the details)", type="server_error")
                 else:
                     assert isinstance(event, Cancelled)

@@ -187,3 +187,19 @@ def test_the_kernel_path_is_named_with_what_a_faster_one_needs(monkeypatch, mach
     assert line.startswith(f"kernels: {path} (") and says in line and "\n" not in line
     monkeypatch.setenv(cpu_kernels.PATH_ENV, "avx2")
     assert "forced by OSSIE_CPU_PATH=avx2" in cpu_kernels.path_summary()
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--replicas", "0"], "argument --replicas: must be a number of replicas"),
+    (["--replicas", "two"], "argument --replicas: must be a number of replicas"),
+    (["--replicas", "2", "--ollama"], "--ollama cannot be used with --replicas"),
+    (["--replicas", "auto", "--min-replicas", "3", "--max-replicas", "2"], "--min-replicas (3) is above"),
+    (["--replicas", "auto", "--min-replicas", "0"], "--min-replicas must be"),
+])
+def test_bad_replica_options(tiny_repo, args, says):
+    """Refused before Ray or the model is touched: exit 2 and the reason (argparse's usage line first for a value
+    that is not a count)."""
+    from tests.helpers.server import free_port
+
+    p = run("serve", str(tiny_repo), "--port", str(free_port()), *args, check=False)
+    assert p.returncode == 2 and says in p.stderr.strip().splitlines()[-1] and "Traceback" not in p.stderr, p.stderr
