@@ -13,7 +13,6 @@ from the cache. Also printed: the start-up time, and the memory of each replica 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import threading
@@ -34,13 +33,7 @@ def processes(kind: str) -> list[int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint")
-    ap.add_argument("--replicas", type=int, default=2)
-    ap.add_argument("--conversations", type=int, default=8)
-    ap.add_argument("--turns", type=int, default=6)
-    ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads per replica")
+    ap = replay.replay_args(__doc__)
     ap.add_argument("--routers", nargs="+", default=["conversation", "pow2"])
     ap.add_argument("--privacy", action="store_true",
                     help="keys of two principals (alice, bob); before each run, bob sends what alice sent: he must "

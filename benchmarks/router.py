@@ -169,14 +169,20 @@ def report(policy: str, results: list[dict]) -> None:
           f"{statistics.median(ttft):.3f} s, p95 {ttft[int(0.95 * (len(ttft) - 1))]:.3f} s", flush=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def replay_args(doc: str) -> argparse.ArgumentParser:
+    """The replay's options (this benchmark's and benchmarks/ray_replicas.py's)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--conversations", type=int, default=8)
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per replica")
+    return ap
+
+
+def main() -> None:
+    ap = replay_args(__doc__)
     ap.add_argument("--policies", nargs="+", default=["cache_aware", "round_robin"])
     ap.add_argument("--router", default=shutil.which("sglang-router") or "sglang-router",
                     help="the sglang-router executable")

@@ -112,12 +112,12 @@ class RemoteEngine:
                                                                            route=route)
                 try:
                     async for update in stream:
+                        # the latest: a replica may read its handle between the admission and the cache lookup
+                        handle.cached = update.cached_tokens
                         if update.admitted and not handle.admitted:
-                            handle.admitted, handle.cached = True, update.cached_tokens
-                            admitted_at = time.perf_counter()
+                            handle.admitted, admitted_at = True, time.perf_counter()
                             self.stats.waiting -= 1
                             self.stats.running += 1
-                            self.stats.cached_prompt_tokens += update.cached_tokens
                         for event in update.events:
                             if isinstance(event, Token):
                                 generated += 1
@@ -143,7 +143,6 @@ class RemoteEngine:
                         handle.admitted, admitted_at = False, None
                         self.stats.running -= 1
                         self.stats.waiting += 1
-                        self.stats.cached_prompt_tokens -= handle.cached
         except asyncio.CancelledError:
             outcome = "failed" if handle.aborted else "cancelled"
             on_event(Failed(handle.aborted) if handle.aborted else Cancelled())
@@ -159,6 +158,7 @@ class RemoteEngine:
             s.running -= 1
         else:
             s.waiting -= 1
+        s.cached_prompt_tokens += handle.cached
         counter = "finished" if outcome in ("stop", "length") else outcome  # or "cancelled", "failed"
         setattr(s, counter, getattr(s, counter) + 1)
         s.mean_request_s = (now - started) if s.mean_request_s == 0 else \

@@ -25,6 +25,8 @@ ADMIT_POLL_S = 0.05  # how often a waiting request's admission is looked for (a 
 
 @dataclass
 class Update:
+    """cached_tokens: as the handle said when the update was made (0 may still be told just after the admission: the
+    engine looks the prompt up in the prefix cache after it admits it; an update with a token says it right)."""
     events: list[Event] = field(default_factory=list)
     admitted: bool = False
     cached_tokens: int = 0

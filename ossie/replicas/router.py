@@ -34,8 +34,8 @@ class ConversationRouter(RequestRouter):
     oldest one waiting, which may belong to another conversation."""
 
     # Ray drops a replica from a round when its queue length comes later than this (0.1 s by default). A replica in
-    # a long step of a big model answers late, and dropping the holder for it costs the whole prefix read again
-    # elsewhere (one resumed turn in twelve missed its replica so, on the mid-size model): wait longer.
+    # a long step of a big model may answer late, and dropping the holder for it costs the whole prefix read again
+    # elsewhere: wait longer.
     queue_len_response_deadline_s = 0.5
 
     def initialize_state(self, **kwargs) -> None:

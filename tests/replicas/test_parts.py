@@ -191,3 +191,19 @@ def test_the_router_prefers_the_holder_unless_it_is_full():
     assert choose((9,))[0][0] is not r2 and len(choose((9,))) == 1  # another conversation
     loads["r2"] = 2  # full
     assert choose((1, 2))[-1] == [r2] and r2 not in choose((1, 2))[0]  # spread: the others first
+
+
+def test_the_cached_tokens_are_the_last_update_says(tiny_repo):
+    """A replica may tell its request admitted before its engine looked the prompt up in the prefix cache (0
+    cached, then 128 with the first token): the request's cached_tokens and the counters take the later word."""
+    engine, _ = remote(tiny_repo, [Stream([Update([], True, 0), Update([Token(1)], True, 128),
+                                           Update([Finished("length")], True, 128)])])
+
+    async def go():
+        done = asyncio.Event()
+        handle = engine.submit(PROMPT, SamplingParams(max_tokens=3), None,
+                               lambda e: done.set() if isinstance(e, Finished) else None)
+        await asyncio.wait_for(done.wait(), 10)
+        return handle.cached_tokens
+
+    assert asyncio.run(go()) == 128 and engine.snapshot().cached_prompt_tokens == 128
