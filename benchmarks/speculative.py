@@ -31,34 +31,37 @@ from ossie import LLM
 from ossie.backends import cpu_kernels
 from ossie.bench import measure_bandwidth
 from ossie.engine import SamplingParams, Sequence, Speculator
-from ossie.engine.speculative import FADE, Guessing
 from ossie.special_tokens import N_ORDINARY
 
 
+class OracleDraft:
+    """A draft source (ossie.engine.DraftSource) that guesses from a known continuation, each guess wrong with
+    probability 1 - acceptance"""
+
+    def __init__(self, reference: list[int], prompt_length: int, acceptance: float, gen: torch.Generator):
+        self.reference, self.prompt_length, self.acceptance, self.gen = reference, prompt_length, acceptance, gen
+        self.told = 0
+
+    def extend(self, tokens: list[int]) -> None:
+        self.told += len(tokens)
+
+    def propose(self, k: int) -> list[int]:
+        done = self.told - self.prompt_length
+        truth = self.reference[done:done + k]
+        wrong = torch.rand(len(truth), generator=self.gen) >= self.acceptance
+        return [(t + 1) % N_ORDINARY if w else t for t, w in zip(truth, wrong.tolist(), strict=True)]
+
+
 class Oracle(Speculator):
-    """Guesses from a known continuation, each wrong with probability 1 - acceptance; `fixed`: always `k` of them"""
+    """The engine's guessing with an oracle's drafts; `fixed`: every guess costs nothing, so it always makes `k`"""
 
     def __init__(self, reference: list[int], acceptance: float, k: int, rows: int, fixed: bool):
-        super().__init__(k, rows)
-        self.reference, self.acceptance, self.fixed = reference, acceptance, fixed
-        self.gen = torch.Generator().manual_seed(1)
+        gen = torch.Generator().manual_seed(1)
+        super().__init__(k, rows, draft=lambda seq: OracleDraft(reference, len(seq.prompt), acceptance, gen))
+        self.fixed = fixed
 
     def cost(self, rows: int) -> float:
         return 1.0 if self.fixed else super().cost(rows)
-
-    def propose(self, running: list[Sequence]) -> None:
-        for seq in running:
-            g = self.guessing.setdefault(seq.id, Guessing())
-            done = len(seq.output)
-            k = self.length(g.chance(), min(self.k, seq.params.max_tokens - done - 1))
-            if seq.pending != 1 or k == 0:
-                g.kept, g.missed = FADE * g.kept, FADE * g.missed
-                continue
-            truth = self.reference[done:done + k]
-            wrong = torch.rand(len(truth), generator=self.gen) >= self.acceptance
-            guess = [(t + 1) % N_ORDINARY if w else t for t, w in zip(truth, wrong.tolist(), strict=True)]
-            if guess:
-                seq.propose(guess)
 
 
 def decode_runs(llm: LLM, args: argparse.Namespace) -> None:

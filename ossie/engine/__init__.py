@@ -10,9 +10,9 @@ from .prefix_cache import EVERYONE, CacheScope, PrefixCache
 from .sampling import SamplingParams, sample
 from .scheduler import Scheduler
 from .sequence import Sequence, Status, check_prompt
-from .speculative import NgramDraft, Speculator
+from .speculative import DraftSource, NgramDraft, Speculator
 
-__all__ = ["DEFAULT_BUDGET_GB", "EVERYONE", "PREFILL_CHUNK", "CacheScope", "Cancelled", "Engine", "EngineClient",
-           "EngineStats", "Event", "Failed", "Finished", "Generation", "Handle", "ModelRunner", "NgramDraft",
-           "PrefixCache", "RequestMetrics", "SamplingParams", "Scheduler", "Sequence", "Speculator", "Status", "Token",
-           "check_prompt", "sample"]
+__all__ = ["DEFAULT_BUDGET_GB", "EVERYONE", "PREFILL_CHUNK", "CacheScope", "Cancelled", "DraftSource", "Engine",
+           "EngineClient", "EngineStats", "Event", "Failed", "Finished", "Generation", "Handle", "ModelRunner",
+           "NgramDraft", "PrefixCache", "RequestMetrics", "SamplingParams", "Scheduler", "Sequence", "Speculator",
+           "Status", "Token", "check_prompt", "sample"]

@@ -24,11 +24,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ..defaults import NUM_SPECULATIVE_TOKENS
 from .sequence import Sequence
 
 NGRAM_MAX, NGRAM_MIN = 4, 2  # the longest suffix looked up first; 1-token matches guess too wildly to pay
+
+
+class DraftSource(Protocol):
+    """What guesses one sequence's next tokens, one source per sequence (nothing one request sends reaches another's
+    guesses). `extend` is told each of the sequence's tokens once, in order: its prompt, then the tokens it keeps;
+    `propose(k)` returns up to k tokens guessed to follow them ([] for none). Prompt lookup (`NgramDraft`) is one. A
+    draft model would be another (gpt-oss-20b drafting for the 120b, whose tokenizer it shares; an EAGLE-style head):
+    its KV cache for the sequence grown in `extend`, k greedy tokens decoded in `propose`; the checking, the costs
+    and the choice of k stay the Speculator's."""
+
+    def extend(self, tokens: Seq[int]) -> None: ...
+
+    def propose(self, k: int) -> list[int]: ...
 
 
 class NgramDraft:
@@ -75,8 +89,10 @@ FADE = 0.98
 
 @dataclass
 class Guessing:
-    """One sequence's guessing: its n-gram index, and its guesses kept and missed (counts that fade)"""
-    draft: NgramDraft = field(default_factory=NgramDraft)
+    """One sequence's guessing: its draft source and the tokens told to it, and its guesses kept and missed (counts
+    that fade)"""
+    draft: DraftSource = field(default_factory=NgramDraft)
+    told: int = 0
     kept: float = 0.0
     missed: float = 0.0
 
@@ -92,12 +108,15 @@ class Speculator:
     guesses as many tokens as maximize its expected tokens per second: with p the chance of each guess being kept,
     (1 + p + p^2 + ... + p^k) / (cost of a step of 1 + k rows / cost of a one-token step), the costs as this
     machine's steps of one sequence took (or PRIOR_ROW_COST a row until timed). A sequence whose guesses are
-    missed stops guessing (k = 0); its counts fade, and it tries again later."""
+    missed stops guessing (k = 0); its counts fade, and it tries again later. draft: each sequence's DraftSource,
+    made when it first decodes (default: prompt lookup)."""
 
-    def __init__(self, k: int = NUM_SPECULATIVE_TOKENS, rows: int = 8):
+    def __init__(self, k: int = NUM_SPECULATIVE_TOKENS, rows: int = 8,
+                 draft: Callable[[Sequence], DraftSource] | None = None):
         if k < 1 or rows < 1:
             raise ValueError(f"the guesses a step checks and its rows must be >= 1, got {k} and {rows}")
         self.k, self.rows = k, rows
+        self.draft = draft or (lambda seq: NgramDraft())
         self.guessing: dict[int, Guessing] = {}
         self.step_s: dict[int, float] = {}  # rows -> seconds a step of one sequence took (a moving average)
 
@@ -130,9 +149,10 @@ class Speculator:
                 return
             g = self.guessing.get(seq.id)
             if g is None:
-                g = self.guessing[seq.id] = Guessing()
-            seen = len(g.draft.tokens)
-            g.draft.extend(seq.prompt[seen:] + seq.output[max(0, seen - len(seq.prompt)):])
+                g = self.guessing[seq.id] = Guessing(self.draft(seq))
+            new = seq.prompt[g.told:] + seq.output[max(0, g.told - len(seq.prompt)):]
+            g.draft.extend(new)
+            g.told += len(new)
             left = seq.params.max_tokens - len(seq.output) - 1  # the step samples one token after the guesses
             k = self.length(g.chance(), min(self.k, room, left))
             if k == 0:  # not worth it now: what was counted fades, so that it tries again later

@@ -192,3 +192,46 @@ def test_speculative_sampling_keeps_the_models_distribution(filters):
         assert (counts[~seen] == 0).all()  # nothing outside the filtered distribution
         chi2 = (((counts - n * e) ** 2) / (n * e))[seen].sum()
         assert chi2 < 20.5, (counts / n, expected)  # 5 degrees of freedom at most, p = 0.001
+
+
+class Scripted:
+    """A draft source that guesses from a script of what follows (a draft model would decode it): it records what
+    it is told, to check that it hears every token of its own sequence, in order, once."""
+
+    made: list = []
+
+    def __init__(self, script: list[int]):
+        self.script, self.told = script, []
+        Scripted.made.append(self)
+
+    def extend(self, tokens):
+        self.told.extend(tokens)
+
+    def propose(self, k: int) -> list[int]:
+        done = len(self.told) - self.prompt_length
+        return self.script[done:done + k]
+
+
+def test_a_draft_source_of_another_kind_plugs_in(tiny_repo, llms):
+    """The Speculator's draft sources are one small interface (DraftSource): a source that knows the greedy text in
+    advance (as a good draft model would) gets every guess kept, the output is the plain one token for token, each
+    sequence gets a source of its own, and each source is told its sequence's prompt and kept tokens in order."""
+    plain, _ = llms
+    prompt = list(range(300, 340))
+    expected = list(plain.generate(prompt, max_tokens=24, temperature=0, stop_token_ids=[]))
+
+    def make(seq: Sequence) -> Scripted:
+        source = Scripted(expected)
+        source.prompt_length = len(seq.prompt)
+        return source
+
+    Scripted.made = []
+    spec = ossie.LLM(tiny_repo, progress=False, enable_prefix_caching=False, speculative="ngram")
+    spec.engine.speculator = Eager(rows=spec.engine.speculator.rows, draft=make)
+    assert list(spec.generate(prompt, max_tokens=24, temperature=0, stop_token_ids=[])) == expected
+    stats = spec.engine.snapshot()
+    assert stats.accepted_tokens == stats.drafted_tokens > 12  # every guess right, most tokens guessed
+    assert list(spec.generate(prompt[:20], max_tokens=4, temperature=0, stop_token_ids=[]))
+    first, second = Scripted.made
+    assert first.told == (prompt + expected)[:len(first.told)] and len(first.told) >= len(prompt) + 12
+    assert second.told[:20] == prompt[:20]  # the second request: a source of its own
