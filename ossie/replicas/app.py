@@ -42,6 +42,8 @@ class ReplicaOptions:
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 4.0
+    upscale_delay_s: float = 30.0  # Ray's defaults: up after 30 s above the target, down after 10 min below it
+    downscale_delay_s: float = 600.0
     num_cpus: float | None = None
     num_gpus: float = 0.0
     drain_s: float = 30.0
@@ -84,7 +86,9 @@ def build_app(engine_args: EngineArgs, names: list[str] | None = None, options: 
     scaling: dict[str, Any] = {"num_replicas": replicas.replicas} if replicas.replicas is not None else {
         "autoscaling_config": AutoscalingConfig(min_replicas=replicas.min_replicas,
                                                 max_replicas=replicas.max_replicas,
-                                                target_ongoing_requests=replicas.target_ongoing_requests)}
+                                                target_ongoing_requests=replicas.target_ongoing_requests,
+                                                upscale_delay_s=replicas.upscale_delay_s,
+                                                downscale_delay_s=replicas.downscale_delay_s)}
     engines = serve.deployment(EngineReplica, name="OssieEngine").options(
         **scaling, max_ongoing_requests=engine_args.max_num_seqs,
         ray_actor_options={"num_cpus": cpus, "num_gpus": replicas.num_gpus},

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +39,6 @@ class ReplicaInfo:
     weight_bytes: int
     device: str
     max_running: int
-    pid: int
 
 
 class EngineReplica:
@@ -57,7 +55,7 @@ class EngineReplica:
 
     def info(self) -> ReplicaInfo:
         return ReplicaInfo(self.llm.config, self.llm.path, self.llm.model.w.nbytes(), str(self.llm.device),
-                           self.engine.max_running, os.getpid())
+                           self.engine.max_running)
 
     def snapshot(self) -> EngineStats:
         return self.engine.snapshot()

@@ -30,6 +30,8 @@ class Cluster:
         from ray import serve
 
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        for who in ("HANDLE", "REPLICA"):  # the autoscaler hears of requests in flight every second, not every 10
+            os.environ.setdefault(f"RAY_SERVE_{who}_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.checkpoint = checkpoint
@@ -38,7 +40,8 @@ class Cluster:
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         self.deploy(2)
 
-    def deploy(self, replicas: int, drain_s: float = 60.0) -> None:
+    def deploy(self, replicas: int | None, drain_s: float = 60.0, **scaling) -> None:
+        """The application with `replicas` engines (None: autoscaled as `scaling` says)."""
         from ray import serve
 
         from ossie.engine_args import EngineArgs
@@ -47,7 +50,8 @@ class Cluster:
 
         args = EngineArgs(self.checkpoint, num_threads=1, max_num_seqs=SLOTS)
         serve.run(build_app(args, ["tiny"], ServerOptions(api_keys=KEYS),
-                            ReplicaOptions(replicas=replicas, drain_s=drain_s)), name="ossie", route_prefix="/")
+                            ReplicaOptions(replicas=replicas, drain_s=drain_s, **scaling)), name="ossie",
+                  route_prefix="/")
 
     def replica_pids(self) -> list[int]:
         """The engine replicas' processes (local: Ray titles each actor's process with its class)."""

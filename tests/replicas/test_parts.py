@@ -103,7 +103,7 @@ def remote(tiny_repo, streams) -> tuple[RemoteEngine, Handle]:
     from ossie.model.config import PRESETS
 
     handle = Handle(streams)
-    return RemoteEngine(handle, ReplicaInfo(PRESETS["tiny"], tiny_repo, 0, "cpu", 2, 0), count=2), handle
+    return RemoteEngine(handle, ReplicaInfo(PRESETS["tiny"], tiny_repo, 0, "cpu", 2), count=2), handle
 
 
 def run(engine: RemoteEngine, prompt=PROMPT, scope=EVERYONE) -> list:

@@ -3,7 +3,7 @@ Ray cluster bound to 127.0.0.1 (conftest.py). The same API as one `ossie serve`;
 replica that holds its prefix (its resumed turns' cached_tokens say so: a replica that never saw the
 conversation holds at most the harmony header's block); no principal's prefix draws another's requests; a
 replica killed mid-load loses no request that had not begun, and is replaced; a scale-down lets the running
-requests finish."""
+requests finish; autoscaling follows the requests in flight."""
 
 import json
 import os
@@ -216,3 +216,34 @@ def test_a_scale_down_lets_the_running_requests_finish(cluster):
     assert len(cluster.replica_pids()) == 1
     assert chat(cluster, user("after"))["choices"][0]["finish_reason"] == "length"
     cluster.deploy(2)
+
+
+def replicas_become(cluster, n: int, timeout: float) -> float:
+    """Seconds until `n` engine replicas run (an AssertionError past timeout)."""
+    t0 = time.time()
+    while len(cluster.replica_pids()) != n:
+        assert time.time() - t0 < timeout, f"{len(cluster.replica_pids())} replicas, not {n}, after {timeout} s"
+        time.sleep(0.2)
+    return time.time() - t0
+
+
+def test_autoscaling_follows_the_requests_in_flight(cluster):
+    """--replicas auto (1 to 2, a target of 1 request in flight each): one replica while idle, a second once more
+    requests are in flight, back to one when they are done; every stream finishes whole meanwhile."""
+    from ray import serve
+
+    serve.delete("ossie")
+    try:
+        cluster.deploy(None, min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0,
+                       downscale_delay_s=2)
+        replicas_become(cluster, 1, 60)
+        threads, outs = run_streams(cluster, 2 * SLOTS, 600)
+        replicas_become(cluster, 2, 60)
+        for t in threads:
+            t.join(timeout=240)
+        assert [completion_tokens(o) for o in outs] == [600] * (2 * SLOTS)
+        replicas_become(cluster, 1, 120)  # Ray averages the load over its look-back period (30 s) first
+        assert chat(cluster, user("after"))["choices"][0]["finish_reason"] == "length"
+    finally:
+        serve.delete("ossie")
+        cluster.deploy(2)
