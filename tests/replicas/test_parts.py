@@ -207,3 +207,24 @@ def test_the_cached_tokens_are_the_last_update_says(tiny_repo):
         return handle.cached_tokens
 
     assert asyncio.run(go()) == 128 and engine.snapshot().cached_prompt_tokens == 128
+
+
+def test_app_builder_reads_serve_runs_text_arguments(tiny_repo):
+    """`serve run ossie.replicas:app_builder model=... replicas=2 num_threads=1` gives every value as text: numbers
+    become numbers (an EngineArgs or ReplicaOptions check would refuse text), and what cannot be is refused."""
+    from tests.replicas.conftest import _ray
+
+    _ray()
+    from ray.serve import Application
+
+    from ossie.replicas import app_builder
+    from ossie.replicas.app import _number
+
+    assert [_number(v) for v in ("2", "0.5", "true", "False", "auto", 3)] == [2, 0.5, True, False, "auto", 3]
+    for args in ({"replicas": "2", "num_threads": "1", "max_num_seqs": "4", "dtype": "float32"},
+                 {"replicas": "auto", "min_replicas": "1", "max_replicas": "3", "router": "pow2", "api_key": "k"}):
+        assert isinstance(app_builder({"model": str(tiny_repo), **args}), Application)
+    for bad in ({"replicas": "0"}, {"replicas": "auto", "min_replicas": "3", "max_replicas": "2"},
+                {"router": "random"}, {"num_threads": "0"}):
+        with pytest.raises(ValueError):
+            app_builder({"model": str(tiny_repo), **bad})
