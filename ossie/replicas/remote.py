@@ -78,7 +78,8 @@ class RemoteHandle:
 
 class RemoteEngine:
     """replicas: the replica deployment's handle (its router: ConversationRouter); info: one replica's; count: the
-    replicas at most (the slots of all of them together is what the server's queue limit counts beyond)."""
+    replicas at most (the slots of all of them together is what the server's queue limit counts beyond: autoscaled
+    below its most, the server queues more than --max-queued before it answers 429)."""
 
     def __init__(self, replicas, info: ReplicaInfo, count: int):
         self.replicas, self.info = replicas, info
