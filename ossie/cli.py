@@ -538,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=_replica_count, metavar="N|auto",
                    help="run N engine replicas on Ray Serve behind this address, each conversation routed to the "
                         "replica that holds its prefix ('auto': scaled on load between --min-replicas and "
-                        "--max-replicas); each takes --threads CPUs; needs pip install 'ossie[ray]'")
+                        "--max-replicas); each takes --threads CPUs (default: this machine's cores shared among "
+                        "them); needs pip install 'ossie[ray]'")
     p.add_argument("--min-replicas", type=int, default=1, metavar="N", help="with --replicas auto (default 1)")
     p.add_argument("--max-replicas", type=int, default=2, metavar="N", help="with --replicas auto (default 2)")
     p.add_argument("--ray-address", metavar="ADDR",

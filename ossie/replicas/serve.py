@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 import time
@@ -22,8 +23,12 @@ APP_NAME = "ossie"
 
 
 def serve_replicas(args: argparse.Namespace, options: ServerOptions) -> int:
-    engine_args = EngineArgs.from_cli_args(args)
     count = None if args.replicas == "auto" else args.replicas
+    if args.threads is None:  # each engine would take every core (and Ray reserve one): share this machine's
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        args.threads = max(1, cores // (count or args.max_replicas))
+        log.info("each replica takes %d threads (--threads to choose)", args.threads)
+    engine_args = EngineArgs.from_cli_args(args)
     replicas = ReplicaOptions(replicas=count, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                               num_cpus=args.threads, drain_s=args.shutdown_timeout,
                               num_gpus=1.0 if str(engine_args.device).startswith("cuda") else 0.0)
