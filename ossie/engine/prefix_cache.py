@@ -23,6 +23,7 @@ cached block extends is dropped (dropping a block another extends would strand t
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +72,18 @@ def block_key(owner: str | None, parent: int | None, tokens: tuple[int, ...]) ->
     return hash((owner, parent, tokens))
 
 
+def chained_keys(prompt: list[int], scope: CacheScope, block_size: int, blocks: int
+                 ) -> Iterator[tuple[int, str | None, int | None, tuple[int, ...]]]:
+    """The prompt's first `blocks` whole blocks as the cache keys them, in order: (key, owner, parent, tokens), each
+    key chained over the block before it (parent) and its owner (the lookup here, and ossie.replicas' router)."""
+    parent = None
+    for i in range(blocks):
+        tokens, owner = tuple(prompt[i * block_size:(i + 1) * block_size]), scope.owner_of(i, block_size)
+        key = block_key(owner, parent, tokens)
+        yield key, owner, parent, tokens
+        parent = key
+
+
 @dataclass
 class PrefixCacheStats:
     blocks: int = 0
@@ -93,14 +106,11 @@ class PrefixCache:
         token to compute (its logits give the first new token), among those `scope` may reuse."""
         b = self.block_size
         chain: list[Block] = []
-        parent = None
-        for i in range((len(prompt) - 1) // b):
-            tokens, owner = tuple(prompt[i * b:(i + 1) * b]), scope.owner_of(i, b)
-            block = self.blocks.get(block_key(owner, parent, tokens))
+        for key, owner, parent, tokens in chained_keys(prompt, scope, b, (len(prompt) - 1) // b):
+            block = self.blocks.get(key)
             if block is None or (block.owner, block.parent, block.tokens) != (owner, parent, tokens):  # a collision
                 break
             chain.append(block)
-            parent = block.key
         while chain and not self._resumable(chain):
             chain.pop()
         for block in reversed(chain):  # the first block most recent: chains are dropped from their ends

@@ -33,7 +33,7 @@ from ..engine import (
     check_prompt,
 )
 from ..engine.llm_engine import MEAN_WEIGHT
-from ..engine.prefix_cache import BLOCK_SIZE, block_key
+from ..engine.prefix_cache import BLOCK_SIZE, chained_keys
 from ..server.streaming import EngineUnavailable
 from .replica import ReplicaInfo
 
@@ -44,12 +44,9 @@ MAX_ROUTE_BLOCKS = 1024  # a prompt's first 64k tokens route it (more would only
 
 
 def route_keys(prompt: list[int], scope: CacheScope) -> tuple[int, ...]:
-    """The keys of the prompt's whole blocks, as a replica's prefix cache computes them (prefix_cache.py)."""
-    keys, parent = [], None
-    for i in range(min(len(prompt) // BLOCK_SIZE, MAX_ROUTE_BLOCKS)):
-        parent = block_key(scope.owner_of(i, BLOCK_SIZE), parent, tuple(prompt[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]))
-        keys.append(parent)
-    return tuple(keys)
+    """The keys of the prompt's whole blocks, as a replica's prefix cache computes them."""
+    blocks = min(len(prompt) // BLOCK_SIZE, MAX_ROUTE_BLOCKS)
+    return tuple(key for key, *_ in chained_keys(prompt, scope, BLOCK_SIZE, blocks))
 
 
 class ReplicaLost(EngineUnavailable):
