@@ -47,6 +47,8 @@ static inline float half_to_f32(uint16_t h) {
 uint16_t f32_to_f16(float f);
 uint16_t quant32(const float *x, int8_t *v);
 float round_act32(const float *x, int8_t *q);
+float round_act32_q8p(const float *x, int8_t *xq, int32_t *xc);
+void mxfp4_q8act_scalar(const void *p, int64_t r0, int64_t r1);  /* MXFP4 on x rounded to int8 (xq, xs, xc) */
 
 /* ---- the thread pool (pool.c) -------------------------------------------------------------------------- */
 typedef void (*task_fn)(const void *ctx, int64_t begin, int64_t end);
@@ -66,6 +68,8 @@ typedef struct {
     int64_t T, out, in;
     const int8_t *xq; const float *xs;     /* q8: x rounded to int8 per 32, with its scales (see Q8_INT8_KERNEL) */
     const float *xp;                       /* x in permuted_pos_avx2's order: the avx2 MXFP4 tile kernel's */
+    const int32_t *xc;                     /* MXFP4 on rounded x (the q8 mode's prompt experts): xq holds each group's even
+                                              inputs, then its odd ones; xc 12 x each group's sum (round_act32_q8p) */
 } job_t;
 
 /* Where element i of an MXFP4 product's input goes in the avx512bf16 path's order: word w (0..127) of a 4-group
@@ -162,6 +166,9 @@ void bf16_avx2_gemm(const void *p, int64_t r0, int64_t r1);  /* prompts: from GE
 void q8_avx2(const void *p, int64_t r0, int64_t r1);
 void q8_avxvnni(const void *p, int64_t r0, int64_t r1);
 void q8_vnni(const void *p, int64_t r0, int64_t r1);
+void mxfp4_q8act_avx2(const void *p, int64_t r0, int64_t r1);  /* x86_q8_prompts.c */
+void mxfp4_q8act_avxvnni(const void *p, int64_t r0, int64_t r1);
+void mxfp4_q8act_vnni(const void *p, int64_t r0, int64_t r1);
 void mxfp4_avx512bf16(const void *p, int64_t r0, int64_t r1);  /* xb in permuted_pos's order */
 void mxfp4_avx512bf16_gemm(const void *p, int64_t r0, int64_t r1);
 void bf16_avx512bf16(const void *p, int64_t r0, int64_t r1);

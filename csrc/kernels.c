@@ -61,6 +61,18 @@ float round_act32(const float *x, int8_t *q) {
     return amax / 127.f;
 }
 
+/* round_act32 for the q8 mode's prompt experts (x86_q8_prompts.c): the int8 values in the order the panel decodes
+ * MXFP4 codes in (the 16 even inputs, then the 16 odd ones), and into xc 12 x their sum (what the panel's codes + 12
+ * add); returns the scale */
+float round_act32_q8p(const float *x, int8_t *xq, int32_t *xc) {
+    int8_t q[32];
+    float s = round_act32(x, q);
+    int32_t sum = 0;
+    for (int k = 0; k < 16; k++) { xq[k] = q[2 * k]; xq[16 + k] = q[2 * k + 1]; sum += q[2 * k] + q[2 * k + 1]; }
+    *xc = 12 * sum;
+    return s;
+}
+
 /* ---- the scalar kernels ---------------------------------------------------------------------------------
  * Portable C, and the reference the NEON kernels are checked against bit for bit (csrc/tests): each sum runs in
  * 4 lanes (element i into lane i % 4, one fused multiply-add each where the CPU fuses), the lanes added as
@@ -123,6 +135,25 @@ static void q8_scalar(const void *p, int64_t r0, int64_t r1) {
         }
 }
 
+/* MXFP4 on x rounded to int8 per 32 (the q8 mode's prompt experts): the reference of x86_q8_prompts.c, step for
+ * step. A group's products summed exactly as integers (codes doubled: -12..12), then one chain over the groups, fused
+ * (fmaf: the SIMD kernels fuse) with the row's scale / 2 times x's scale. */
+static const int8_t FP4_X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+void mxfp4_q8act_scalar(const void *p, int64_t r0, int64_t r1) {
+    const job_t *j = p; int64_t G = j->in / 32;
+    for (int64_t o = r0; o < r1; o++)
+        for (int64_t t = 0; t < j->T; t++) {
+            float acc = 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                const uint8_t *b = j->blocks + (o * G + g) * 16; const int8_t *xq = j->xq + t * j->in + g * 32;
+                int32_t d = 0;
+                for (int k = 0; k < 16; k++) d += xq[k] * FP4_X2[b[k] & 15] + xq[16 + k] * FP4_X2[b[k] >> 4];
+                acc = fmaf((float)d, SCALE[j->scales[o * G + g]] * 0.5f * j->xs[t * G + g], acc);
+            }
+            j->y[t * j->out + o] = acc + (j->bias ? j->bias[o] : 0.f);
+        }
+}
+
 /* ---- dispatch ---------------------------------------------------------------------------------------- */
 static const char *PATH_NAMES[N_PATHS] = {"scalar", "avx2", "avxvnni", "avx512bf16", "neon", "dotprod"};
 int path_ok[N_PATHS] = {1}, has_vnni = 0;
@@ -164,22 +195,25 @@ void ossie_init(void) {
 
 int current_path(void) { return forced_path >= 0 ? forced_path : best_path; }
 
-/* The code path for a product, and its row-range function. kind 0 = MXFP4, 1 = bf16. bf16_ok: x holds bf16 values
+/* The code path for a product, and its row-range function. kind 0 = MXFP4, 1 = bf16, 2 = q8, 3 = MXFP4 on x
+ * rounded to int8 (the q8 mode's prompt experts). bf16_ok: x holds bf16 values
  * (rounding it to bf16 is exact), so the bf16 dot-product path may be used; that path reads x as bf16 (xb), the
  * MXFP4 one in the permuted order of permuted_pos. */
 static int choose_path(int kind, int bf16_ok, int64_t T, task_fn *fn) {
     int path = current_path();
-    if (kind == 2) {  /* q8: x rounded to int8 per 32 on every path */
-        *fn = q8_scalar;
+    if (kind >= 2) {  /* x rounded to int8 per 32 on every path: q8 weights (2), or MXFP4 (3: the q8 mode's prompts) */
+        *fn = kind == 2 ? q8_scalar : mxfp4_q8act_scalar;
 #ifdef OSSIE_X86
+        static const task_fn INT8[2][3] = {{q8_avx2, q8_avxvnni, q8_vnni},
+                                           {mxfp4_q8act_avx2, mxfp4_q8act_avxvnni, mxfp4_q8act_vnni}};
         /* every CPU with AVX-512 BF16 has AVX-512 VNNI too (Cooper Lake, Sapphire Rapids, Zen 4) */
-        if (path == PATH_AVX512BF16) *fn = has_vnni ? q8_vnni : path_ok[PATH_AVXVNNI] ? q8_avxvnni : q8_avx2;
-        else if (path == PATH_AVXVNNI) *fn = q8_avxvnni;
-        else if (path == PATH_AVX2) *fn = q8_avx2;
+        int isa = path == PATH_AVX512BF16 ? (has_vnni ? 2 : path_ok[PATH_AVXVNNI]) : path == PATH_AVXVNNI ? 1
+                  : path == PATH_AVX2 ? 0 : -1;
+        if (isa >= 0) *fn = INT8[kind - 2][isa];
 #endif
 #ifdef OSSIE_NEON
-        if (path == PATH_DOTPROD) *fn = q8_dotprod;
-        else if (path == PATH_NEON) *fn = q8_neon;
+        if (kind == 2 && path == PATH_DOTPROD) *fn = q8_dotprod;
+        else if (kind == 2 && path == PATH_NEON) *fn = q8_neon;
 #endif
         return path;
     }
@@ -245,6 +279,8 @@ int ossie_matmul(int kind, const float *x, const void *wa, const void *wb, const
 
 typedef struct {
     int64_t n, k, H, I, T; int bf16, path; float alpha, limit;  /* path: the products' (x's layout follows it) */
+    int q8;                /* the q8 mode's prompt: products on x rounded to int8 (xq, xs, xc), activations in natural order */
+    float *actf; int8_t *actq; float *acts; int32_t *actc;  /* q8: every row's activations [rows, I], rounded */
     job_t *up, *down;      /* per distinct chosen expert, ascending: its W1 product (into h) and W2 product (into part) */
     task_fn *fn;           /* per expert: its products' kernel, chosen by its token count (a panel GEMM from GEMM_MIN_T) */
     float **act; uint16_t **actb;  /* per expert [T_e, I] activations: float32, or bf16 in the avx512bf16 order */
@@ -268,12 +304,22 @@ static void moe_up(const void *p, int64_t b, int64_t e) {
                 up = up > m->limit ? m->limit : (up < -m->limit ? -m->limit : up);
                 float a = gate * (1.f / (1.f + expf(-(m->alpha * gate)))) * (up + 1.f);
                 if (m->bf16) a = rbf(a);
-                if (m->path == PATH_AVX512BF16) m->actb[n][t * m->I + permuted_pos(i, m->I)] = f32_to_bf16(a);
+                if (m->q8) m->act[n][t * m->I + i] = a;
+                else if (m->path == PATH_AVX512BF16) m->actb[n][t * m->I + permuted_pos(i, m->I)] = f32_to_bf16(a);
                 else m->act[n][t * m->I + (m->path == PATH_AVX2 ? permuted_pos_avx2(i, m->I) : i)] = a;
                 if (m->actn[n]) m->actn[n][t * m->I + i] = a;
             }
         }
     }
+}
+
+/* q8: groups b..e of every row's activations rounded to int8, once all of them are in (a thread's rows of W1 give
+ * a part of a group) */
+static void moe_round(const void *p, int64_t b, int64_t e) {
+    const moe_job_t *m = p; int64_t GI = m->I / 32;
+    for (int64_t i = b; i < e; i++)
+        m->acts[i] = round_act32_q8p(m->actf + (i / GI) * m->I + (i % GI) * 32, m->actq + (i / GI) * m->I + (i % GI) * 32,
+                                     m->actc + i);
 }
 
 static void moe_down(const void *p, int64_t b, int64_t e) {
@@ -295,7 +341,7 @@ static void moe_down(const void *p, int64_t b, int64_t e) {
  * and product leaves no thread waiting at each of them. */
 int ossie_moe(const float *x, const void *w1b, const void *w1s, const float *b1, const void *w2b, const void *w2s,
               const float *b2, const int64_t *experts, const float *weights, float *y, int64_t T, int64_t k, int64_t H,
-              int64_t I, int64_t E, int bf16, float alpha, float limit, const float *res) {
+              int64_t I, int64_t E, int bf16, float alpha, float limit, const float *res, int q8) {
     const int64_t *ex = experts; const float *wts = weights;
     for (int64_t j = 0; j < T * k; j++)
         if (ex[j] < 0 || ex[j] >= E) return -2;
@@ -305,37 +351,46 @@ int ossie_moe(const float *x, const void *w1b, const void *w1s, const float *b1,
     float *slot_wt = malloc(sizeof(float) * T * k);
     m.fn = calloc(E, sizeof(task_fn));
     int rc = !count || !index || !order || !slot_expert || !slot_row || !slot_wt || !m.fn;
-    float *xg = NULL, *xn = NULL, *h = NULL, *actf = NULL, *actnf = NULL, *part = NULL;
+    float *xg = NULL, *xn = NULL, *h = NULL, *actf = NULL, *actnf = NULL, *part = NULL, *xsg = NULL, *acts = NULL;
     uint16_t *xb = NULL, *actbuf = NULL;
+    int8_t *xqg = NULL, *actq = NULL;  /* q8: x and the activations rounded (round_act32_q8p), each row's */
+    int32_t *xcg = NULL, *actc = NULL;
     if (!rc) {
         for (int64_t j = 0; j < T * k; j++) count[ex[j]]++;
         task_fn one;  /* the one-token kernel: experts with more tokens may take a panel GEMM */
-        m.path = choose_path(0, bf16, 1, &one);
+        m.path = q8 ? PATH_SCALAR : choose_path(0, bf16, 1, &one);  /* q8: float rows in natural order */
+        if (q8) choose_path(3, 0, 1, &one);  /* one kernel whatever the token count: a token's sums as alone */
         int64_t n = 0, rows = 0, panel_rows = 0, least = T, most = 0;
         for (int64_t e = 0; e < E; e++) if (count[e]) {
             int64_t i = index[e] = n++;
             rows += count[e];
             if (count[e] < least) least = count[e];
             if (count[e] > most) most = count[e];
-            choose_path(0, bf16, count[e], &m.fn[i]);
+            m.fn[i] = one;
+            if (!q8) choose_path(0, bf16, count[e], &m.fn[i]);
             if (m.path == PATH_AVX2 && m.fn[i] != one) panel_rows += count[e];
         }
-        m.n = n; m.k = k; m.H = H; m.I = I; m.T = T; m.bf16 = bf16; m.alpha = alpha; m.limit = limit;
+        m.n = n; m.k = k; m.H = H; m.I = I; m.T = T; m.bf16 = bf16; m.alpha = alpha; m.limit = limit; m.q8 = q8;
         m.up = calloc(n, sizeof(job_t)); m.down = calloc(n, sizeof(job_t));
         m.act = calloc(n, sizeof(float *)); m.actb = calloc(n, sizeof(uint16_t *)); m.actn = calloc(n, sizeof(float *));
         int both = panel_rows > 0;  /* some experts take the avx2 panel: x in both orders */
-        xg = malloc(sizeof(float) * rows * H); h = malloc(sizeof(float) * rows * 2 * I);
+        if (q8) {
+            xqg = malloc(rows * H); xsg = malloc(sizeof(float) * rows * (H / 32)); xcg = malloc(sizeof(int32_t) * rows * (H / 32));
+            actq = malloc(rows * I); acts = malloc(sizeof(float) * rows * (I / 32)); actc = malloc(sizeof(int32_t) * rows * (I / 32));
+        } else xg = malloc(sizeof(float) * rows * H);
+        h = malloc(sizeof(float) * rows * 2 * I);
         actf = malloc(sizeof(float) * rows * I); part = malloc(sizeof(float) * rows * H);
         if (m.path == PATH_AVX512BF16) { xb = malloc(sizeof(uint16_t) * rows * H); actbuf = malloc(sizeof(uint16_t) * rows * I); }
         if (both) { xn = malloc(sizeof(float) * panel_rows * H); actnf = malloc(sizeof(float) * panel_rows * I); }
-        rc = !m.up || !m.down || !m.act || !m.actb || !m.actn || !xg || !h || !actf || !part ||
+        rc = !m.up || !m.down || !m.act || !m.actb || !m.actn || !h || !actf || !part ||
+             (q8 ? !xqg || !xsg || !xcg || !actq || !acts || !actc : !xg) ||
              (m.path == PATH_AVX512BF16 && (!xb || !actbuf)) || (both && (!xn || !actnf));
         if (!rc) {
             /* each expert's rows (its tokens, in token order) start after the previous experts' */
             int64_t off = 0, panel_off = 0;
             for (int64_t e = 0; e < E; e++) if (count[e]) {
                 int64_t i = index[e], c = count[e];
-                m.up[i] = (job_t){xg + off * H, xb ? xb + off * H : NULL, (const uint8_t *)w1b + e * 2 * I * (H / 32) * 16,
+                m.up[i] = (job_t){xg ? xg + off * H : NULL, xb ? xb + off * H : NULL, (const uint8_t *)w1b + e * 2 * I * (H / 32) * 16,
                                   (const uint8_t *)w1s + e * 2 * I * (H / 32), NULL, (const float *)b1 + e * 2 * I,
                                   h + off * 2 * I, 0, 2 * I, H};
                 m.act[i] = actf + off * I; m.actb[i] = actbuf ? actbuf + off * I : NULL;
@@ -343,6 +398,10 @@ int ossie_moe(const float *x, const void *w1b, const void *w1s, const float *b1,
                                     (const uint8_t *)w2s + e * H * (I / 32), NULL, (const float *)b2 + e * H,
                                     part + off * H, c, H, I};
                 m.up[i].xp = m.up[i].x; m.down[i].xp = m.down[i].x;  /* on the avx2 path both are laid out permuted */
+                if (q8) {
+                    m.up[i].xq = xqg + off * H; m.up[i].xs = xsg + off * (H / 32); m.up[i].xc = xcg + off * (H / 32);
+                    m.down[i].xq = actq + off * I; m.down[i].xs = acts + off * (I / 32); m.down[i].xc = actc + off * (I / 32);
+                }
                 if (both && m.fn[i] != one) {  /* the panel reads x in natural order */
                     m.up[i].x = xn + panel_off * H;
                     m.down[i].x = m.actn[i] = actnf + panel_off * I;
@@ -361,6 +420,20 @@ int ossie_moe(const float *x, const void *w1b, const void *w1s, const float *b1,
                     int64_t e = ex[t * k + order[a]], i = index[e];
                     job_t *u = &m.up[i];
                     int64_t row = u->T++;  /* this token's row in the expert's products */
+                    slot_expert[t * k + a] = i; slot_row[t * k + a] = row; slot_wt[t * k + a] = wts[t * k + order[a]];
+                    if (q8) {  /* the token's rounding, made for its first expert, copied for the others */
+                        int64_t GH = H / 32;
+                        int8_t *xq = (int8_t *)u->xq + row * H; float *xs = (float *)u->xs + row * GH;
+                        int32_t *xc = (int32_t *)u->xc + row * GH;
+                        if (a == 0)
+                            for (int64_t g = 0; g < GH; g++) xs[g] = round_act32_q8p(xf + t * H + g * 32, xq + g * 32, xc + g);
+                        else {
+                            const job_t *f = &m.up[slot_expert[t * k]]; int64_t fr = slot_row[t * k];
+                            memcpy(xq, f->xq + fr * H, H); memcpy(xs, f->xs + fr * GH, sizeof(float) * GH);
+                            memcpy(xc, f->xc + fr * GH, sizeof(int32_t) * GH);
+                        }
+                        continue;
+                    }
                     float *dst = (float *)u->xp + row * H;  /* points into xg, which this call owns */
                     if (m.path == PATH_AVX2)
                         for (int64_t c = 0; c < H; c++) dst[permuted_pos_avx2(c, H)] = xf[t * H + c];
@@ -368,14 +441,14 @@ int ossie_moe(const float *x, const void *w1b, const void *w1s, const float *b1,
                     if (u->x != u->xp) memcpy((float *)u->x + row * H, xf + t * H, sizeof(float) * H);
                     if (m.path == PATH_AVX512BF16)
                         for (int64_t c = 0; c < H; c++) xb[(u->xb - xb) + row * H + permuted_pos(c, H)] = f32_to_bf16(dst[c]);
-                    slot_expert[t * k + a] = i; slot_row[t * k + a] = row; slot_wt[t * k + a] = wts[t * k + order[a]];
                 }
             }
             m.slot_expert = slot_expert; m.slot_row = slot_row; m.slot_wt = slot_wt;
-            m.residual = res; m.y = y;
+            m.residual = res; m.y = y; m.actf = actf; m.actq = actq; m.acts = acts; m.actc = actc;
             pthread_mutex_lock(&call_mu);
             if (most > least) parallel_for_dynamic(moe_up, &m, n * 2 * I, 128);  /* a multiple of 16: see moe_up */
             else parallel_for(moe_up, &m, n * 2 * I, 16);
+            if (q8) parallel_for(moe_round, &m, rows * (I / 32), 64);
             parallel_for(moe_down, &m, H, 16);
             pthread_mutex_unlock(&call_mu);
         }
@@ -383,6 +456,7 @@ int ossie_moe(const float *x, const void *w1b, const void *w1s, const float *b1,
     free(count); free(index); free(order); free(slot_expert); free(slot_row); free(slot_wt);
     free(m.up); free(m.down); free(m.fn); free(m.act); free(m.actb); free(m.actn);
     free(xg); free(xn); free(xb); free(h); free(actf); free(actnf); free(actbuf); free(part);
+    free(xqg); free(xsg); free(xcg); free(actq); free(acts); free(actc);
     return rc ? -1 : 0;
 }
 /* q . k[off..off+D) in the scalar kernels' 4 lanes (dot_neon's order), the elements past a multiple of 4 after */

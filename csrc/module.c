@@ -39,15 +39,16 @@ static PyObject *py_matmul(PyObject *self __attribute__((unused)), PyObject *arg
  * own gate/up row pairs, for every token of that expert, and writes the activations where W2's product reads
  * them), then the W2 rows (each thread adds each token's experts up for its own rows). */
 static PyObject *py_moe(PyObject *self __attribute__((unused)), PyObject *args) {
-    unsigned long long x, w1b, w1s, b1, w2b, w2s, b2, experts, weights, y, res; long long T, k, H, I, E; int bf16, rc;
+    unsigned long long x, w1b, w1s, b1, w2b, w2s, b2, experts, weights, y, res; long long T, k, H, I, E;
+    int bf16, q8, rc;
     float alpha, limit;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKKKLLLLLpffK", &x, &w1b, &w1s, &b1, &w2b, &w2s, &b2, &experts, &weights, &y,
-                          &T, &k, &H, &I, &E, &bf16, &alpha, &limit, &res)) return NULL;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKKLLLLLpffKp", &x, &w1b, &w1s, &b1, &w2b, &w2s, &b2, &experts, &weights, &y,
+                          &T, &k, &H, &I, &E, &bf16, &alpha, &limit, &res, &q8)) return NULL;
     if (H % 32 || I % 32) { PyErr_SetString(PyExc_ValueError, "hidden and intermediate sizes must be multiples of 32"); return NULL; }
     if (T < 1 || k < 1 || E < 1) { PyErr_SetString(PyExc_ValueError, "T, k and E must be >= 1"); return NULL; }
     Py_BEGIN_ALLOW_THREADS
     rc = ossie_moe(P(x), P(w1b), P(w1s), P(b1), P(w2b), P(w2s), P(b2), P(experts), P(weights), P(y), T, k, H, I, E,
-                   bf16, alpha, limit, P(res));
+                   bf16, alpha, limit, P(res), q8);
     Py_END_ALLOW_THREADS
     if (rc == -2) { PyErr_SetString(PyExc_ValueError, "expert id out of range"); return NULL; }
     return no_memory_or_none(rc);

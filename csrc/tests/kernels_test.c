@@ -95,14 +95,15 @@ static void check_product(const product_case *c) {
     free(wa); free(wb); free(x); free(bias); free(ref); free(y); free(alone);
 }
 
-static void check_moe(int bf16_model) {
-    const int64_t T = 5, k = 4, H = 256, I = 96, E = 8;
+/* q8: the q8 mode's prompt experts, integer products on every path: bit for bit everywhere */
+static void check_moe(int bf16_model, int q8, int64_t T, int64_t H) {
+    const int64_t k = 4, I = 96, E = 8;
     uint8_t *w1b = malloc(E * 2 * I * (H / 32) * 16), *w1s = malloc(E * 2 * I * (H / 32));
     uint8_t *w2b = malloc(E * H * (I / 32) * 16), *w2s = malloc(E * H * (I / 32));
     float *b1 = malloc(sizeof(float) * E * 2 * I), *b2 = malloc(sizeof(float) * E * H), *x = malloc(sizeof(float) * T * H);
     float *res = malloc(sizeof(float) * T * H), *wt = malloc(sizeof(float) * T * k);
     float *ref = malloc(sizeof(float) * T * H), *y = malloc(sizeof(float) * T * H), *alone = malloc(sizeof(float) * H);
-    int64_t ex[5 * 4];
+    int64_t *ex = malloc(sizeof(int64_t) * T * k);
     for (int64_t i = 0; i < E * 2 * I * (H / 32) * 16; i++) w1b[i] = (uint8_t)next();
     for (int64_t i = 0; i < E * H * (I / 32) * 16; i++) w2b[i] = (uint8_t)next();
     for (int64_t i = 0; i < E * 2 * I * (H / 32); i++) w1s[i] = (uint8_t)(118 + next() % 8);
@@ -113,27 +114,28 @@ static void check_moe(int bf16_model) {
     for (int64_t t = 0; t < T; t++)
         for (int64_t a = 0; a < k; a++) { ex[t * k + a] = (t * 3 + a * 5) % E; wt[t * k + a] = 0.25f + 0.1f * (float)a; }
     ossie_set_path("scalar");
-    ossie_moe(x, w1b, w1s, b1, w2b, w2s, b2, ex, wt, ref, T, k, H, I, E, bf16_model, 1.702f, 7.f, res);
-    const char *name = bf16_model ? "moe, bf16 model, 5 tokens" : "moe, float32 model, 5 tokens";
+    ossie_moe(x, w1b, w1s, b1, w2b, w2s, b2, ex, wt, ref, T, k, H, I, E, bf16_model, 1.702f, 7.f, res, q8);
+    char name[64];
+    snprintf(name, sizeof(name), "moe%s, %s model, %d tokens", q8 ? " q8" : "", bf16_model ? "bf16" : "float32", (int)T);
     for (int p = -1; p < (int)(sizeof(PATHS) / sizeof(*PATHS)); p++) {
         const char *path = p < 0 ? "scalar" : PATHS[p];
         if (!ossie_has_path(path)) continue;
         ossie_set_path(path);
-        ossie_moe(x, w1b, w1s, b1, w2b, w2s, b2, ex, wt, y, T, k, H, I, E, bf16_model, 1.702f, 7.f, res);
+        ossie_moe(x, w1b, w1s, b1, w2b, w2s, b2, ex, wt, y, T, k, H, I, E, bf16_model, 1.702f, 7.f, res, q8);
         /* x86 sums in other orders, and a bf16 model rounds them: a last-bit difference may flip a bf16 rounding
          * (2^-8 of a value) */
-        if (p >= 0) report(path, name, close_to(y, ref, T * H, is_arm(path) ? 0 : bf16_model ? 4e-3 : F32_SUMS));
+        if (p >= 0) report(path, name, close_to(y, ref, T * H, is_arm(path) || q8 ? 0 : bf16_model ? 4e-3 : F32_SUMS));
         int ok = 1;
         for (int64_t t = 0; t < T; t++) {
             ossie_moe(x + t * H, w1b, w1s, b1, w2b, w2s, b2, ex + t * k, wt + t * k, alone, 1, k, H, I, E, bf16_model,
-                      1.702f, 7.f, res + t * H);
+                      1.702f, 7.f, res + t * H, q8);
             ok &= same(alone, y + t * H, H, 1);
         }
-        char line[64]; snprintf(line, sizeof(line), "%s: together = alone", name);
+        char line[96]; snprintf(line, sizeof(line), "%s: together = alone", name);
         report(path, line, ok);
     }
     free(w1b); free(w1s); free(w2b); free(w2s); free(b1); free(b2); free(x); free(res); free(wt); free(ref); free(y);
-    free(alone);
+    free(alone); free(ex);
 }
 
 static void check_attention(int cache) {  /* 0 float32, 1 bf16, 2 q8 */
@@ -184,7 +186,8 @@ int main(void) {
         {2, 96, 2880, 1}, {2, 33, 1120, 5}, {2, 17, 32, 8},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(*cases); i++) check_product(&cases[i]);
-    check_moe(1); check_moe(0);
+    check_moe(1, 0, 5, 256); check_moe(0, 0, 5, 256);
+    check_moe(1, 1, 5, 256); check_moe(0, 1, 5, 256); check_moe(1, 1, 23, 608);  /* 608: a panel of 16 groups and 3 */
     for (int c = 0; c < 3; c++) check_attention(c);
     printf("%d mismatch%s\n", failures, failures == 1 ? "" : "es");
     return failures ? 1 : 0;

@@ -141,7 +141,11 @@ class CpuBackend(Backend):
                 out[r] = self.experts(x[r], lw, chosen[r], weight[r], cfg)
             return out
         # one C call for all tokens: each chosen expert read once for the tokens that chose it, decoding's few
-        # and a prompt's many alike (a call per expert and product left a thread waiting at each of them)
+        # and a prompt's many alike (a call per expert and product left a thread waiting at each of them).
+        # The 8-bit mode (its layers hold Q8 projections) on a prompt's rows: the experts' products on int8
+        # activations, as llama.cpp's MXFP4 x q8_0 products (compute-bound there, where 8-bit weights would save
+        # nothing, int8 dot products do ~2x fp32's work an instruction); decoding's rows, memory-bound, stay exact.
+        q8 = isinstance(lw.qkv_w, Q8) and x.shape[0] > SMALL_BATCH
         y = K.moe(x, lw.w1_blocks, lw.w1_scales, lw.w1_bias, lw.w2_blocks, lw.w2_scales, lw.w2_bias, chosen,
-                  weight, cfg.swiglu_alpha, cfg.swiglu_limit, x.dtype == torch.bfloat16)
+                  weight, cfg.swiglu_alpha, cfg.swiglu_limit, x.dtype == torch.bfloat16, q8=q8)
         return y.to(x.dtype)

@@ -186,13 +186,14 @@ def quantize_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def moe(x: torch.Tensor, w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
         w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor, experts: torch.Tensor,
         weights: torch.Tensor, alpha: float, limit: float, bf16: bool,
-        residual: torch.Tensor | None = None) -> torch.Tensor:
+        residual: torch.Tensor | None = None, q8: bool = False) -> torch.Tensor:
     """The MoE block of T tokens x [T, hidden] in one C call: for each token, the sum over its `experts` (int64
     [T, k]) of weights (float32 [T, k]) * expert(x); float32 [T, hidden]. Each chosen expert is read once for all
     the tokens that chose it, and a token's result is what it gets alone. Stacked expert weights as loaded
     (w1 [E, 2I, H/32, 16], biases float32); a token's experts are added in ascending order, as the reference path
     adds them. With `residual` (float32 [T, hidden]), returns residual + that sum, rounded as a bf16 model's
-    residual add rounds when bf16."""
+    residual add rounds when bf16. q8: the q8 mode's prompts: x and the experts' activations rounded to int8 for each
+    32 values (scale amax / 127, as llama.cpp's q8_0) and the products summed in integers."""
     fn = "moe"
     if w2_blocks.dim() != 4 or x.dim() != 2:
         raise ValueError(f"{fn}: x must be [tokens, hidden] and w2_blocks [experts, hidden, intermediate/32, 16], "
@@ -218,7 +219,7 @@ def moe(x: torch.Tensor, w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bi
     y = torch.empty(t, h, dtype=torch.float32)
     _kernels.moe(_ptr(x), _ptr(w1_blocks), _ptr(w1_scales), _ptr(w1_bias), _ptr(w2_blocks), _ptr(w2_scales),
                  _ptr(w2_bias), _ptr(experts), _ptr(weights), _ptr(y), t, k, h, i, e, bf16, alpha, limit,
-                 _ptr(residual))
+                 _ptr(residual), q8)
     return y
 
 

@@ -1,8 +1,9 @@
 """The opt-in 8-bit mode (`quantization="q8"`): the attention projections and the unembedding held as 8-bit values
 with a float16 scale for each 32 of a row (llama.cpp's q8_0), made at load from the bf16 checkpoint. The experts
 stay MXFP4; the embedding (read one row a token), the router and the norms stay as they are. A decode step then
-reads ~2.5 GB instead of ~3.7 for the 20b; the cost in accuracy is measured by benchmarks/q8.py and bounded in
-tests/model/test_q8.py.
+reads ~2.5 GB instead of ~3.7 for the 20b. A prompt's expert products, compute-bound, round their inputs to int8
+for each 32 values as llama.cpp's do and run on int8 dot products (backends/cpu.py, csrc/x86_q8_prompts.c). The
+cost in accuracy is measured by benchmarks/q8.py and bounded in tests/model/test_q8.py.
 """
 
 from __future__ import annotations

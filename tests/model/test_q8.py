@@ -105,6 +105,25 @@ def test_q8_decoding_reads_the_8_bits(models):
     assert fused[:6] == by_ops[:6]
 
 
+def test_q8_prompts_round_the_experts_activations(models):
+    """The q8 mode's prompt rows (more than a decoding batch's) take the experts on int8 activations; its decoding
+    rows, and the exact mode's prompts, the exact experts."""
+    from ossie.model.transformer import route
+
+    _, exact, q8 = models
+    cfg, lw = q8.model.cfg, q8.model.w.layers[0]
+    x = torch.randn(12, cfg.hidden_size, generator=torch.Generator().manual_seed(4)).bfloat16()
+    chosen, weight = route(torch.nn.functional.linear(x.float(), lw.gate_w.float(), lw.gate_b.float()),
+                           cfg.experts_per_token)
+    experts = (lw.w1_blocks, lw.w1_scales, lw.w1_bias, lw.w2_blocks, lw.w2_scales, lw.w2_bias, chosen, weight,
+               cfg.swiglu_alpha, cfg.swiglu_limit, True)
+    rounded, plain = kernels.moe(x.float(), *experts, q8=True), kernels.moe(x.float(), *experts)
+    assert not torch.equal(rounded, plain)
+    assert torch.equal(q8.backend.experts(x, lw, chosen, weight, cfg), rounded.bfloat16())
+    assert torch.equal(exact.backend.experts(x, exact.model.w.layers[0], chosen, weight, cfg), plain.bfloat16())
+    assert torch.equal(q8.backend.experts(x[:8], lw, chosen[:8], weight[:8], cfg), plain[:8].bfloat16())
+
+
 def test_q8_is_refused_where_it_does_not_apply(tiny_repo):
     with pytest.raises(ValueError, match="bf16 models on the CPU"):
         ossie.LLM(tiny_repo, dtype="float32", quantization="q8", progress=False)
