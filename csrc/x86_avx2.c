@@ -299,6 +299,11 @@ __attribute__((target(AVX2))) void mxfp4_avx2_gemm(const void *p, int64_t r0, in
         memset(sums, 0, sizeof(float) * 16 * T);
         for (int64_t k0 = 0; k0 < in; k0 += PB_K) {
             int64_t kn = in - k0 < PB_K ? in - k0 : PB_K;
+            /* the next panel's bytes, fetched while this one decodes and serves (16 row streams, which the hardware
+             * prefetchers followed poorly): these rows' next inputs, or the next 16 rows' first */
+            int64_t next_o = k0 + PB_K < in ? o : o + 16, next_g = k0 + PB_K < in ? (k0 + PB_K) / 32 : 0;
+            for (int i = 0; i < 16; i++)
+                for (int c = 0; c < PB_K / 2; c += 64) PREFETCH_W(j->blocks + ((next_o + i) * (in / 32) + next_g) * 16 + c);
             mxfp4_panel(j, o, nr, k0, kn, panel, tmp);
             panel_tiles(panel, kn, j->x + k0, in, T, sums);
         }
