@@ -46,10 +46,11 @@ class LLM:
     device, dtype, layout, num_threads, backend ("auto", "cpu" for ossie's C kernels, "torch" for the reference,
     "cuda", or a Backend object), prefill_chunk, enable_prefix_caching, kv_cache_gb (KV memory for the running
     requests and cached prefixes together: the engine preempts and evicts to stay within it), quantization="q8"
-    (the attention projections and the unembedding held in 8 bits, ossie.model.q8, for faster decoding on a CPU at a
-    small, measured cost in accuracy; None: exact), kv_cache_dtype="q8" (keys and values cached as q8: 13 KiB a
-    position for the 20b instead of 24 KiB in bf16, so that the full 131,072-token context fits beside the 20b in
-    16 GiB; CPU), max_num_seqs (requests generating at once), prefill_while_decoding.
+    (the attention projections and the unembedding held in 8 bits and a prompt's experts on int8 activations,
+    ossie.model.q8, for faster decoding and prompts on a CPU at a small, measured cost in accuracy; None: exact),
+    kv_cache_dtype="q8" (keys and values cached as q8: 13 KiB a position for the 20b instead of 24 KiB in bf16, so
+    that the full 131,072-token context fits beside the 20b in 16 GiB; CPU), max_num_seqs (requests generating at
+    once), prefill_while_decoding.
     """
 
     def __init__(self, model: str | Path, progress: bool = True, **options: Any):
