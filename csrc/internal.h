@@ -189,6 +189,8 @@ void mxfp4_neon(const void *p, int64_t r0, int64_t r1);
 void bf16_neon(const void *p, int64_t r0, int64_t r1);
 void q8_neon(const void *p, int64_t r0, int64_t r1);
 void q8_dotprod(const void *p, int64_t r0, int64_t r1);
+void mxfp4_q8act_neon(const void *p, int64_t r0, int64_t r1);  /* the q8 mode's prompt experts */
+void mxfp4_q8act_dotprod(const void *p, int64_t r0, int64_t r1);
 float dot_neon(const attn_job_t *a, const float *q, int64_t off);
 void axpy_neon(const attn_job_t *a, float *o, float p, int64_t off);
 #endif

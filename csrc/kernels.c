@@ -212,8 +212,8 @@ static int choose_path(int kind, int bf16_ok, int64_t T, task_fn *fn) {
         if (isa >= 0) *fn = INT8[kind - 2][isa];
 #endif
 #ifdef OSSIE_NEON
-        if (kind == 2 && path == PATH_DOTPROD) *fn = q8_dotprod;
-        else if (kind == 2 && path == PATH_NEON) *fn = q8_neon;
+        if (path == PATH_DOTPROD) *fn = kind == 2 ? q8_dotprod : mxfp4_q8act_dotprod;
+        else if (path == PATH_NEON) *fn = kind == 2 ? q8_neon : mxfp4_q8act_neon;
 #endif
         return path;
     }
@@ -345,9 +345,6 @@ int ossie_moe(const float *x, const void *w1b, const void *w1s, const float *b1,
     const int64_t *ex = experts; const float *wts = weights;
     for (int64_t j = 0; j < T * k; j++)
         if (ex[j] < 0 || ex[j] >= E) return -2;
-    /* ARM64 has no int8 kernel for these products yet (SDOT would serve one): there the q8 mode's prompts keep the
-     * exact experts, as the scalar kernel would crawl through them */
-    if (current_path() == PATH_NEON || current_path() == PATH_DOTPROD) q8 = 0;
     moe_job_t m = {0};
     int64_t *count = calloc(E, sizeof(int64_t)), *index = malloc(sizeof(int64_t) * E), *order = malloc(sizeof(int64_t) * k),
             *slot_expert = malloc(sizeof(int64_t) * T * k), *slot_row = malloc(sizeof(int64_t) * T * k);

@@ -18,8 +18,7 @@ int ossie_matmul(int kind, const float *x, const void *wa, const void *wb, const
  * weight * (W2 @ swiglu(W1 @ x[t] + b1) + b2) (+ residual[t] if not NULL). W1 MXFP4 [E, 2I, H/32, 16] and scales,
  * b1 [E, 2I]; W2 MXFP4 [E, H, I/32, 16] and scales, b2 [E, H]. bf16: round as a bf16 model does. -2: an expert id
  * out of range. q8: the q8 mode's prompts: x and the activations rounded to int8 per 32 (round_act32) and the
- * products in integers (x86_q8_prompts.c), one kernel whatever an expert's token count; ignored on ARM64's paths
- * (no int8 kernel for it there yet). */
+ * products in integers (x86_q8_prompts.c, neon.c), one kernel whatever an expert's token count. */
 int ossie_moe(const float *x, const void *w1b, const void *w1s, const float *b1, const void *w2b, const void *w2s,
               const float *b2, const int64_t *experts, const float *weights, float *y, int64_t T, int64_t k, int64_t H,
               int64_t I, int64_t E, int bf16, float alpha, float limit, const float *residual, int q8);

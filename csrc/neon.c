@@ -130,6 +130,94 @@ DOTPROD static inline int32x4_t dot16_dotprod(int8x16_t w, int8x16_t x) { return
 Q8_NEON_KERNEL(q8_neon, , dot16_neon)
 Q8_NEON_KERNEL(q8_dotprod, DOTPROD, dot16_dotprod)
 
+/* ---- the q8 mode's prompt experts: MXFP4 on x rounded to int8 (x86_q8_prompts.c's scheme, 4 rows a vector) ----
+ * 4 rows of an expert decoded once per group for all its tokens: each row's codes (doubled, -12..12) looked up
+ * signed (tbl), its 16 even inputs and 16 odd ones (the order round_act32_q8p lays x in), then a 4 x 4 transpose of
+ * 32-bit lanes, so that lane r holds row r's 4 codes at a quad of the group. A token's 4 values at that quad go to
+ * every lane and one SDOT (or the 8-bit multiplies and pairwise adds of dot16_neon) adds their products into each
+ * row's lane: the exact integer sum of the group, then mxfp4_q8act_scalar's float steps (its bits). */
+#define QG_NEON 16  /* groups a panel holds */
+#define QT_NEON 4   /* tokens a tile */
+static const int8_t FP4_X2_NEON[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+typedef struct { int32x4_t w[QG_NEON][8]; float32x4_t ws[QG_NEON]; } q8_panel_neon;
+
+static inline void transpose4(int32x4_t r[4]) {  /* rows -> columns, 32-bit lanes */
+    int32x4_t t0 = vtrn1q_s32(r[0], r[1]), t1 = vtrn2q_s32(r[0], r[1]);
+    int32x4_t t2 = vtrn1q_s32(r[2], r[3]), t3 = vtrn2q_s32(r[2], r[3]);
+    r[0] = vreinterpretq_s32_s64(vtrn1q_s64(vreinterpretq_s64_s32(t0), vreinterpretq_s64_s32(t2)));
+    r[1] = vreinterpretq_s32_s64(vtrn1q_s64(vreinterpretq_s64_s32(t1), vreinterpretq_s64_s32(t3)));
+    r[2] = vreinterpretq_s32_s64(vtrn2q_s64(vreinterpretq_s64_s32(t0), vreinterpretq_s64_s32(t2)));
+    r[3] = vreinterpretq_s32_s64(vtrn2q_s64(vreinterpretq_s64_s32(t1), vreinterpretq_s64_s32(t3)));
+}
+
+/* groups g0..g0+ng of rows o..o+nr (zero rows past nr) */
+static void q8_panel_fill_neon(const job_t *j, int64_t o, int nr, int64_t g0, int ng, q8_panel_neon *P) {
+    const int8x16_t lut = vld1q_s8(FP4_X2_NEON);
+    int64_t G = j->in / 32;
+    for (int gi = 0; gi < ng; gi++) {
+        int32x4_t ev[4], od[4]; float ws[4];
+        for (int i = 0; i < 4; i++) {
+            uint8x16_t b = i < nr ? vld1q_u8(j->blocks + ((o + i) * G + g0 + gi) * 16) : vdupq_n_u8(0);
+            ev[i] = vreinterpretq_s32_s8(vqtbl1q_s8(lut, vandq_u8(b, vdupq_n_u8(0x0f))));
+            od[i] = vreinterpretq_s32_s8(vqtbl1q_s8(lut, vshrq_n_u8(b, 4)));
+            ws[i] = i < nr ? SCALE[j->scales[(o + i) * G + g0 + gi]] * 0.5f : 0.f;
+        }
+        transpose4(ev); transpose4(od);
+        for (int q = 0; q < 4; q++) { P->w[gi][q] = ev[q]; P->w[gi][4 + q] = od[q]; }
+        P->ws[gi] = vld1q_f32(ws);
+    }
+}
+
+static inline int32x4_t dot_acc_neon(int32x4_t acc, int32x4_t w, int32x4_t x) {
+    return vaddq_s32(acc, dot16_neon(vreinterpretq_s8_s32(w), vreinterpretq_s8_s32(x)));
+}
+DOTPROD static inline int32x4_t dot_acc_dotprod(int32x4_t acc, int32x4_t w, int32x4_t x) {
+    return vdotq_s32(acc, vreinterpretq_s8_s32(w), vreinterpretq_s8_s32(x));
+}
+
+#define Q8_PROMPT_NEON(NAME, ATTR, DOT_ACC)                                                                   \
+    ATTR static inline void NAME##_tile(const q8_panel_neon *P, int ng, const job_t *j, int64_t t0, int nt,    \
+                                        int64_t g0, float *sums) {                                            \
+        int64_t in = j->in, G = in / 32;                                                                      \
+        float32x4_t acc[QT_NEON];                                                                             \
+        for (int t = 0; t < nt; t++) acc[t] = vld1q_f32(sums + 4 * t);                                        \
+        for (int gi = 0; gi < ng; gi++)                                                                       \
+            for (int t = 0; t < nt; t++) {                                                                    \
+                const int8_t *xq = j->xq + (t0 + t) * in + (g0 + gi) * 32;                                    \
+                int32x4_t ai = vdupq_n_s32(0);                                                                \
+                for (int q = 0; q < 8; q++) {                                                                 \
+                    int32_t a; memcpy(&a, xq + 4 * q, 4);                                                     \
+                    ai = DOT_ACC(ai, P->w[gi][q], vdupq_n_s32(a));                                            \
+                }                                                                                             \
+                float32x4_t s = vmulq_n_f32(P->ws[gi], j->xs[(t0 + t) * G + g0 + gi]);                       \
+                acc[t] = vfmaq_f32(acc[t], vcvtq_f32_s32(ai), s);                                             \
+            }                                                                                                 \
+        for (int t = 0; t < nt; t++) vst1q_f32(sums + 4 * t, acc[t]);                                         \
+    }                                                                                                         \
+    ATTR void NAME(const void *p, int64_t r0, int64_t r1) {                                                   \
+        const job_t *j = p; int64_t G = j->in / 32;                                                           \
+        q8_panel_neon *P = malloc(sizeof(q8_panel_neon)); float *sums = malloc(sizeof(float) * 4 * j->T);     \
+        if (!P || !sums) { free(P); free(sums); mxfp4_q8act_scalar(p, r0, r1); return; }  /* the same numbers */ \
+        for (int64_t o = r0; o < r1; o += 4) {                                                                \
+            int nr = r1 - o < 4 ? (int)(r1 - o) : 4;                                                          \
+            memset(sums, 0, sizeof(float) * 4 * j->T);                                                        \
+            for (int64_t g0 = 0; g0 < G; g0 += QG_NEON) {                                                     \
+                int ng = G - g0 < QG_NEON ? (int)(G - g0) : QG_NEON;                                          \
+                q8_panel_fill_neon(j, o, nr, g0, ng, P);                                                      \
+                for (int64_t t0 = 0; t0 < j->T; t0 += QT_NEON)                                                \
+                    NAME##_tile(P, ng, j, t0, j->T - t0 < QT_NEON ? (int)(j->T - t0) : QT_NEON, g0, sums + 4 * t0); \
+            }                                                                                                 \
+            for (int64_t t = 0; t < j->T; t++)                                                                \
+                for (int r = 0; r < nr; r++)                                                                  \
+                    j->y[t * j->out + o + r] = sums[4 * t + r] + (j->bias ? j->bias[o + r] : 0.f);            \
+        }                                                                                                     \
+        free(P); free(sums);                                                                                  \
+    }
+
+Q8_PROMPT_NEON(mxfp4_q8act_neon, , dot_acc_neon)
+Q8_PROMPT_NEON(mxfp4_q8act_dotprod, DOTPROD, dot_acc_dotprod)
+
 /* ---- attention over a bf16 or float32 cache (D a multiple of 4): dot_scalar's and axpy_scalar's steps ------- */
 static inline float32x4_t kv4(const attn_job_t *a, const void *base, int64_t i) {
     return a->bf16 ? bf16x4((const uint16_t *)base + i) : vld1q_f32((const float *)base + i);

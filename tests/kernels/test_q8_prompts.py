@@ -65,16 +65,16 @@ def test_q8_moe_is_the_rounded_math(path, bf16):
 
 
 def test_q8_moe_same_bits_on_every_path_and_every_token_count():
-    """Integer sums, then one float chain in the same order everywhere: every x86 path (AVX2, AVX-VNNI, AVX-512
-    VNNI) gives the scalar path's bits; a token gets alone what it gets in the prompt; one thread as several.
-    (ARM64's paths have no int8 kernel for it: there the q8 mode's prompts keep the exact experts.)"""
+    """Integer sums, then one float chain in the same order everywhere: every path (AVX2, AVX-VNNI, AVX-512 VNNI;
+    NEON and SDOT on ARM64) gives the scalar path's bits; a token gets alone what it gets in the prompt; one thread
+    as several."""
     gen = torch.Generator().manual_seed(43)
     weights_ = random_experts(gen, h=608)  # 19 groups: a panel of 16 and one of 3
     x, experts, weights = prompt(gen, tokens=23, h=608)
     before, threads = kernels.kernel_path(), kernels.kernel_threads()
     results = {}
     try:
-        for p in ("scalar", "avx2", "avxvnni", "avx512bf16"):
+        for p in ("scalar", "avx2", "avxvnni", "avx512bf16", "neon", "dotprod"):
             kernels.set_path(p)
             if kernels.kernel_path() != p:
                 continue
@@ -89,6 +89,7 @@ def test_q8_moe_same_bits_on_every_path_and_every_token_count():
     finally:
         kernels.set_path(before)
         kernels.set_num_threads(threads)
+    assert len(results) >= 2 or kernels.kernel_path() == "scalar", results.keys()
     for y in results.values():
         assert torch.equal(y, results["scalar"])
     assert torch.equal(one_thread, results["scalar"])
@@ -107,7 +108,7 @@ def test_q8_moe_edge_scales_on_every_path():
     x, experts, weights = prompt(gen, tokens=12)
     before, results = kernels.kernel_path(), {}
     try:
-        for p in ("scalar", "avx2", "avxvnni", "avx512bf16"):
+        for p in ("scalar", "avx2", "avxvnni", "avx512bf16", "neon", "dotprod"):
             kernels.set_path(p)
             if kernels.kernel_path() == p:
                 results[p] = kernels.moe(x, *weights_, experts, weights, ALPHA, LIMIT, False, q8=True)

@@ -106,8 +106,8 @@ def test_q8_decoding_reads_the_8_bits(models):
 
 
 def test_q8_prompts_round_the_experts_activations(models):
-    """The q8 mode's prompt rows (more than a decoding batch's) take the experts on int8 activations (on x86: ARM64
-    has no int8 kernel for them yet); its decoding rows, and the exact mode's prompts, the exact experts."""
+    """The q8 mode's prompt rows (more than a decoding batch's) take the experts on int8 activations; its decoding
+    rows, and the exact mode's prompts, the exact experts."""
     from ossie.model.transformer import route
 
     _, exact, q8 = models
@@ -118,7 +118,7 @@ def test_q8_prompts_round_the_experts_activations(models):
     experts = (lw.w1_blocks, lw.w1_scales, lw.w1_bias, lw.w2_blocks, lw.w2_scales, lw.w2_bias, chosen, weight,
                cfg.swiglu_alpha, cfg.swiglu_limit, True)
     rounded, plain = kernels.moe(x.float(), *experts, q8=True), kernels.moe(x.float(), *experts)
-    assert torch.equal(rounded, plain) == (kernels.kernel_path() in ("neon", "dotprod"))
+    assert not torch.equal(rounded, plain)
     assert torch.equal(q8.backend.experts(x, lw, chosen, weight, cfg), rounded.bfloat16())
     assert torch.equal(exact.backend.experts(x, exact.model.w.layers[0], chosen, weight, cfg), plain.bfloat16())
     assert torch.equal(q8.backend.experts(x[:8], lw, chosen[:8], weight[:8], cfg), plain[:8].bfloat16())
