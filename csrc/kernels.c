@@ -138,7 +138,6 @@ static void q8_scalar(const void *p, int64_t r0, int64_t r1) {
 /* MXFP4 on x rounded to int8 per 32 (the q8 mode's prompt experts): the reference of x86_q8_prompts.c, step for
  * step. A group's products summed exactly as integers (codes doubled: -12..12), then one chain over the groups, fused
  * (fmaf: the SIMD kernels fuse) with the row's scale / 2 times x's scale. */
-static const int8_t FP4_X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 void mxfp4_q8act_scalar(const void *p, int64_t r0, int64_t r1) {
     const job_t *j = p; int64_t G = j->in / 32;
     for (int64_t o = r0; o < r1; o++)

@@ -138,7 +138,6 @@ Q8_NEON_KERNEL(q8_dotprod, DOTPROD, dot16_dotprod)
  * row's lane: the exact integer sum of the group, then mxfp4_q8act_scalar's float steps (its bits). */
 #define QG_NEON 16  /* groups a panel holds */
 #define QT_NEON 4   /* tokens a tile */
-static const int8_t FP4_X2_NEON[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
 typedef struct { int32x4_t w[QG_NEON][8]; float32x4_t ws[QG_NEON]; } q8_panel_neon;
 
@@ -153,7 +152,7 @@ static inline void transpose4(int32x4_t r[4]) {  /* rows -> columns, 32-bit lane
 
 /* groups g0..g0+ng of rows o..o+nr (zero rows past nr) */
 static void q8_panel_fill_neon(const job_t *j, int64_t o, int nr, int64_t g0, int ng, q8_panel_neon *P) {
-    const int8x16_t lut = vld1q_s8(FP4_X2_NEON);
+    const int8x16_t lut = vld1q_s8(FP4_X2);
     int64_t G = j->in / 32;
     for (int gi = 0; gi < ng; gi++) {
         int32x4_t ev[4], od[4]; float ws[4];

@@ -37,7 +37,7 @@ __attribute__((target(AVX2), always_inline)) static inline void decode2_avx2(con
 
 /* one group in natural order (the last group of an odd count): codes as doubled int8 values, sign-extended */
 __attribute__((target(AVX2), always_inline)) static inline void decode1_avx2(const uint8_t *blk, __m256 w[4]) {
-    const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12), low4 = _mm_set1_epi8(0x0f);
+    const __m128i lut = _mm_loadu_si128((const __m128i *)FP4_X2), low4 = _mm_set1_epi8(0x0f);
     __m128i b = _mm_loadu_si128((const __m128i *)blk);
     __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(b, low4));
     __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(b, 4), low4));

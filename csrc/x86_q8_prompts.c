@@ -36,12 +36,13 @@ typedef struct {
     __m256 ws[QG];     /* lane r: row r's scale / 2 (the codes are doubled) */
 } q8_panel;
 
-static const int8_t FP4_X2_12[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};  /* code x 2 + 12 */
 
 /* groups g0..g0+ng of rows o..o+nr (zero rows past nr) into the panel */
 __attribute__((target(AVX2))) static void q8_panel_fill(const job_t *j, int64_t o, int nr, int64_t g0, int ng,
                                                         q8_panel *P) {
-    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FP4_X2_12));
+    /* FP4_X2 + 12: the codes as the unsigned operand */
+    const __m256i lut = _mm256_add_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FP4_X2)),
+                                        _mm256_set1_epi8(12));
     const __m256i nibble = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), low4 = _mm256_set1_epi8(0x0f);
     int64_t G = j->in / 32;
     /* the panel after next's bytes, fetched while this one decodes (these rows' next groups, or the next 8 rows') */
