@@ -185,7 +185,8 @@ def test_the_router_prefers_the_holder_unless_it_is_full():
     choose = lambda keys: asyncio.run(router.choose_replicas([r1, r2, r3], Pending(keys)))  # noqa: E731
     assert choose((1, 2))[0][-1] is r2  # nothing held: the least loaded first, r2 (busier) last
     router.on_request_routed(Pending((1, 2)), "r2", None)
-    assert choose((1, 2, 3)) == [[r2], [r1, r3]] or choose((1, 2, 3)) == [[r2], [r3, r1]]  # the longest held prefix
+    first, rest = choose((1, 2, 3))  # one call: ties among equally loaded replicas break at random each time
+    assert first == [r2] and {r.replica_id for r in rest} == {"r1", "r3"}  # the longest held prefix
     assert choose((1, 9))[0] == [r2]  # a prefix of it, half of the prompt
     assert r2 not in choose((1, 7, 8, 9))[0][:2]  # a quarter held (the header alone): the least loaded first
     assert choose((9,))[0][0] is not r2 and len(choose((9,))) == 1  # another conversation
