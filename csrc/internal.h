@@ -71,7 +71,10 @@ typedef struct {
     const float *xp;                       /* x in permuted_pos_avx2's order: the avx2 MXFP4 tile kernel's */
     const int32_t *xc;                     /* MXFP4 on rounded x (the q8 mode's prompt experts): xq holds each group's even
                                               inputs, then its odd ones; xc 12 x each group's sum (round_act32_q8p) */
+    const float *xt;                       /* mxfp4_avx2_few's x, transposed: for each input in xp's order, the tokens'
+                                              values side by side in FEW_LANES(T) lanes (0 past T) */
 } job_t;
+#define FEW_LANES(T) ((T) > 8 ? 16 : 8)
 
 /* Where element i of an MXFP4 product's input goes in the avx512bf16 path's order: word w (0..127) of a 4-group
  * block's decoded vectors A, B, C, D holds element 4 (w % 32) + w / 32 (see decode4 in x86_avx512.c), so element m goes
@@ -112,8 +115,10 @@ static inline void prefetch_bytes(const void *p, int64_t n) {
 }
 #define TT 4  /* tokens per tile: their accumulators stay in registers, their x rows in L1 */
 #define GEMM_MIN_T 16  /* from this many tokens an MXFP4 product takes a panel GEMM (x86_avx2.c, x86_avx512.c) */
-#define GEMM_AVX2_MIN_T 9  /* from this many tokens an AVX2 bf16 product takes its panel GEMM: a prompt's, as the CPU
-                              backend sends decoding's (up to 8 rows) to the tile kernel */
+#define PROMPT_ROWS 9  /* a product or MoE call of this many rows or more is a prompt's: the CPU backend sends
+                          decoding's rows (up to its SMALL_BATCH, 8) apart, so kernels whose sums depend on the row
+                          count may serve such calls without changing what a decoding token gets */
+#define GEMM_AVX2_MIN_T PROMPT_ROWS  /* from this many tokens an AVX2 bf16 product takes its panel GEMM */
 
 /* ---- attention of one query (decoding) over the KV cache ---------------------------------------------------
  * out[h] = sum_s p[h, s] v[s, h / G] with p = softmax over (q[h] . k[s, h / G] * scale, sink[h]) and the sink's share
@@ -162,6 +167,7 @@ int current_path(void);
 #ifdef OSSIE_X86
 void mxfp4_avx2(const void *p, int64_t r0, int64_t r1);        /* reads xp */
 void mxfp4_avx2_gemm(const void *p, int64_t r0, int64_t r1);   /* prompts: from GEMM_MIN_T tokens */
+void mxfp4_avx2_few(const void *p, int64_t r0, int64_t r1);    /* a prompt's experts of 6-8 or 12-16 tokens, reads xt */
 void bf16_avx2(const void *p, int64_t r0, int64_t r1);
 void bf16_avx2_gemm(const void *p, int64_t r0, int64_t r1);  /* prompts: from GEMM_AVX2_MIN_T tokens */
 void q8_avx2(const void *p, int64_t r0, int64_t r1);

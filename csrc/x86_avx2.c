@@ -313,6 +313,75 @@ __attribute__((target(AVX2))) void mxfp4_avx2_gemm(const void *p, int64_t r0, in
     free(panel); free(tmp); free(sums);
 }
 
+/* ---- MXFP4 for a prompt's few tokens an expert on AVX2 (6-8 or 12-16: kernels.c's few_fits) ---------------------
+ * A 64-token prompt gives an expert ~8 tokens. The tile kernel takes them 4 at a time, so it decodes every row twice,
+ * and reads the 4 tokens' x (46 KB at the 20b's 2,880 inputs) from L2 for every row; the panel above costs a transpose
+ * of every decoded value. Here the tokens lie across the vector: x is transposed once per call (xt: for each input,
+ * the 8 or 16 tokens' values side by side), R rows are decoded FEW_K inputs at a time into floats with their scales
+ * folded (scales_fold), and each input takes one broadcast of a row's weight and one FMA per 8 tokens: R x NV
+ * accumulators (12), xt's FEW_K inputs and the rows' floats in L1, no horizontal sums. Each (row, token) sum is one
+ * chain over the inputs in xp's order. Not for decoding: a token's sums here are not the tile kernel's. */
+#define FEW_K 256
+__attribute__((target(AVX2), always_inline)) static inline void few_block(const job_t *j, int64_t o, int nr,
+                                                                         const float *xt, float *buf, const int NV) {
+    const int R = 12 / NV;
+    int64_t in = j->in, G = in / 32;
+    __m256 acc[12];
+    for (int i = 0; i < R * NV; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < in; k0 += FEW_K) {
+        int64_t kn = in - k0 < FEW_K ? in - k0 : FEW_K, ge = (k0 + kn) / 32;
+        for (int r = 0; r < R; r++) {
+            float *b = buf + r * FEW_K - k0;  /* b[k] for input k of the chunk */
+            if (r >= nr) { memset(buf + r * FEW_K, 0, sizeof(float) * kn); continue; }
+            const uint8_t *blk = j->blocks + (o + r) * G * 16, *sc = j->scales + (o + r) * G;
+            /* this chunk's bytes of the row R further, fetched a whole block ahead: one chunk ahead left the kernel
+               waiting on memory (at 8 tokens it ran at the tile kernel's speed on weights from DRAM, 1.3x it on
+               weights in the L3) */
+            const uint8_t *next = blk + R * G * 16 + k0 / 2;
+            PREFETCH_W(next); PREFETCH_W(next + 64);
+            int64_t g = k0 / 32;
+            for (; g + 2 <= ge; g += 2) {
+                __m256 w[8];
+                decode2_avx2(blk + g * 16, w);
+                __m256 s = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(SCALE[sc[g]])), _mm_set1_ps(SCALE[sc[g + 1]]), 1);
+                for (int i = 0; i < 8; i++) _mm256_store_ps(b + g * 32 + 8 * i, _mm256_mul_ps(w[i], s));
+            }
+            if (g < ge) {
+                __m256 w[4], s = _mm256_set1_ps(SCALE[sc[g]] * 0.5f);  /* the codes were doubled */
+                decode1_avx2(blk + g * 16, w);
+                for (int i = 0; i < 4; i++) _mm256_store_ps(b + g * 32 + 8 * i, _mm256_mul_ps(w[i], s));
+            }
+        }
+        const float *x = xt + k0 * 8 * NV;
+        for (int64_t k = 0; k < kn; k++) {
+            __m256 xv[2];
+            for (int v = 0; v < NV; v++) xv[v] = _mm256_load_ps(x + (k * NV + v) * 8);
+            for (int r = 0; r < R; r++) {
+                __m256 w = _mm256_broadcast_ss(buf + r * FEW_K + k);
+                for (int v = 0; v < NV; v++) acc[r * NV + v] = _mm256_fmadd_ps(w, xv[v], acc[r * NV + v]);
+            }
+        }
+    }
+    float lanes[12][8];  /* every accumulator stored by a constant index: with nr's index, GCC kept them in memory */
+    for (int i = 0; i < R * NV; i++) _mm256_storeu_ps(lanes[i], acc[i]);
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < 8 * NV && t < j->T; t++)
+            j->y[t * j->out + o + r] = lanes[r * NV + t / 8][t % 8] + (j->bias ? j->bias[o + r] : 0.f);
+}
+
+/* reads xt, and xp for the tile kernel (which takes the rows whose scales do not fold) */
+__attribute__((target(AVX2))) void mxfp4_avx2_few(const void *p, int64_t r0, int64_t r1) {
+    const job_t *j = p;
+    const int NV = FEW_LANES(j->T) / 8, R = 12 / NV;
+    float buf[12 * FEW_K] __attribute__((aligned(32)));  /* 12 KiB */
+    for (int64_t o = r0; o < r1; o += R) {
+        int nr = r1 - o < R ? (int)(r1 - o) : R;
+        if (j->T > 16 || !scales_fold(j, o, o + nr)) mxfp4_avx2(p, o, o + nr);
+        else if (NV == 1) few_block(j, o, nr, j->xt, buf, 1);
+        else few_block(j, o, nr, j->xt, buf, 2);
+    }
+}
+
 /* ---- q8 on integer dot products: every x86 path alike -----------------------------------------------------
  * As llama.cpp computes its q8_0 products: x is rounded to int8 for each 32 values of a token (xq, scale xs; see
  * round_act32), so a group's 32 products are integer. |w| goes in as the unsigned operand and x takes w's sign
