@@ -159,8 +159,10 @@ typedef struct { const uint64_t *p; uint64_t total; } read_job_t;
  * x86, each a superset of the one before in what the kernels use: avx2 (with FMA and F16C); avxvnni: avx2 with
  * AVX-VNNI's 256-bit int8 dot products (Alder Lake and later Intel client CPUs, Zen 5), used by the q8 products;
  * avx512bf16. ARM64: neon (every ARMv8 CPU); dotprod: with SDOT, for the q8 products (Cortex-A76 and later, Apple
- * M1 and later, Snapdragon X, Graviton 2 and later). A path can be forced only where the CPU has it. */
-enum { PATH_SCALAR = 0, PATH_AVX2, PATH_AVXVNNI, PATH_AVX512BF16, PATH_NEON, PATH_DOTPROD, N_PATHS };
+ * M1 and later, Snapdragon X, Graviton 2 and later); i8mm: dotprod with SMMLA for the q8 mode's prompt experts
+ * (Cortex-A510/A710 and later, Apple M2 and later, Graviton 3 and later, Snapdragon X). A path can be forced only
+ * where the CPU has it. */
+enum { PATH_SCALAR = 0, PATH_AVX2, PATH_AVXVNNI, PATH_AVX512BF16, PATH_NEON, PATH_DOTPROD, PATH_I8MM, N_PATHS };
 extern int path_ok[N_PATHS], has_vnni;
 int current_path(void);
 
@@ -198,6 +200,7 @@ void q8_neon(const void *p, int64_t r0, int64_t r1);
 void q8_dotprod(const void *p, int64_t r0, int64_t r1);
 void mxfp4_q8act_neon(const void *p, int64_t r0, int64_t r1);  /* the q8 mode's prompt experts */
 void mxfp4_q8act_dotprod(const void *p, int64_t r0, int64_t r1);
+void mxfp4_q8act_i8mm(const void *p, int64_t r0, int64_t r1);
 float dot_neon(const attn_job_t *a, const float *q, int64_t off);
 void axpy_neon(const attn_job_t *a, float *o, float p, int64_t off);
 #endif

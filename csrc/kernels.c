@@ -154,7 +154,7 @@ void mxfp4_q8act_scalar(const void *p, int64_t r0, int64_t r1) {
 }
 
 /* ---- dispatch ---------------------------------------------------------------------------------------- */
-static const char *PATH_NAMES[N_PATHS] = {"scalar", "avx2", "avxvnni", "avx512bf16", "neon", "dotprod"};
+static const char *PATH_NAMES[N_PATHS] = {"scalar", "avx2", "avxvnni", "avx512bf16", "neon", "dotprod", "i8mm"};
 int path_ok[N_PATHS] = {1}, has_vnni = 0;
 static int best_path = PATH_SCALAR, forced_path = -1;
 
@@ -169,6 +169,21 @@ static int arm_dotprod(void) {
 #elif defined(__APPLE__)
     int v = 0; size_t n = sizeof(v);
     return sysctlbyname("hw.optional.arm.FEAT_DotProd", &v, &n, NULL, 0) == 0 && v;
+#else
+    return 0;
+#endif
+}
+
+/* SMMLA (FEAT_I8MM): HWCAP2 on Linux, sysctl on macOS (Apple M2 and later) */
+static int arm_i8mm(void) {
+#if defined(__linux__)
+#ifndef HWCAP2_I8MM
+#define HWCAP2_I8MM (1 << 13)
+#endif
+    return (getauxval(AT_HWCAP2) & HWCAP2_I8MM) != 0;
+#elif defined(__APPLE__)
+    int v = 0; size_t n = sizeof(v);
+    return sysctlbyname("hw.optional.arm.FEAT_I8MM", &v, &n, NULL, 0) == 0 && v;
 #else
     return 0;
 #endif
@@ -188,6 +203,7 @@ void ossie_init(void) {
 #ifdef OSSIE_NEON
     path_ok[PATH_NEON] = 1;  /* Advanced SIMD is part of ARMv8-A */
     path_ok[PATH_DOTPROD] = arm_dotprod();
+    path_ok[PATH_I8MM] = path_ok[PATH_DOTPROD] && arm_i8mm();
 #endif
     for (int p = 0; p < N_PATHS; p++) if (path_ok[p]) best_path = p;
 }
@@ -211,13 +227,14 @@ static int choose_path(int kind, int bf16_ok, int64_t T, task_fn *fn) {
         if (isa >= 0) *fn = INT8[kind - 2][isa];
 #endif
 #ifdef OSSIE_NEON
-        if (path == PATH_DOTPROD) *fn = kind == 2 ? q8_dotprod : mxfp4_q8act_dotprod;
+        if (path == PATH_I8MM) *fn = kind == 2 ? q8_dotprod : mxfp4_q8act_i8mm;  /* one token a q8 product: SDOT */
+        else if (path == PATH_DOTPROD) *fn = kind == 2 ? q8_dotprod : mxfp4_q8act_dotprod;
         else if (path == PATH_NEON) *fn = kind == 2 ? q8_neon : mxfp4_q8act_neon;
 #endif
         return path;
     }
     if (path == PATH_AVXVNNI || (path == PATH_AVX512BF16 && !bf16_ok)) path = PATH_AVX2;
-    if (path == PATH_DOTPROD) path = PATH_NEON;  /* SDOT serves the q8 products only */
+    if (path == PATH_DOTPROD || path == PATH_I8MM) path = PATH_NEON;  /* SDOT and SMMLA serve the q8 products only */
     *fn = kind == 0 ? mxfp4_scalar : bf16_scalar;
 #ifdef OSSIE_X86
     if (path == PATH_AVX512BF16)

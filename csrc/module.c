@@ -165,7 +165,7 @@ static PyObject *py_get_threads(PyObject *self __attribute__((unused)), PyObject
 static PyObject *py_set_path(PyObject *self __attribute__((unused)), PyObject *args) {
     const char *name; if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
     if (ossie_set_path(name)) {
-        PyErr_SetString(PyExc_ValueError, "path: best, scalar, avx2, avxvnni, avx512bf16, neon or dotprod"); return NULL;
+        PyErr_SetString(PyExc_ValueError, "path: best, scalar, avx2, avxvnni, avx512bf16, neon, dotprod or i8mm"); return NULL;
     }
     Py_RETURN_NONE;
 }
@@ -191,7 +191,7 @@ static PyMethodDef methods[] = {
     {"set_threads", py_set_threads, METH_VARARGS, "number of threads for the kernels"},
     {"get_threads", py_get_threads, METH_NOARGS, "number of threads for the kernels"},
     {"set_path", py_set_path, METH_VARARGS, "force a code path (best, or one of has_path's names) for tests"},
-    {"has_path", py_has_path, METH_VARARGS, "whether this CPU has a code path (scalar, avx2, avxvnni, avx512bf16, neon, dotprod)"},
+    {"has_path", py_has_path, METH_VARARGS, "whether this CPU has a code path (scalar, avx2, avxvnni, avx512bf16, neon, dotprod, i8mm)"},
     {"path", py_path, METH_NOARGS, "the code path in use"},
     {NULL, NULL, 0, NULL}};
 

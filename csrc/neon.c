@@ -1,5 +1,5 @@
-/* ossie's ARM64 kernels: Advanced SIMD (every ARMv8-A CPU) and SDOT (dotprod: Cortex-A76 and later, Apple M1 and
- * later, Snapdragon X, Graviton 2 and later) for the q8 products. Each repeats the scalar kernel's operations in
+/* ossie's ARM64 kernels: Advanced SIMD (every ARMv8-A CPU), SDOT (dotprod: Cortex-A76 and later, Apple M1 and
+ * later, Snapdragon X, Graviton 2 and later) for the q8 products, and SMMLA (i8mm) for the q8 mode's prompts. Each repeats the scalar kernel's operations in
  * kernels.c one for one (the same lanes, the same fused multiply-adds, the same order of the final adds), so each
  * path gives the scalar path's numbers bit for bit: csrc/tests/qemu.sh checks it under emulation for CPUs with and
  * without each extension. The q8 products' integer sums and float steps are also those of the x86 kernels: a q8
@@ -10,8 +10,10 @@
 
 #if defined(__clang__)
 #define DOTPROD __attribute__((target("dotprod")))
+#define I8MM __attribute__((target("dotprod,i8mm")))
 #else
 #define DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#define I8MM __attribute__((target("arch=armv8.2-a+dotprod+i8mm")))
 #endif
 
 /* (a0 + a2) + (a1 + a3), as the scalar kernels' hsum4 */
@@ -216,6 +218,84 @@ DOTPROD static inline int32x4_t dot_acc_dotprod(int32x4_t acc, int32x4_t w, int3
 
 Q8_PROMPT_NEON(mxfp4_q8act_neon, , dot_acc_neon)
 Q8_PROMPT_NEON(mxfp4_q8act_dotprod, DOTPROD, dot_acc_dotprod)
+
+/* ---- the same on SMMLA (i8mm: Cortex-A510/A710 and later, Apple M2 and later, Graviton 3, Snapdragon X) -------
+ * One SMMLA multiplies 2 rows x 8 inputs by 2 tokens x 8 inputs into the 4 sums of the pairs (32 products; SDOT
+ * makes 16): a panel holds each group's codes as 2 row pairs x 4 quarters of the group (the q8p order: 16 even
+ * inputs, then 16 odd), and a tile takes 4 rows against 2 tokens at a time. Each (row, token) lane then gets the
+ * group's exact integer sum and mxfp4_q8act_scalar's float steps: its bits, in the lanes' 2 x 2 order. */
+typedef struct { int8x16_t w[QG_NEON][2][4]; float ws[QG_NEON][4]; } q8_panel_i8mm;
+
+static void q8_panel_fill_i8mm(const job_t *j, int64_t o, int nr, int64_t g0, int ng, q8_panel_i8mm *P) {
+    const int8x16_t lut = vld1q_s8(FP4_X2);
+    int64_t G = j->in / 32;
+    for (int gi = 0; gi < ng; gi++) {
+        int8x16_t ev[4], od[4];
+        for (int i = 0; i < 4; i++) {
+            uint8x16_t b = i < nr ? vld1q_u8(j->blocks + ((o + i) * G + g0 + gi) * 16) : vdupq_n_u8(0);
+            ev[i] = vqtbl1q_s8(lut, vandq_u8(b, vdupq_n_u8(0x0f)));
+            od[i] = vqtbl1q_s8(lut, vshrq_n_u8(b, 4));
+            P->ws[gi][i] = i < nr ? SCALE[j->scales[(o + i) * G + g0 + gi]] * 0.5f : 0.f;
+        }
+        for (int rp = 0; rp < 2; rp++) {
+            const int8x16_t a = ev[2 * rp], b = ev[2 * rp + 1], c = od[2 * rp], d = od[2 * rp + 1];
+            P->w[gi][rp][0] = vcombine_s8(vget_low_s8(a), vget_low_s8(b));
+            P->w[gi][rp][1] = vcombine_s8(vget_high_s8(a), vget_high_s8(b));
+            P->w[gi][rp][2] = vcombine_s8(vget_low_s8(c), vget_low_s8(d));
+            P->w[gi][rp][3] = vcombine_s8(vget_high_s8(c), vget_high_s8(d));
+        }
+    }
+}
+
+/* tokens t0 and t0 + 1 (alone when two is 0) against the panel's 4 rows: sums [token][4 rows] carried across panels */
+I8MM static void q8_tile_i8mm(const q8_panel_i8mm *P, int ng, const job_t *j, int64_t t0, int two, int64_t g0,
+                              float *sums) {
+    int64_t in = j->in, G = in / 32;
+    float32x4_t acc[2];  /* row pair rp: lanes (2rp, t0), (2rp, t0 + 1), (2rp + 1, t0), (2rp + 1, t0 + 1) */
+    for (int rp = 0; rp < 2; rp++) {
+        float v[4] = {sums[2 * rp], two ? sums[4 + 2 * rp] : 0.f, sums[2 * rp + 1], two ? sums[4 + 2 * rp + 1] : 0.f};
+        acc[rp] = vld1q_f32(v);
+    }
+    for (int gi = 0; gi < ng; gi++) {
+        const int8_t *x0 = j->xq + t0 * in + (g0 + gi) * 32, *x1 = x0 + in;
+        int32x4_t ai[2] = {vdupq_n_s32(0), vdupq_n_s32(0)};
+        for (int q = 0; q < 4; q++) {
+            int8x16_t xv = vcombine_s8(vld1_s8(x0 + 8 * q), two ? vld1_s8(x1 + 8 * q) : vdup_n_s8(0));
+            ai[0] = vmmlaq_s32(ai[0], P->w[gi][0][q], xv);
+            ai[1] = vmmlaq_s32(ai[1], P->w[gi][1][q], xv);
+        }
+        float xs0 = j->xs[t0 * G + g0 + gi], xs1 = two ? j->xs[(t0 + 1) * G + g0 + gi] : 0.f;
+        for (int rp = 0; rp < 2; rp++) {
+            const float *ws = P->ws[gi];
+            float sv[4] = {ws[2 * rp] * xs0, ws[2 * rp] * xs1, ws[2 * rp + 1] * xs0, ws[2 * rp + 1] * xs1};
+            acc[rp] = vfmaq_f32(acc[rp], vcvtq_f32_s32(ai[rp]), vld1q_f32(sv));
+        }
+    }
+    for (int rp = 0; rp < 2; rp++) {
+        float v[4];
+        vst1q_f32(v, acc[rp]);
+        sums[2 * rp] = v[0]; sums[2 * rp + 1] = v[2];
+        if (two) { sums[4 + 2 * rp] = v[1]; sums[4 + 2 * rp + 1] = v[3]; }
+    }
+}
+
+I8MM void mxfp4_q8act_i8mm(const void *p, int64_t r0, int64_t r1) {
+    const job_t *j = p; int64_t G = j->in / 32;
+    q8_panel_i8mm *P = malloc(sizeof(q8_panel_i8mm)); float *sums = malloc(sizeof(float) * 4 * j->T);
+    if (!P || !sums) { free(P); free(sums); mxfp4_q8act_scalar(p, r0, r1); return; }  /* the same numbers */
+    for (int64_t o = r0; o < r1; o += 4) {
+        int nr = r1 - o < 4 ? (int)(r1 - o) : 4;
+        memset(sums, 0, sizeof(float) * 4 * j->T);
+        for (int64_t g0 = 0; g0 < G; g0 += QG_NEON) {
+            int ng = G - g0 < QG_NEON ? (int)(G - g0) : QG_NEON;
+            q8_panel_fill_i8mm(j, o, nr, g0, ng, P);
+            for (int64_t t0 = 0; t0 < j->T; t0 += 2) q8_tile_i8mm(P, ng, j, t0, t0 + 1 < j->T, g0, sums + 4 * t0);
+        }
+        for (int64_t t = 0; t < j->T; t++)
+            for (int r = 0; r < nr; r++) j->y[t * j->out + o + r] = sums[4 * t + r] + (j->bias ? j->bias[o + r] : 0.f);
+    }
+    free(P); free(sums);
+}
 
 /* ---- attention over a bf16 or float32 cache (D a multiple of 4): dot_scalar's and axpy_scalar's steps ------- */
 static inline float32x4_t kv4(const attn_job_t *a, const void *base, int64_t i) {

@@ -3,6 +3,7 @@ import tempfile
 
 import pytest
 
+from ossie.backends.cpu_kernels import PATHS
 from ossie.model.config import PRESETS
 from ossie.synth import write_checkpoint
 
@@ -54,7 +55,7 @@ def scripted(tiny_repo, tmp_path_factory):
     assert "Traceback" not in log, log
 
 
-@pytest.fixture(params=["scalar", "avx2", "avxvnni", "avx512bf16", "neon", "dotprod"])
+@pytest.fixture(params=PATHS)
 def path(request):
     """Each code path of ossie's C kernels this CPU has, in turn (the others are skipped)."""
     from ossie.backends import cpu_kernels as kernels

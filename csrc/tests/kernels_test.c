@@ -22,9 +22,9 @@ static float from_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; me
 static float bf16_value(void) { return from_bf16(bf16(uniform() * 2.f)); }
 
 static int failures = 0;
-static const char *PATHS[] = {"avx2", "avxvnni", "avx512bf16", "neon", "dotprod"};
+static const char *PATHS[] = {"avx2", "avxvnni", "avx512bf16", "neon", "dotprod", "i8mm"};
 
-static int is_arm(const char *path) { return !strcmp(path, "neon") || !strcmp(path, "dotprod"); }
+static int is_arm(const char *path) { return !strcmp(path, "neon") || !strcmp(path, "dotprod") || !strcmp(path, "i8mm"); }
 
 /* within tol of the reference's norm (0: bit for bit) */
 static int close_to(const float *a, const float *b, int64_t n, double tol) {

@@ -23,8 +23,8 @@ trap 'rm -rf "$out"' EXIT
 
 status=0
 # model: the paths it must show. cortex-a53: ARMv8.0, NEON only; cortex-a76: ARMv8.2 with dotprod; max: every
-# extension qemu emulates (dotprod, i8mm, bf16: ossie uses dotprod)
-for model in "cortex-a53:neon" "cortex-a76:neon dotprod" "max:neon dotprod"; do
+# extension qemu emulates (dotprod, i8mm, bf16: ossie uses dotprod and i8mm)
+for model in "cortex-a53:neon" "cortex-a76:neon dotprod" "max:neon dotprod i8mm"; do
     cpu=${model%%:*} expected=${model#*:}
     if ! "$QEMU" -L "$SYSROOT" -cpu "$cpu" "$out/kernels_test" > "$out/$cpu.log"; then status=1; fi
     found=$(sed -n '1s/^paths: \(.*\) (and scalar)$/\1/p' "$out/$cpu.log")

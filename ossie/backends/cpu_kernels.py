@@ -23,6 +23,7 @@ except ImportError:  # built without a C compiler: the torch backend serves
 # OSSIE_CPU_PATH=avx2 (or scalar) runs a slower path than the CPU's best, in this process and the processes it
 # starts (a server, a test's): to compare paths, or to run an AVX2 laptop's code on an AVX-512 machine.
 PATH_ENV = "OSSIE_CPU_PATH"
+PATHS = ("scalar", "avx2", "avxvnni", "avx512bf16", "neon", "dotprod", "i8mm")  # csrc/kernels.c PATH_NAMES
 if _kernels is not None and os.environ.get(PATH_ENV):
     _kernels.set_path(os.environ[PATH_ENV])
 
@@ -35,7 +36,8 @@ def available() -> bool:
 
 
 def kernel_path() -> str:
-    """The SIMD code path the kernels run ("avx512bf16", "avxvnni", "avx2"; "dotprod", "neon" on ARM64; "scalar")."""
+    """The SIMD code path the kernels run ("avx512bf16", "avxvnni", "avx2"; "i8mm", "dotprod", "neon" on ARM64;
+    "scalar")."""
     return _kernels.path()
 
 
@@ -56,8 +58,12 @@ def path_summary() -> str:
         if path == "avx2":
             return f"kernels: avx2 (AVX2 and FMA; {lacks})"
         return "kernels: scalar (this CPU has no AVX2 with FMA: ossie's kernels run their portable C)"
+    if path == "i8mm":
+        return ("kernels: i8mm (ARM64 Advanced SIMD, with SDOT int8 dot products for the q8 mode and SMMLA int8 "
+                "matrix products for its prompts)")
     if path == "dotprod":
-        return "kernels: dotprod (ARM64 Advanced SIMD, with SDOT int8 dot products for the q8 mode)"
+        return ("kernels: dotprod (ARM64 Advanced SIMD, with SDOT int8 dot products for the q8 mode; this CPU has no "
+                "SMMLA, which its prompts' fastest products use: Cortex-A510/A710 and later, Apple M2 and later)")
     if path == "neon":
         return ("kernels: neon (ARM64 Advanced SIMD; this CPU has no SDOT, which the q8 mode's fastest products use: "
                 "Cortex-A76 and later, Apple M1 and later)")

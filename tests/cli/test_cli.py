@@ -172,7 +172,8 @@ def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path):
 @pytest.mark.parametrize("machine,path,says", [
     ("x86_64", "avx512bf16", "fastest CPU path"), ("x86_64", "avx2", "no AVX-512 BF16"),
     ("x86_64", "avxvnni", "AVX-VNNI int8"),
-    ("x86_64", "scalar", "no AVX2 with FMA"), ("aarch64", "neon", "no SDOT"), ("aarch64", "dotprod", "SDOT"),
+    ("x86_64", "scalar", "no AVX2 with FMA"), ("aarch64", "neon", "no SDOT"), ("aarch64", "dotprod", "no SMMLA"),
+    ("aarch64", "i8mm", "SMMLA int8"),
     ("riscv64", "scalar", "portable C"),
 ])
 def test_the_kernel_path_is_named_with_what_a_faster_one_needs(monkeypatch, machine, path, says):

@@ -37,7 +37,8 @@ def test_arm64_paths_under_qemu():
         pytest.skip("no ARM64 cross compiler or qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu qemu-user)")
     run = subprocess.run(["bash", str(CSRC / "tests" / "qemu.sh")], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
-    for model, paths in {"cortex-a53": ["neon"], "cortex-a76": ["neon", "dotprod"], "max": ["neon", "dotprod"]}.items():
+    expected = {"cortex-a53": ["neon"], "cortex-a76": ["neon", "dotprod"], "max": ["neon", "dotprod", "i8mm"]}
+    for model, paths in expected.items():
         for path in paths:
             assert any(line.split()[:2] == [model, path] and line.endswith(", 0 mismatches")
                        for line in run.stdout.splitlines()), (model, path, run.stdout)

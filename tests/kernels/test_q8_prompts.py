@@ -74,7 +74,7 @@ def test_q8_moe_same_bits_on_every_path_and_every_token_count():
     before, threads = kernels.kernel_path(), kernels.kernel_threads()
     results = {}
     try:
-        for p in ("scalar", "avx2", "avxvnni", "avx512bf16", "neon", "dotprod"):
+        for p in kernels.PATHS:
             kernels.set_path(p)
             if kernels.kernel_path() != p:
                 continue
@@ -108,7 +108,7 @@ def test_q8_moe_edge_scales_on_every_path():
     x, experts, weights = prompt(gen, tokens=12)
     before, results = kernels.kernel_path(), {}
     try:
-        for p in ("scalar", "avx2", "avxvnni", "avx512bf16", "neon", "dotprod"):
+        for p in kernels.PATHS:
             kernels.set_path(p)
             if kernels.kernel_path() == p:
                 results[p] = kernels.moe(x, *weights_, experts, weights, ALPHA, LIMIT, False, q8=True)

@@ -58,7 +58,7 @@ def test_every_path_gives_the_same_numbers():
     before = kernels.kernel_path()
     results = {}
     try:
-        for path in ("scalar", "avx2", "avxvnni", "avx512bf16", "neon", "dotprod"):
+        for path in kernels.PATHS:
             kernels.set_path(path)
             if kernels.kernel_path() == path:
                 results[path] = kernels.q8_matmul(x, q, bias)
