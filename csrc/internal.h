@@ -118,7 +118,7 @@ static inline void prefetch_bytes(const void *p, int64_t n) {
 #define PROMPT_ROWS 9  /* a product or MoE call of this many rows or more is a prompt's: the CPU backend sends
                           decoding's rows (up to its SMALL_BATCH, 8) apart, so kernels whose sums depend on the row
                           count may serve such calls without changing what a decoding token gets */
-#define GEMM_AVX2_MIN_T PROMPT_ROWS  /* from this many tokens an AVX2 bf16 product takes its panel GEMM */
+#define GEMM_BF16_MIN_T PROMPT_ROWS  /* from this many tokens a bf16 product takes its panel GEMM (AVX2, NEON) */
 
 /* ---- attention of one query (decoding) over the KV cache ---------------------------------------------------
  * out[h] = sum_s p[h, s] v[s, h / G] with p = softmax over (q[h] . k[s, h / G] * scale, sink[h]) and the sink's share
@@ -171,7 +171,7 @@ void mxfp4_avx2(const void *p, int64_t r0, int64_t r1);        /* reads xp */
 void mxfp4_avx2_gemm(const void *p, int64_t r0, int64_t r1);   /* prompts: from GEMM_MIN_T tokens */
 void mxfp4_avx2_few(const void *p, int64_t r0, int64_t r1);    /* a prompt's experts of 6-8 or 12-16 tokens, reads xt */
 void bf16_avx2(const void *p, int64_t r0, int64_t r1);
-void bf16_avx2_gemm(const void *p, int64_t r0, int64_t r1);  /* prompts: from GEMM_AVX2_MIN_T tokens */
+void bf16_avx2_gemm(const void *p, int64_t r0, int64_t r1);  /* prompts: from GEMM_BF16_MIN_T tokens */
 void q8_avx2(const void *p, int64_t r0, int64_t r1);
 void q8_avxvnni(const void *p, int64_t r0, int64_t r1);
 void q8_vnni(const void *p, int64_t r0, int64_t r1);
@@ -196,6 +196,7 @@ int scales_fold(const job_t *j, int64_t r0, int64_t r1);  /* MXFP4 scales a pane
 #ifdef OSSIE_NEON
 void mxfp4_neon(const void *p, int64_t r0, int64_t r1);
 void bf16_neon(const void *p, int64_t r0, int64_t r1);
+void bf16_neon_gemm(const void *p, int64_t r0, int64_t r1);  /* prompts: from GEMM_BF16_MIN_T tokens */
 void q8_neon(const void *p, int64_t r0, int64_t r1);
 void q8_dotprod(const void *p, int64_t r0, int64_t r1);
 void mxfp4_q8act_neon(const void *p, int64_t r0, int64_t r1);  /* the q8 mode's prompt experts */

@@ -241,12 +241,12 @@ static int choose_path(int kind, int bf16_ok, int64_t T, task_fn *fn) {
         *fn = kind == 0 ? (T >= GEMM_MIN_T ? mxfp4_avx512bf16_gemm : mxfp4_avx512bf16)
                         : (T == 1 ? bf16_avx512bf16_t1 : bf16_avx512bf16);
     else if (path == PATH_AVX2)
-        *fn = kind == 0 ? (T >= GEMM_MIN_T ? mxfp4_avx2_gemm : mxfp4_avx2) : (T >= GEMM_AVX2_MIN_T ? bf16_avx2_gemm : bf16_avx2);
+        *fn = kind == 0 ? (T >= GEMM_MIN_T ? mxfp4_avx2_gemm : mxfp4_avx2) : (T >= GEMM_BF16_MIN_T ? bf16_avx2_gemm : bf16_avx2);
 #else
     (void)T;
 #endif
 #ifdef OSSIE_NEON
-    if (path == PATH_NEON) *fn = kind == 0 ? mxfp4_neon : bf16_neon;
+    if (path == PATH_NEON) *fn = kind == 0 ? mxfp4_neon : (T >= GEMM_BF16_MIN_T ? bf16_neon_gemm : bf16_neon);
 #endif
     return path;
 }

@@ -219,6 +219,79 @@ DOTPROD static inline int32x4_t dot_acc_dotprod(int32x4_t acc, int32x4_t w, int3
 Q8_PROMPT_NEON(mxfp4_q8act_neon, , dot_acc_neon)
 Q8_PROMPT_NEON(mxfp4_q8act_dotprod, DOTPROD, dot_acc_dotprod)
 
+/* ---- bf16 for a prompt's rows (from GEMM_BF16_MIN_T): x86_avx2.c's panel GEMM on NEON -------------------------
+ * One token's bf16 products reread the weights per token and sum in 4 lanes (bf16_neon); a prompt's take 16 rows
+ * converted once into a float32 panel, k-major (the 16 rows' values for each input side by side: four vectors),
+ * NPB_K inputs at a time (16 KiB, in L1), against tiles of 6 tokens: 24 accumulators, per input four loads of the
+ * panel, one of each token's x and 24 FMAs, no horizontal sums. Each (row, token) sum is one chain per panel block,
+ * the blocks added in order: the same whatever the token count, so a prompt's rows get the same sums however the
+ * prompt is cut into chunks (not the one-token kernel's: prompts only, as on x86). */
+#define NPB_K 256
+#define NPT 6
+
+/* rows o..o+nr (16 with zero rows past nr) of the bf16 weight, inputs k0..k0+kn (kn a multiple of 4), as a panel */
+static void bf16_panel_neon(const job_t *j, int64_t o, int nr, int64_t k0, int64_t kn, float *panel) {
+    static const uint16_t zeros[4] = {0};
+    for (int64_t k = 0; k < kn; k += 4)
+        for (int q = 0; q < 4; q++) {  /* rows 4q..4q+3 */
+            int32x4_t r[4];
+            for (int i = 0; i < 4; i++) {
+                int row = 4 * q + i;
+                const uint16_t *src = row < nr ? j->w16 + (o + row) * j->in + k0 + k : zeros;
+                r[i] = vreinterpretq_s32_u32(vshll_n_u16(vld1_u16(src), 16));
+            }
+            transpose4(r);  /* r[c]: the 4 rows' values at input k + c */
+            for (int c = 0; c < 4; c++) vst1q_f32(panel + (k + c) * 16 + 4 * q, vreinterpretq_f32_s32(r[c]));
+        }
+}
+
+/* NT tokens of x (rows in steps of `in`) over a panel block of kn inputs; adds each sum into sums [NT][16] */
+static inline void panel_tile_neon(const float *panel, int64_t kn, const float *x, int64_t in, float *sums,
+                                   const int NT) {
+    float32x4_t a[NPT][4];
+    for (int t = 0; t < NT; t++)
+        for (int i = 0; i < 4; i++) a[t][i] = vdupq_n_f32(0.f);
+    for (int64_t k = 0; k < kn; k++) {
+        float32x4_t w[4];
+        for (int i = 0; i < 4; i++) w[i] = vld1q_f32(panel + 16 * k + 4 * i);
+        for (int t = 0; t < NT; t++) {
+            float xb = x[t * in + k];
+            for (int i = 0; i < 4; i++) a[t][i] = vfmaq_n_f32(a[t][i], w[i], xb);
+        }
+    }
+    for (int t = 0; t < NT; t++)
+        for (int i = 0; i < 4; i++) vst1q_f32(sums + 16 * t + 4 * i, vaddq_f32(vld1q_f32(sums + 16 * t + 4 * i), a[t][i]));
+}
+
+void bf16_neon_gemm(const void *p, int64_t r0, int64_t r1) {
+    const job_t *j = p; int64_t in = j->in, T = j->T;
+    float *panel = malloc(sizeof(float) * 16 * NPB_K), *sums = malloc(sizeof(float) * 16 * T);
+    if (!panel || !sums) { free(panel); free(sums); bf16_neon(p, r0, r1); return; }  /* the tile kernel needs no room */
+    for (int64_t o = r0; o < r1; o += 16) {
+        int nr = r1 - o < 16 ? (int)(r1 - o) : 16;
+        memset(sums, 0, sizeof(float) * 16 * T);
+        for (int64_t k0 = 0; k0 < in; k0 += NPB_K) {
+            int64_t kn = in - k0 < NPB_K ? in - k0 : NPB_K;
+            for (int i = 0; i < nr; i++) prefetch_bytes(j->w16 + (o + i) * in + k0 + NPB_K, 2 * NPB_K);  /* the next block */
+            bf16_panel_neon(j, o, nr, k0, kn, panel);
+            for (int64_t t0 = 0; t0 < T; t0 += NPT) {
+                const float *x = j->x + t0 * in + k0; float *s = sums + 16 * t0;
+                switch (T - t0 < NPT ? T - t0 : NPT) {
+                case 1: panel_tile_neon(panel, kn, x, in, s, 1); break;
+                case 2: panel_tile_neon(panel, kn, x, in, s, 2); break;
+                case 3: panel_tile_neon(panel, kn, x, in, s, 3); break;
+                case 4: panel_tile_neon(panel, kn, x, in, s, 4); break;
+                case 5: panel_tile_neon(panel, kn, x, in, s, 5); break;
+                default: panel_tile_neon(panel, kn, x, in, s, NPT); break;
+                }
+            }
+        }
+        for (int64_t t = 0; t < T; t++)
+            for (int r = 0; r < nr; r++) j->y[t * j->out + o + r] = sums[16 * t + r] + (j->bias ? j->bias[o + r] : 0.f);
+    }
+    free(panel); free(sums);
+}
+
 /* ---- the same on SMMLA (i8mm: Cortex-A510/A710 and later, Apple M2 and later, Graviton 3, Snapdragon X) -------
  * One SMMLA multiplies 2 rows x 8 inputs by 2 tokens x 8 inputs into the 4 sums of the pairs (32 products; SDOT
  * makes 16): a panel holds each group's codes as 2 row pairs x 4 quarters of the group (the q8p order: 16 even

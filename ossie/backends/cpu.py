@@ -60,11 +60,12 @@ class CpuBackend(Backend):
             raise RuntimeError("ossie's C kernels are not built (no C compiler at install?): use the torch backend")
         self.fused_decode = fused_decode
         # torch's bf16 GEMM is fast where the CPU has AVX-512 BF16 and pathological elsewhere (a 32 x 2880 x 5760
-        # product took 26.5 s on a Zen 3, 0.17 s in float32): on AVX2 a prompt's bf16 products take the kernels'
-        # panel GEMM (at the FMA peak, and no float32 copy of the weight per call), elsewhere torch's float32 GEMM
+        # product took 26.5 s on a Zen 3, 0.17 s in float32): on AVX2 and ARM64 a prompt's bf16 products take the
+        # kernels' panel GEMM (at the FMA peak, and no float32 copy of the weight per call), elsewhere torch's
+        # float32 GEMM
         path = K.kernel_path()
         self.bf16_gemm = path == "avx512bf16"
-        self.bf16_panel = path in ("avx2", "avxvnni")
+        self.bf16_panel = path in ("avx2", "avxvnni", "neon", "dotprod", "i8mm")
 
     def prepare(self, weights: Weights) -> None:
         # the kernels read weights by pointer: they must be dense (they are, as loaded)

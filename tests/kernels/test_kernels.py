@@ -403,11 +403,12 @@ def test_wrong_calls_raise_instead_of_corrupting_memory(tiny_repo):
                                           cache.clone(), 1, 2, *block)
 
 
-@pytest.mark.parametrize("path,prompt_products", [("avx2", "panel"), ("scalar", "float32")])
+@pytest.mark.parametrize("path,prompt_products", [("avx2", "panel"), ("neon", "panel"), ("dotprod", "panel"),
+                                                  ("i8mm", "panel"), ("scalar", "float32")])
 def test_a_cpu_without_avx512_bf16_runs_no_bf16_gemm(tiny_repo, monkeypatch, path, prompt_products):
     """torch's bf16 GEMM is pathological without AVX-512 BF16 (26.5 s for a 32 x 2880 x 5760 product on a Zen 3): on
-    AVX2 a prompt's bf16 products take the kernels' panel GEMM, elsewhere torch's float32 GEMM; either gives the bf16
-    values the reference gives."""
+    AVX2 and ARM64 a prompt's bf16 products take the kernels' panel GEMM, elsewhere torch's float32 GEMM; either
+    gives the bf16 values the reference gives."""
     import torch.nn.functional as F
 
     import ossie
