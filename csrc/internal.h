@@ -204,6 +204,7 @@ void mxfp4_q8act_dotprod(const void *p, int64_t r0, int64_t r1);
 void mxfp4_q8act_i8mm(const void *p, int64_t r0, int64_t r1);
 float dot_neon(const attn_job_t *a, const float *q, int64_t off);
 void axpy_neon(const attn_job_t *a, float *o, float p, int64_t off);
+void attn_prefill_neon(const void *p, int64_t u0, int64_t u1);  /* prompts, D % 32 == 0; units: ATTN_PQ queries of a KV head */
 #endif
 
 #endif

@@ -591,8 +591,8 @@ static void attention_heads(attn_job_t *a) {
 /* attention_prefill(q, k, v, sinks, out, T, S, H, KV, D, scale, bf16, first, window[, q8]) -> bool: T queries q
  * float32 [T, H, D] at key rows first.. of k, v [S, KV, D] (rows in position order; with q8 packed q8 rows [S, KV,
  * KV_ROW(D)]), causal, within `window` rows if not 0; out float32 [T, H, D]. False (nothing done) where neither
- * the AVX-512 kernel nor the AVX2 one applies (no AVX2; off AVX-512, a q8 cache or D not a multiple of 32): the
- * caller's torch path then serves. */
+ * the AVX-512 kernel nor the AVX2 or NEON one applies (the scalar path; off AVX-512, a q8 cache or D not a multiple
+ * of 32): the caller's torch path then serves. */
 int ossie_attention_prefill(const float *q, const void *k, const void *v, const float *sinks, float *out, int64_t T,
                             int64_t S, int64_t H, int64_t KV, int64_t D, float scale, int bf16, int64_t first,
                             int64_t window, int q8) {
@@ -612,6 +612,14 @@ int ossie_attention_prefill(const float *q, const void *k, const void *v, const 
     if (path >= PATH_AVX2 && path <= PATH_AVX512BF16 && !q8 && D % 32 == 0) {
         pthread_mutex_lock(&call_mu);  /* later queries see more keys: units of unequal cost */
         parallel_for_dynamic(attn_prefill_avx2, &a, KV * ((T + ATTN_PQ - 1) / ATTN_PQ), 1);
+        pthread_mutex_unlock(&call_mu);
+        return a.failed ? -1 : 1;
+    }
+#endif
+#ifdef OSSIE_NEON
+    if (current_path() >= PATH_NEON && !q8 && D % 32 == 0) {
+        pthread_mutex_lock(&call_mu);
+        parallel_for_dynamic(attn_prefill_neon, &a, KV * ((T + ATTN_PQ - 1) / ATTN_PQ), 1);
         pthread_mutex_unlock(&call_mu);
         return a.failed ? -1 : 1;
     }

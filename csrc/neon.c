@@ -6,7 +6,7 @@
  * model gives the same numbers on ARM as on x86. */
 #include "internal.h"
 #ifdef OSSIE_NEON
-#include <arm_neon.h>
+#include "neon.h"
 
 #if defined(__clang__)
 #define DOTPROD __attribute__((target("dotprod")))
@@ -15,12 +15,6 @@
 #define DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
 #define I8MM __attribute__((target("arch=armv8.2-a+dotprod+i8mm")))
 #endif
-
-/* (a0 + a2) + (a1 + a3), as the scalar kernels' hsum4 */
-static inline float hsum4q(float32x4_t a) {
-    float32x2_t s = vadd_f32(vget_low_f32(a), vget_high_f32(a));
-    return vget_lane_f32(s, 0) + vget_lane_f32(s, 1);
-}
 
 /* ---- MXFP4: a group's 32 codes as floats in natural order --------------------------------------------------
  * Each code looks up the high and low bytes of its value's bf16 bits (tbl), the bytes interleave into bf16 words
@@ -74,7 +68,6 @@ void mxfp4_neon(const void *p, int64_t r0, int64_t r1) {
 }
 
 /* ---- bf16: four rows at a time (four chains of FMAs), each (row, token) sum one chain over the row ----------- */
-static inline float32x4_t bf16x4(const uint16_t *w) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(w), 16)); }
 
 void bf16_neon(const void *p, int64_t r0, int64_t r1) {
     const job_t *j = p; int64_t in = j->in;
@@ -142,15 +135,6 @@ Q8_NEON_KERNEL(q8_dotprod, DOTPROD, dot16_dotprod)
 #define QT_NEON 4   /* tokens a tile */
 
 typedef struct { int32x4_t w[QG_NEON][8]; float32x4_t ws[QG_NEON]; } q8_panel_neon;
-
-static inline void transpose4(int32x4_t r[4]) {  /* rows -> columns, 32-bit lanes */
-    int32x4_t t0 = vtrn1q_s32(r[0], r[1]), t1 = vtrn2q_s32(r[0], r[1]);
-    int32x4_t t2 = vtrn1q_s32(r[2], r[3]), t3 = vtrn2q_s32(r[2], r[3]);
-    r[0] = vreinterpretq_s32_s64(vtrn1q_s64(vreinterpretq_s64_s32(t0), vreinterpretq_s64_s32(t2)));
-    r[1] = vreinterpretq_s32_s64(vtrn1q_s64(vreinterpretq_s64_s32(t1), vreinterpretq_s64_s32(t3)));
-    r[2] = vreinterpretq_s32_s64(vtrn2q_s64(vreinterpretq_s64_s32(t0), vreinterpretq_s64_s32(t2)));
-    r[3] = vreinterpretq_s32_s64(vtrn2q_s64(vreinterpretq_s64_s32(t1), vreinterpretq_s64_s32(t3)));
-}
 
 /* groups g0..g0+ng of rows o..o+nr (zero rows past nr) */
 static void q8_panel_fill_neon(const job_t *j, int64_t o, int nr, int64_t g0, int ng, q8_panel_neon *P) {
@@ -370,19 +354,4 @@ I8MM void mxfp4_q8act_i8mm(const void *p, int64_t r0, int64_t r1) {
     free(P); free(sums);
 }
 
-/* ---- attention over a bf16 or float32 cache (D a multiple of 4): dot_scalar's and axpy_scalar's steps ------- */
-static inline float32x4_t kv4(const attn_job_t *a, const void *base, int64_t i) {
-    return a->bf16 ? bf16x4((const uint16_t *)base + i) : vld1q_f32((const float *)base + i);
-}
-
-float dot_neon(const attn_job_t *a, const float *q, int64_t off) {
-    float32x4_t acc = vdupq_n_f32(0.f);
-    for (int64_t d = 0; d < a->D; d += 4) acc = vfmaq_f32(acc, vld1q_f32(q + d), kv4(a, a->k, off + d));
-    return hsum4q(acc);
-}
-
-void axpy_neon(const attn_job_t *a, float *o, float p, int64_t off) {
-    float32x4_t pv = vdupq_n_f32(p);
-    for (int64_t d = 0; d < a->D; d += 4) vst1q_f32(o + d, vfmaq_f32(vld1q_f32(o + d), pv, kv4(a, a->v, off + d)));
-}
 #endif

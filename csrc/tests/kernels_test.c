@@ -186,6 +186,50 @@ static void check_attention(int cache) {  /* 0 float32, 1 bf16, 2 q8 */
     free(q); free(sinks); free(ref); free(out); free(k); free(v);
 }
 
+/* A prompt's attention (the AVX-512, AVX2 and NEON prompt kernels; the scalar path has none, torch serves it): T
+ * queries at positions first.. against every key before them (or the last `window`), each query against the scalar
+ * path's decoding attention over its visible keys, within float32 rounding; and the prompt cut in two chunks, bit
+ * for bit the whole. */
+static void check_attention_prefill(int bf16_cache, int64_t window) {
+    const int64_t T = 21, first = 5, S = first + T, H = 16, KV = 2, D = 64, cut = 9;
+    size_t es = bf16_cache ? 2 : 4;
+    float *q = malloc(sizeof(float) * T * H * D), *sinks = malloc(sizeof(float) * H);
+    float *ref = malloc(sizeof(float) * T * H * D), *out = malloc(sizeof(float) * T * H * D);
+    float *parts = malloc(sizeof(float) * T * H * D);
+    uint8_t *k = malloc(es * S * KV * D), *v = malloc(es * S * KV * D);
+    for (int64_t i = 0; i < T * H * D; i++) q[i] = bf16_value();
+    for (int64_t i = 0; i < H; i++) sinks[i] = uniform();
+    for (int64_t i = 0; i < S * KV * D; i++) {
+        float a = uniform(), b = uniform();
+        if (bf16_cache) { ((uint16_t *)k)[i] = bf16(a); ((uint16_t *)v)[i] = bf16(b); }
+        else { ((float *)k)[i] = a; ((float *)v)[i] = b; }
+    }
+    ossie_set_path("scalar");
+    for (int64_t t = 0; t < T; t++) {
+        int64_t pos = first + t, lo = window && pos - window + 1 > 0 ? pos - window + 1 : 0;
+        ossie_attention(q + t * H * D, k + es * lo * KV * D, v + es * lo * KV * D, sinks, ref + t * H * D, pos - lo + 1,
+                        H, KV, D, 0.125f, bf16_cache, 0);
+    }
+    char name[64];
+    snprintf(name, sizeof(name), "prompt attention, %s cache, window %d", bf16_cache ? "bf16" : "float32", (int)window);
+    for (int p = 0; p < (int)(sizeof(PATHS) / sizeof(*PATHS)); p++) {
+        if (!ossie_has_path(PATHS[p])) continue;
+        ossie_set_path(PATHS[p]);
+        if (ossie_attention_prefill(q, k, v, sinks, out, T, S, H, KV, D, 0.125f, bf16_cache, first, window, 0) != 1) {
+            report(PATHS[p], name, 0);  /* every SIMD path has a prompt kernel for D = 64 */
+            continue;
+        }
+        report(PATHS[p], name, close_to(out, ref, T * H * D, F32_SUMS));
+        ossie_attention_prefill(q, k, v, sinks, parts, cut, S, H, KV, D, 0.125f, bf16_cache, first, window, 0);
+        ossie_attention_prefill(q + cut * H * D, k, v, sinks, parts + cut * H * D, T - cut, S, H, KV, D, 0.125f,
+                                bf16_cache, first + cut, window, 0);
+        char chunks[80];
+        snprintf(chunks, sizeof(chunks), "%s: in chunks", name);
+        report(PATHS[p], chunks, close_to(parts, out, T * H * D, 0));
+    }
+    free(q); free(sinks); free(ref); free(out); free(parts); free(k); free(v);
+}
+
 int main(void) {
     ossie_init();
     ossie_set_threads(2);
@@ -201,6 +245,7 @@ int main(void) {
     check_moe(1, 0, 5, 256); check_moe(0, 0, 5, 256);
     check_moe(1, 1, 5, 256); check_moe(0, 1, 5, 256); check_moe(1, 1, 23, 608);  /* 608: a panel of 16 groups and 3 */
     for (int c = 0; c < 3; c++) check_attention(c);
+    check_attention_prefill(0, 0); check_attention_prefill(1, 0); check_attention_prefill(1, 7);
     printf("%d mismatch%s\n", failures, failures == 1 ? "" : "es");
     return failures ? 1 : 0;
 }
