@@ -7,7 +7,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 SOURCES = ["csrc/module.c", "csrc/kernels.c", "csrc/pool.c", "csrc/x86_avx2.c", "csrc/x86_avx2_attention.c",
-           "csrc/x86_avx512.c", "csrc/x86_q8_prompts.c", "csrc/neon.c", "csrc/neon_attention.c"]
+           "csrc/x86_avx512.c", "csrc/x86_q8_prompts.c", "csrc/neon.c", "csrc/neon_attention.c",
+           "csrc/prompt_attention.c"]
 # -ffp-contract=off: a * b + c in C stays two roundings unless a kernel fuses it on purpose (SFMA, intrinsics); GCC
 # would otherwise fuse where it likes on ARM64, and the NEON kernels could not repeat the scalar ones bit for bit.
 FLAGS = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fvisibility=hidden"]

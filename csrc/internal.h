@@ -137,6 +137,24 @@ typedef struct {
 } attn_job_t;
 
 #define KV_ROW(D) ((D) + 2 * ((D) / 32))
+
+/* One SIMD path's pieces of a prompt's attention, which prompt_attention_units drives (prompt_attention.c) */
+typedef struct {
+    int64_t keys;  /* key rows a block */
+    /* key rows s0..s0 + keys of KV head kvh, transposed: kt[keys d + j] = k[s0 + j][d]; rows from `end` on as zeros */
+    void (*keys_t)(const attn_job_t *a, int64_t kvh, int64_t s0, int64_t end, float *kt);
+    /* ng heads' scores (their queries D apart from q) of the block's keys, times scale, to rows[g] */
+    void (*scores)(const float *kt, int64_t D, const float *q, float scale, float *const rows[4], int ng);
+    /* row[0..n): scores -> exp(score - max), the maximum taken with the sink's logit; their sum with the sink's */
+    float (*softmax_row)(float *row, int64_t n, float sink);
+    void (*value_row)(const attn_job_t *a, int64_t i, float *dst);  /* D floats of the value cache from element i */
+    /* o[0..32) += sum over keys s in [s0, s1) of e[s] v[s], for nh heads (e and o rows `stride` apart), v rows as
+     * floats (vf, D apart, key s at vf + (s - vb) D) */
+    void (*values)(const float *e, int64_t stride, const float *vf, int64_t vb, int64_t D, int64_t s0, int64_t s1,
+                   float *o, int64_t ostride, int nh);
+    void (*scale_row)(float *dst, const float *o, float inv, int64_t D);  /* dst[0..D) = o * inv */
+} prompt_attention_t;
+void prompt_attention_units(const attn_job_t *a, const prompt_attention_t *isa, int64_t u0, int64_t u1);
 #define ATTN_PQ 8  /* queries the AVX2 prefill attention takes together (each key row read and transposed once for them) */
 
 /* element i (= (position * KV + kv_head) * D + d) of a q8 cache */

@@ -159,32 +159,17 @@ int path_ok[N_PATHS] = {1}, has_vnni = 0;
 static int best_path = PATH_SCALAR, forced_path = -1;
 
 #ifdef OSSIE_NEON
-/* SDOT: getauxval on Linux, sysctl on macOS (every Apple Silicon CPU has it) */
-static int arm_dotprod(void) {
+/* an ARM64 extension: a bit of getauxval's HWCAP (or HWCAP2) on Linux, a sysctl on macOS */
+static int arm_has(int hwcap2, unsigned long bit, const char *sysctl) {
 #if defined(__linux__)
-#ifndef HWCAP_ASIMDDP
-#define HWCAP_ASIMDDP (1 << 20)
-#endif
-    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+    (void)sysctl;
+    return (getauxval(hwcap2 ? AT_HWCAP2 : AT_HWCAP) & bit) != 0;
 #elif defined(__APPLE__)
+    (void)hwcap2; (void)bit;
     int v = 0; size_t n = sizeof(v);
-    return sysctlbyname("hw.optional.arm.FEAT_DotProd", &v, &n, NULL, 0) == 0 && v;
+    return sysctlbyname(sysctl, &v, &n, NULL, 0) == 0 && v;
 #else
-    return 0;
-#endif
-}
-
-/* SMMLA (FEAT_I8MM): HWCAP2 on Linux, sysctl on macOS (Apple M2 and later) */
-static int arm_i8mm(void) {
-#if defined(__linux__)
-#ifndef HWCAP2_I8MM
-#define HWCAP2_I8MM (1 << 13)
-#endif
-    return (getauxval(AT_HWCAP2) & HWCAP2_I8MM) != 0;
-#elif defined(__APPLE__)
-    int v = 0; size_t n = sizeof(v);
-    return sysctlbyname("hw.optional.arm.FEAT_I8MM", &v, &n, NULL, 0) == 0 && v;
-#else
+    (void)hwcap2; (void)bit; (void)sysctl;
     return 0;
 #endif
 }
@@ -202,8 +187,8 @@ void ossie_init(void) {
 #endif
 #ifdef OSSIE_NEON
     path_ok[PATH_NEON] = 1;  /* Advanced SIMD is part of ARMv8-A */
-    path_ok[PATH_DOTPROD] = arm_dotprod();
-    path_ok[PATH_I8MM] = path_ok[PATH_DOTPROD] && arm_i8mm();
+    path_ok[PATH_DOTPROD] = arm_has(0, 1 << 20, "hw.optional.arm.FEAT_DotProd");  /* HWCAP_ASIMDDP: SDOT */
+    path_ok[PATH_I8MM] = path_ok[PATH_DOTPROD] && arm_has(1, 1 << 13, "hw.optional.arm.FEAT_I8MM");  /* HWCAP2_I8MM */
 #endif
     for (int p = 0; p < N_PATHS; p++) if (path_ok[p]) best_path = p;
 }

@@ -39,13 +39,7 @@ static inline float32x4_t exp4(float32x4_t x) {
     return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(vmulq_f32(y, two_n)), tiny));
 }
 
-/* ---- a prompt's attention on NEON ---------------------------------------------------------------------------
- * x86_avx2_attention.c's units and steps with 4-lane vectors: a KV head and ATTN_PQ queries a unit, its keys 8 at a
- * time, transposed once (kt) for the unit's query vectors, so that a query head's 8 scores are a vector sum over
- * the head dimension (up to 4 heads x 8 keys in 8 registers); then per query head the maximum with the sink's
- * logit, the exponentials, their sum in 4 lanes from the query's first visible key, and the values added key by
- * key in ascending order. Nothing depends on the unit around a query: it gets the same numbers whichever chunk of
- * the prompt it is read in. D a multiple of 32. */
+/* ---- a prompt's attention on NEON: prompt_attention.c's steps, 8 keys a block (two vectors' lanes) --------------- */
 
 /* key rows s0..s0+7 of KV head kvh, transposed: kt[8 d + j] = k[s0 + j][d]; rows from `end` on as zeros */
 static void keys8(const attn_job_t *a, int64_t kvh, int64_t s0, int64_t end, float *kt) {
@@ -103,8 +97,7 @@ static float softmax_row_neon(float *row, int64_t n, float sink) {
     return hsum4q(sum) + expf(sink - m);
 }
 
-/* o[0..32) += sum over keys s in [s0, s1) of e[s] v[s], for NH heads (e and o rows `stride` apart), v rows of the
- * block as floats (vf, D apart, key s at vf + (s - vb) D) */
+/* o[0..32) += sum over keys s in [s0, s1) of e[s] v[s], for NH heads (see prompt_attention_t.values) */
 static inline void values32_neon(const float *e, int64_t stride, const float *vf, int64_t vb, int64_t D, int64_t s0,
                                  int64_t s1, float *o, int64_t ostride, const int NH) {
     float32x4_t acc[2][8];
@@ -123,67 +116,31 @@ static inline void values32_neon(const float *e, int64_t stride, const float *vf
         for (int c = 0; c < 8; c++) vst1q_f32(o + h * ostride + 4 * c, acc[h][c]);
 }
 
-#define PV_KEYS_NEON 64  /* value rows converted to floats at a time (16 KiB at D = 64) */
-
-void attn_prefill_neon(const void *p, int64_t u0, int64_t u1) {
-    const attn_job_t *a = p;
-    int64_t G = a->H / a->KV, D = a->D;
-    for (int64_t u = u0; u < u1; u++) {
-        int64_t kvh = u % a->KV, t0 = u / a->KV * ATTN_PQ, nq = a->T - t0 < ATTN_PQ ? a->T - t0 : ATTN_PQ;
-        int64_t lo[ATTN_PQ], pos[ATTN_PQ];
-        for (int64_t t = 0; t < nq; t++) {
-            pos[t] = a->first + t0 + t;
-            lo[t] = a->window && pos[t] - a->window + 1 > 0 ? pos[t] - a->window + 1 : 0;
-        }
-        int64_t first = lo[0], end = pos[nq - 1] + 1, stride = end - first + 32;  /* a row: 16 floats before, 16 after */
-        float *w = malloc(sizeof(float) * nq * G * (stride + D + 1)), *o = w + nq * G * stride, *total = o + nq * G * D;
-        float *kt = malloc(sizeof(float) * (8 * D + PV_KEYS_NEON * D)), *vf = kt + 8 * D;
-        if (!w || !kt) { free(w); free(kt); __atomic_store_n(&((attn_job_t *)p)->failed, 1, __ATOMIC_RELAXED); return; }
-        /* head g of query t: its scores from its first visible key lo[t] at w + (t G + g) stride + 16 */
-        for (int64_t s0 = first; s0 < end; s0 += 8) {
-            keys8(a, kvh, s0, end, kt);
-            for (int64_t t = 0; t < nq; t++) {
-                if (s0 + 8 <= lo[t] || s0 > pos[t]) continue;  /* none of these keys is visible to query t */
-                const float *q = a->q + ((t0 + t) * a->H + kvh * G) * D;
-                for (int64_t g = 0; g < G; g += 4) {
-                    float *rows[4];
-                    for (int i = 0; i < 4; i++) rows[i] = w + (t * G + g + i) * stride + 16 + (s0 - lo[t]);
-                    switch (G - g < 4 ? G - g : 4) {
-                    case 1: scores8(kt, D, q + g * D, a->scale, rows, 1); break;
-                    case 2: scores8(kt, D, q + g * D, a->scale, rows, 2); break;
-                    case 3: scores8(kt, D, q + g * D, a->scale, rows, 3); break;
-                    default: scores8(kt, D, q + g * D, a->scale, rows, 4); break;
-                    }
-                }
-            }
-        }
-        for (int64_t t = 0; t < nq; t++)
-            for (int64_t g = 0; g < G; g++)
-                total[t * G + g] = softmax_row_neon(w + (t * G + g) * stride + 16, pos[t] - lo[t] + 1, a->sinks[kvh * G + g]);
-        memset(o, 0, sizeof(float) * nq * G * D);
-        for (int64_t vb = first; vb < end; vb += PV_KEYS_NEON) {  /* value rows as floats, then every head over them */
-            int64_t ve = vb + PV_KEYS_NEON < end ? vb + PV_KEYS_NEON : end;
-            for (int64_t s = vb; s < ve; s++)
-                for (int64_t c = 0; c < D; c += 4) vst1q_f32(vf + (s - vb) * D + c, kv4(a, a->v, (s * a->KV + kvh) * D + c));
-            for (int64_t t = 0; t < nq; t++) {
-                int64_t s0 = vb > lo[t] ? vb : lo[t], s1 = ve < pos[t] + 1 ? ve : pos[t] + 1;
-                if (s0 >= s1) continue;
-                const float *e = w + t * G * stride + 16 - lo[t];  /* e[s]: key s's numerator */
-                for (int64_t g = 0; g < G; g += 2)
-                    for (int64_t c = 0; c < D; c += 32) {
-                        float *og = o + (t * G + g) * D + c;
-                        if (G - g >= 2) values32_neon(e + g * stride, stride, vf + c, vb, D, s0, s1, og, D, 2);
-                        else values32_neon(e + g * stride, stride, vf + c, vb, D, s0, s1, og, D, 1);
-                    }
-            }
-        }
-        for (int64_t t = 0; t < nq; t++)
-            for (int64_t g = 0; g < G; g++) {
-                float32x4_t inv = vdupq_n_f32(1.f / total[t * G + g]);
-                float *dst = a->out + ((t0 + t) * a->H + kvh * G + g) * D;
-                for (int64_t c = 0; c < D; c += 4) vst1q_f32(dst + c, vmulq_f32(vld1q_f32(o + (t * G + g) * D + c), inv));
-            }
-        free(w); free(kt);
+static void scores_neon(const float *kt, int64_t D, const float *q, float scale, float *const rows[4], int ng) {
+    switch (ng) {
+    case 1: scores8(kt, D, q, scale, rows, 1); break;
+    case 2: scores8(kt, D, q, scale, rows, 2); break;
+    case 3: scores8(kt, D, q, scale, rows, 3); break;
+    default: scores8(kt, D, q, scale, rows, 4); break;
     }
 }
+
+static void value_row_neon(const attn_job_t *a, int64_t i, float *dst) {
+    for (int64_t c = 0; c < a->D; c += 4) vst1q_f32(dst + c, kv4(a, a->v, i + c));
+}
+
+static void values_neon(const float *e, int64_t stride, const float *vf, int64_t vb, int64_t D, int64_t s0, int64_t s1,
+                        float *o, int64_t ostride, int nh) {
+    if (nh == 2) values32_neon(e, stride, vf, vb, D, s0, s1, o, ostride, 2);
+    else values32_neon(e, stride, vf, vb, D, s0, s1, o, ostride, 1);
+}
+
+static void scale_row_neon(float *dst, const float *o, float inv, int64_t D) {
+    for (int64_t c = 0; c < D; c += 4) vst1q_f32(dst + c, vmulq_n_f32(vld1q_f32(o + c), inv));
+}
+
+static const prompt_attention_t NEON_PROMPT = {8, keys8, scores_neon, softmax_row_neon, value_row_neon, values_neon,
+                                               scale_row_neon};
+
+void attn_prefill_neon(const void *p, int64_t u0, int64_t u1) { prompt_attention_units(p, &NEON_PROMPT, u0, u1); }
 #endif

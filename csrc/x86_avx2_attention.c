@@ -94,14 +94,7 @@ __attribute__((target(AVX2), always_inline)) static inline __m256 exp8(__m256 x)
     return _mm256_andnot_ps(tiny, _mm256_mul_ps(y, two_n));
 }
 
-/* ---- a prompt's attention on AVX2 --------------------------------------------------------------------------
- * Units: a KV head and a block of ATTN_PQ queries (the threads take them one by one: later queries see more keys).
- * The unit's keys go 16 at a time, one key per lane: the 16 rows are transposed once (kt) for the PQ x G query
- * vectors of the unit, and a query head's 16 scores are a vector sum over the head dimension, no horizontal adds
- * (up to 4 heads of a query x 16 keys in 8 registers). Then per query head, as the decoding kernels compute it: the
- * maximum with the sink's logit, the exponentials, their sum in 8 lanes counted from the query's first visible key,
- * and the values added key by key in ascending order. Nothing depends on the unit around the query: a query gets
- * the same numbers whichever chunk of the prompt it is read in. D a multiple of 32. */
+/* ---- a prompt's attention on AVX2: prompt_attention.c's steps, 16 keys a block (two vectors' lanes) -------------- */
 
 /* key rows s0..s0+15 of KV head kvh, transposed: kt[16 d + j] = k[s0 + j][d]; rows from `end` on as zeros */
 __attribute__((target(AVX2))) static void keys16(const attn_job_t *a, int64_t kvh, int64_t s0, int64_t end, float *kt) {
@@ -137,6 +130,16 @@ __attribute__((target(AVX2), always_inline)) static inline void scores16(const f
     }
 }
 
+__attribute__((target(AVX2))) static void scores_avx2(const float *kt, int64_t D, const float *q, float scale,
+                                                      float *const rows[4], int ng) {
+    switch (ng) {
+    case 1: scores16(kt, D, q, scale, rows, 1); break;
+    case 2: scores16(kt, D, q, scale, rows, 2); break;
+    case 3: scores16(kt, D, q, scale, rows, 3); break;
+    default: scores16(kt, D, q, scale, rows, 4); break;
+    }
+}
+
 /* row[0..n): scores -> exp(score - max), the maximum taken with the sink's logit; returns their sum with the sink's */
 __attribute__((target(AVX2))) static float softmax_row(float *row, int64_t n, float sink) {
     __m256 mv = _mm256_set1_ps(sink);
@@ -160,8 +163,11 @@ __attribute__((target(AVX2))) static float softmax_row(float *row, int64_t n, fl
     return hsum256(sum) + expf(sink - m);
 }
 
-/* o[0..32) += sum over keys s in [s0, s1) of e[s] v[s], for NH heads (e and o rows `stride` apart), v rows of the
- * block converted to floats (vf, D apart, key s at vf + (s - vb) D) */
+__attribute__((target(AVX2))) static void value_row_avx2(const attn_job_t *a, int64_t i, float *dst) {
+    for (int64_t c = 0; c < a->D; c += 8) _mm256_store_ps(dst + c, kv8(a, a->v, i + c));
+}
+
+/* o[0..32) += sum over keys s in [s0, s1) of e[s] v[s], for NH heads (see prompt_attention_t.values) */
 __attribute__((target(AVX2), always_inline)) static inline void values32(const float *e, int64_t stride, const float *vf,
                                                                           int64_t vb, int64_t D, int64_t s0, int64_t s1,
                                                                           float *o, int64_t ostride, const int NH) {
@@ -181,69 +187,21 @@ __attribute__((target(AVX2), always_inline)) static inline void values32(const f
         for (int c = 0; c < 4; c++) _mm256_storeu_ps(o + h * ostride + 8 * c, acc[h][c]);
 }
 
-#define PV_KEYS 64  /* value rows converted to floats at a time (16 KiB at D = 64) */
-
-__attribute__((target(AVX2))) void attn_prefill_avx2(const void *p, int64_t u0, int64_t u1) {
-    const attn_job_t *a = p;
-    int64_t G = a->H / a->KV, D = a->D;
-    for (int64_t u = u0; u < u1; u++) {
-        int64_t kvh = u % a->KV, t0 = u / a->KV * ATTN_PQ, nq = a->T - t0 < ATTN_PQ ? a->T - t0 : ATTN_PQ;
-        int64_t lo[ATTN_PQ], pos[ATTN_PQ];
-        for (int64_t t = 0; t < nq; t++) {
-            pos[t] = a->first + t0 + t;
-            lo[t] = a->window && pos[t] - a->window + 1 > 0 ? pos[t] - a->window + 1 : 0;
-        }
-        int64_t first = lo[0], end = pos[nq - 1] + 1, stride = end - first + 32;  /* a row: 16 floats before, 16 after */
-        float *w = malloc(sizeof(float) * nq * G * (stride + D + 1)), *o = w + nq * G * stride, *total = o + nq * G * D;
-        float *kt = aligned_alloc(32, sizeof(float) * (16 * D + PV_KEYS * D)), *vf = kt + 16 * D;
-        if (!w || !kt) { free(w); free(kt); __atomic_store_n(&((attn_job_t *)p)->failed, 1, __ATOMIC_RELAXED); return; }
-        /* head g of query t: its scores from its first visible key lo[t] at w + (t G + g) stride + 16 */
-        for (int64_t s0 = first; s0 < end; s0 += 16) {
-            keys16(a, kvh, s0, end, kt);
-            for (int64_t t = 0; t < nq; t++) {
-                if (s0 + 16 <= lo[t] || s0 > pos[t]) continue;  /* none of these keys is visible to query t */
-                const float *q = a->q + ((t0 + t) * a->H + kvh * G) * D;
-                for (int64_t g = 0; g < G; g += 4) {
-                    float *rows[4];
-                    for (int i = 0; i < 4; i++) rows[i] = w + (t * G + g + i) * stride + 16 + (s0 - lo[t]);
-                    switch (G - g < 4 ? G - g : 4) {
-                    case 1: scores16(kt, D, q + g * D, a->scale, rows, 1); break;
-                    case 2: scores16(kt, D, q + g * D, a->scale, rows, 2); break;
-                    case 3: scores16(kt, D, q + g * D, a->scale, rows, 3); break;
-                    default: scores16(kt, D, q + g * D, a->scale, rows, 4); break;
-                    }
-                }
-            }
-        }
-        for (int64_t t = 0; t < nq; t++)
-            for (int64_t g = 0; g < G; g++)
-                total[t * G + g] = softmax_row(w + (t * G + g) * stride + 16, pos[t] - lo[t] + 1, a->sinks[kvh * G + g]);
-        memset(o, 0, sizeof(float) * nq * G * D);
-        for (int64_t vb = first; vb < end; vb += PV_KEYS) {  /* value rows as floats, then every head over them */
-            int64_t ve = vb + PV_KEYS < end ? vb + PV_KEYS : end;
-            for (int64_t s = vb; s < ve; s++)
-                for (int64_t c = 0; c < D; c += 8) _mm256_store_ps(vf + (s - vb) * D + c, kv8(a, a->v, (s * a->KV + kvh) * D + c));
-            for (int64_t t = 0; t < nq; t++) {
-                int64_t s0 = vb > lo[t] ? vb : lo[t], s1 = ve < pos[t] + 1 ? ve : pos[t] + 1;
-                if (s0 >= s1) continue;
-                const float *e = w + t * G * stride + 16 - lo[t];  /* e[s]: key s's numerator */
-                for (int64_t g = 0; g < G; g += 2)
-                    for (int64_t c = 0; c < D; c += 32) {
-                        float *og = o + (t * G + g) * D + c;
-                        if (G - g >= 2) values32(e + g * stride, stride, vf + c, vb, D, s0, s1, og, D, 2);
-                        else values32(e + g * stride, stride, vf + c, vb, D, s0, s1, og, D, 1);
-                    }
-            }
-        }
-        for (int64_t t = 0; t < nq; t++)
-            for (int64_t g = 0; g < G; g++) {
-                __m256 inv = _mm256_set1_ps(1.f / total[t * G + g]);
-                float *dst = a->out + ((t0 + t) * a->H + kvh * G + g) * D;
-                for (int64_t c = 0; c < D; c += 8)
-                    _mm256_storeu_ps(dst + c, _mm256_mul_ps(_mm256_loadu_ps(o + (t * G + g) * D + c), inv));
-            }
-        free(w); free(kt);
-    }
+__attribute__((target(AVX2))) static void values_avx2(const float *e, int64_t stride, const float *vf, int64_t vb,
+                                                      int64_t D, int64_t s0, int64_t s1, float *o, int64_t ostride,
+                                                      int nh) {
+    if (nh == 2) values32(e, stride, vf, vb, D, s0, s1, o, ostride, 2);
+    else values32(e, stride, vf, vb, D, s0, s1, o, ostride, 1);
 }
+
+__attribute__((target(AVX2))) static void scale_row_avx2(float *dst, const float *o, float inv, int64_t D) {
+    __m256 iv = _mm256_set1_ps(inv);
+    for (int64_t c = 0; c < D; c += 8) _mm256_storeu_ps(dst + c, _mm256_mul_ps(_mm256_loadu_ps(o + c), iv));
+}
+
+static const prompt_attention_t AVX2_PROMPT = {16, keys16, scores_avx2, softmax_row, value_row_avx2, values_avx2,
+                                               scale_row_avx2};
+
+void attn_prefill_avx2(const void *p, int64_t u0, int64_t u1) { prompt_attention_units(p, &AVX2_PROMPT, u0, u1); }
 
 #endif

@@ -19,7 +19,7 @@ done
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 "$CC" -O2 -std=gnu11 -ffp-contract=off -Wall -Werror -o "$out/kernels_test" \
-    tests/kernels_test.c kernels.c pool.c x86_avx2.c x86_avx2_attention.c x86_avx512.c x86_q8_prompts.c neon.c neon_attention.c -lpthread -lm
+    tests/kernels_test.c kernels.c pool.c x86_avx2.c x86_avx2_attention.c x86_avx512.c x86_q8_prompts.c neon.c neon_attention.c prompt_attention.c -lpthread -lm
 
 status=0
 # model: the paths it must show. cortex-a53: ARMv8.0, NEON only; cortex-a76: ARMv8.2 with dotprod; max: every

@@ -8,7 +8,7 @@ import torch
 
 from ossie.backends import cpu_kernels as kernels
 
-from .test_kernels import close, moe_reference, random_experts
+from .test_kernels import close, moe_reference, on_one_thread, random_experts
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="C kernels not built (no compiler)")
 ALPHA, LIMIT = 1.702, 7.0
@@ -47,13 +47,7 @@ def test_a_prompts_few_token_experts_match_reference(path, bf16, h, i):
         assert ((y.double() - ref).norm() / ref.norm()).item() < 3e-5
     else:
         close(y.double(), ref)
-    before = kernels.kernel_threads()
-    try:
-        kernels.set_num_threads(1)
-        one = kernels.moe(x, *weights_, experts, weights, ALPHA, LIMIT, bf16)
-    finally:
-        kernels.set_num_threads(before)
-    assert torch.equal(one, y)
+    assert torch.equal(on_one_thread(lambda: kernels.moe(x, *weights_, experts, weights, ALPHA, LIMIT, bf16)), y)
 
 
 @pytest.mark.parametrize("bf16", [False, True])

@@ -19,6 +19,16 @@ def random_mxfp4(out: int, n_in: int, gen: torch.Generator) -> tuple[torch.Tenso
     return blocks, scales
 
 
+def on_one_thread(call):
+    """call()'s result with the kernels on one thread (the thread count restored after)"""
+    before = kernels.kernel_threads()
+    try:
+        kernels.set_num_threads(1)
+        return call()
+    finally:
+        kernels.set_num_threads(before)
+
+
 def close(y: torch.Tensor, ref: torch.Tensor) -> None:
     # float32 sums in a different order: relative error at float32 rounding level times sqrt(in)
     err = ((y - ref).norm() / ref.norm()).item()
@@ -229,13 +239,7 @@ def test_moe_of_a_prompt_matches_reference(path, bf16):
         assert ((y.double() - ref).norm() / ref.norm()).item() < 3e-5
     else:
         close(y.double(), ref)
-    before = kernels.kernel_threads()
-    try:
-        kernels.set_num_threads(1)
-        one = kernels.moe(x, *weights_, experts, weights, 1.702, 7.0, bf16)
-    finally:
-        kernels.set_num_threads(before)
-    assert torch.equal(one, y)
+    assert torch.equal(on_one_thread(lambda: kernels.moe(x, *weights_, experts, weights, 1.702, 7.0, bf16)), y)
 
 
 @pytest.mark.parametrize("bf16", [False, True])

@@ -13,7 +13,7 @@ import pytest
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ["tests/kernels_test.c", "kernels.c", "pool.c", "x86_avx2.c", "x86_avx2_attention.c", "x86_avx512.c",
-           "x86_q8_prompts.c", "neon.c", "neon_attention.c"]
+           "x86_q8_prompts.c", "neon.c", "neon_attention.c", "prompt_attention.c"]
 
 
 def test_every_native_path_against_the_scalar_path(tmp_path):
