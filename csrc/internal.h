@@ -181,7 +181,7 @@ typedef struct { const uint64_t *p; uint64_t total; } read_job_t;
  * (Cortex-A510/A710 and later, Apple M2 and later, Graviton 3 and later, Snapdragon X). A path can be forced only
  * where the CPU has it. */
 enum { PATH_SCALAR = 0, PATH_AVX2, PATH_AVXVNNI, PATH_AVX512BF16, PATH_NEON, PATH_DOTPROD, PATH_I8MM, N_PATHS };
-extern int path_ok[N_PATHS], has_vnni;
+extern int path_ok[N_PATHS], has_vnni, has_arm_bf16;
 int current_path(void);
 
 #ifdef OSSIE_X86
@@ -215,6 +215,7 @@ int scales_fold(const job_t *j, int64_t r0, int64_t r1);  /* MXFP4 scales a pane
 void mxfp4_neon(const void *p, int64_t r0, int64_t r1);
 void bf16_neon(const void *p, int64_t r0, int64_t r1);
 void bf16_neon_gemm(const void *p, int64_t r0, int64_t r1);  /* prompts: from GEMM_BF16_MIN_T tokens */
+void bf16_bfmmla_gemm(const void *p, int64_t r0, int64_t r1);  /* the same with BFMMLA (has_arm_bf16), x holding bf16 values */
 void q8_neon(const void *p, int64_t r0, int64_t r1);
 void q8_dotprod(const void *p, int64_t r0, int64_t r1);
 void mxfp4_q8act_neon(const void *p, int64_t r0, int64_t r1);  /* the q8 mode's prompt experts */

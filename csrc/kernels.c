@@ -155,7 +155,7 @@ void mxfp4_q8act_scalar(const void *p, int64_t r0, int64_t r1) {
 
 /* ---- dispatch ---------------------------------------------------------------------------------------- */
 static const char *PATH_NAMES[N_PATHS] = {"scalar", "avx2", "avxvnni", "avx512bf16", "neon", "dotprod", "i8mm"};
-int path_ok[N_PATHS] = {1}, has_vnni = 0;
+int path_ok[N_PATHS] = {1}, has_vnni = 0, has_arm_bf16 = 0;
 static int best_path = PATH_SCALAR, forced_path = -1;
 
 #ifdef OSSIE_NEON
@@ -189,6 +189,8 @@ void ossie_init(void) {
     path_ok[PATH_NEON] = 1;  /* Advanced SIMD is part of ARMv8-A */
     path_ok[PATH_DOTPROD] = arm_has(0, 1 << 20, "hw.optional.arm.FEAT_DotProd");  /* HWCAP_ASIMDDP: SDOT */
     path_ok[PATH_I8MM] = path_ok[PATH_DOTPROD] && arm_has(1, 1 << 13, "hw.optional.arm.FEAT_I8MM");  /* HWCAP2_I8MM */
+    /* BFMMLA (HWCAP2_BF16), used on the i8mm path: every CPU with i8mm so far has it (both are ARMv8.6's) */
+    has_arm_bf16 = path_ok[PATH_I8MM] && arm_has(1, 1 << 14, "hw.optional.arm.FEAT_BF16");
 #endif
     for (int p = 0; p < N_PATHS; p++) if (path_ok[p]) best_path = p;
 }
@@ -231,7 +233,9 @@ static int choose_path(int kind, int bf16_ok, int64_t T, task_fn *fn) {
     (void)T;
 #endif
 #ifdef OSSIE_NEON
-    if (path == PATH_NEON) *fn = kind == 0 ? mxfp4_neon : (T >= GEMM_BF16_MIN_T ? bf16_neon_gemm : bf16_neon);
+    if (path == PATH_NEON)
+        *fn = kind == 0 ? mxfp4_neon : T < GEMM_BF16_MIN_T ? bf16_neon
+            : bf16_ok && has_arm_bf16 && current_path() == PATH_I8MM ? bf16_bfmmla_gemm : bf16_neon_gemm;
 #endif
     return path;
 }

@@ -11,9 +11,11 @@
 #if defined(__clang__)
 #define DOTPROD __attribute__((target("dotprod")))
 #define I8MM __attribute__((target("dotprod,i8mm")))
+#define BF16 __attribute__((target("bf16")))
 #else
 #define DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
 #define I8MM __attribute__((target("arch=armv8.2-a+dotprod+i8mm")))
+#define BF16 __attribute__((target("arch=armv8.2-a+bf16")))
 #endif
 
 /* ---- MXFP4: a group's 32 codes as floats in natural order --------------------------------------------------
@@ -274,6 +276,81 @@ void bf16_neon_gemm(const void *p, int64_t r0, int64_t r1) {
             for (int r = 0; r < nr; r++) j->y[t * j->out + o + r] = sums[16 * t + r] + (j->bias ? j->bias[o + r] : 0.f);
     }
     free(panel); free(sums);
+}
+
+/* ---- the same on BFMMLA (FEAT_BF16: Apple M2 and later, Graviton 3 and later, Cortex-A510/A710 and later) -------
+ * One BFMMLA multiplies 2 rows x 4 inputs by 2 tokens x 4 inputs into the 4 sums of the pairs (16 products; an FMA
+ * makes 4), reading bf16 as stored: a panel block is each row pair's 4 inputs side by side (no transpose, no
+ * conversion), x is rounded to bf16 once per call (exact: a bf16 model's activations are bf16 values) and laid out
+ * as token pairs the same way, and a tile takes 16 rows against 4 tokens (16 accumulators). BFMMLA sums its
+ * products with round-to-odd and flushes denormals (it ignores the FPCR): each (row, token) sum is one chain per
+ * block as in the float32 panel, the same however the prompt is cut, within float32 rounding of the reference. */
+#define BQ (NPB_K / 4)  /* input quads a panel block */
+
+/* rows o..o+nr (16 with zero rows past nr), inputs k0..k0+kn: [quad][row pair] of 8 bf16 */
+static void bf16_panel_bfmmla(const job_t *j, int64_t o, int nr, int64_t k0, int64_t kn, uint16_t *panel) {
+    static const uint16_t zeros[4] = {0};
+    for (int p = 0; p < 8; p++) {
+        const uint16_t *r0 = 2 * p < nr ? j->w16 + (o + 2 * p) * j->in + k0 : NULL;
+        const uint16_t *r1 = 2 * p + 1 < nr ? j->w16 + (o + 2 * p + 1) * j->in + k0 : NULL;
+        for (int64_t q = 0; q < kn / 4; q++)
+            vst1q_u16(panel + (q * 8 + p) * 8, vcombine_u16(vld1_u16(r0 ? r0 + 4 * q : zeros), vld1_u16(r1 ? r1 + 4 * q : zeros)));
+    }
+}
+
+/* token pairs tp0, tp0 + 1 (NP of them) against the block; lanes (row 2p, token 2tp), (2p, 2tp + 1), (2p + 1, 2tp),
+ * (2p + 1, 2tp + 1) added into sums [token][16] */
+BF16 static inline void bfmmla_tile(const uint16_t *panel, int64_t nq, const uint16_t *xb, int64_t quads, int64_t tp0,
+                                    int64_t T, float *sums, const int NP) {
+    float32x4_t acc[8][2];
+    for (int p = 0; p < 8; p++) acc[p][0] = acc[p][1] = vdupq_n_f32(0.f);
+    for (int64_t q = 0; q < nq; q++) {
+        bfloat16x8_t x[2];
+        for (int i = 0; i < NP; i++) x[i] = vreinterpretq_bf16_u16(vld1q_u16(xb + ((tp0 + i) * quads + q) * 8));
+        for (int p = 0; p < 8; p++) {
+            bfloat16x8_t w = vreinterpretq_bf16_u16(vld1q_u16(panel + (q * 8 + p) * 8));
+            for (int i = 0; i < NP; i++) acc[p][i] = vbfmmlaq_f32(acc[p][i], w, x[i]);
+        }
+    }
+    for (int i = 0; i < NP; i++) {
+        int64_t t = 2 * (tp0 + i);
+        for (int p = 0; p < 8; p++) {
+            float v[4];
+            vst1q_f32(v, acc[p][i]);
+            sums[16 * t + 2 * p] += v[0]; sums[16 * t + 2 * p + 1] += v[2];
+            if (t + 1 < T) { sums[16 * (t + 1) + 2 * p] += v[1]; sums[16 * (t + 1) + 2 * p + 1] += v[3]; }
+        }
+    }
+}
+
+BF16 void bf16_bfmmla_gemm(const void *p, int64_t r0, int64_t r1) {
+    const job_t *j = p; int64_t in = j->in, T = j->T, pairs = (T + 1) / 2, quads = in / 4;
+    uint16_t *panel = malloc(sizeof(uint16_t) * 16 * NPB_K), *xb = malloc(sizeof(uint16_t) * pairs * 2 * in);
+    float *sums = malloc(sizeof(float) * 16 * 2 * pairs);
+    if (!panel || !xb || !sums) { free(panel); free(xb); free(sums); bf16_neon_gemm(p, r0, r1); return; }
+    for (int64_t tp = 0; tp < pairs; tp++)  /* x as bf16, [token pair][quad]: token 2tp's 4 inputs, then 2tp + 1's */
+        for (int64_t q = 0; q < quads; q++)
+            for (int i = 0; i < 2; i++) {
+                int64_t t = 2 * tp + i;
+                bfloat16x4_t v = vcvt_bf16_f32(t < T ? vld1q_f32(j->x + t * in + 4 * q) : vdupq_n_f32(0.f));
+                vst1_u16(xb + (tp * quads + q) * 8 + 4 * i, vreinterpret_u16_bf16(v));
+            }
+    for (int64_t o = r0; o < r1; o += 16) {
+        int nr = r1 - o < 16 ? (int)(r1 - o) : 16;
+        memset(sums, 0, sizeof(float) * 16 * 2 * pairs);
+        for (int64_t k0 = 0; k0 < in; k0 += NPB_K) {
+            int64_t kn = in - k0 < NPB_K ? in - k0 : NPB_K;
+            for (int i = 0; i < nr; i++) prefetch_bytes(j->w16 + (o + i) * in + k0 + NPB_K, 2 * NPB_K);  /* the next block */
+            bf16_panel_bfmmla(j, o, nr, k0, kn, panel);
+            const uint16_t *xq = xb + (k0 / 4) * 8;  /* the block's first quad (rows of xb are `quads` quads long) */
+            for (int64_t tp = 0; tp < pairs; tp += 2)
+                if (pairs - tp >= 2) bfmmla_tile(panel, kn / 4, xq, quads, tp, T, sums, 2);
+                else bfmmla_tile(panel, kn / 4, xq, quads, tp, T, sums, 1);
+        }
+        for (int64_t t = 0; t < T; t++)
+            for (int r = 0; r < nr; r++) j->y[t * j->out + o + r] = sums[16 * t + r] + (j->bias ? j->bias[o + r] : 0.f);
+    }
+    free(panel); free(xb); free(sums);
 }
 
 /* ---- the same on SMMLA (i8mm: Cortex-A510/A710 and later, Apple M2 and later, Graviton 3, Snapdragon X) -------

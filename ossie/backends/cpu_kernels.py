@@ -59,8 +59,8 @@ def path_summary() -> str:
             return f"kernels: avx2 (AVX2 and FMA; {lacks})"
         return "kernels: scalar (this CPU has no AVX2 with FMA: ossie's kernels run their portable C)"
     if path == "i8mm":
-        return ("kernels: i8mm (ARM64 Advanced SIMD, with SDOT int8 dot products for the q8 mode and SMMLA int8 "
-                "matrix products for its prompts)")
+        return ("kernels: i8mm (ARM64 Advanced SIMD, with SDOT int8 dot products for the q8 mode, SMMLA int8 "
+                "matrix products for its prompts, and BFMMLA for a prompt's bf16 products where the CPU has BF16)")
     if path == "dotprod":
         return ("kernels: dotprod (ARM64 Advanced SIMD, with SDOT int8 dot products for the q8 mode; this CPU has no "
                 "SMMLA, which its prompts' fastest products use: Cortex-A510/A710 and later, Apple M2 and later)")
